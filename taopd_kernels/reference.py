@@ -1,0 +1,144 @@
+"""The obvious implementation: materialise float32 logits for both models, then SPEC sections 2-4.
+
+Only for tests and tiny inputs: it holds several [N, V] float32 tensors. Gradients come from
+autograd, so they are an independent check of the analytic backward of the other backends.
+Top-K uses a stable descending sort, so ties go to the lower vocabulary id by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .selection import select_top, strategy_scores
+from .stats import RowStats
+
+
+def reference_logits(hidden, weight, bias, vocab_size: int, temperature: float) -> torch.Tensor:
+    """z[:, :V] / tau in float32 with full-precision matmul (the ground truth)."""
+    h = hidden.reshape(-1, hidden.shape[-1]).double()
+    w = weight[:vocab_size].double()
+    z = h @ w.T
+    if bias is not None:
+        z = z + bias[:vocab_size].double()
+    return (z / temperature).float()
+
+
+def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """p * log_ratio with 0 where p == 0 (so -inf logits contribute nothing)."""
+    return torch.where(p > 0, p * log_ratio, torch.zeros_like(p))
+
+
+def reference_row_stats(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    top_k: int,
+    sampled_ids: Optional[torch.Tensor] = None,
+) -> RowStats:
+    """SPEC section 2 from scaled float32 logits [R, V] of both models."""
+    zs = zs.double()
+    zt = zt.double()
+    logp_s = torch.log_softmax(zs, dim=-1)
+    logp_t = torch.log_softmax(zt, dim=-1)
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    ids_s = torch.sort(zs, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    ids_t = torch.sort(zt, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    mass = p_t.gather(1, ids_s).sum(-1)
+    in_union = torch.zeros_like(zs, dtype=torch.bool)
+    in_union.scatter_(1, ids_s, True)
+    in_union.scatter_(1, ids_t, True)
+    neg_inf = torch.full_like(zs, -torch.inf)
+    logpb_s = torch.log_softmax(torch.where(in_union, zs, neg_inf), dim=-1)
+    logpb_t = torch.log_softmax(torch.where(in_union, zt, neg_inf), dim=-1)
+    disagreement = _plogq(logpb_t.exp(), logpb_t - logpb_s).sum(-1)
+    out = RowStats(
+        lse_student=torch.logsumexp(zs, -1).float(),
+        lse_teacher=torch.logsumexp(zt, -1).float(),
+        entropy_student=(-_plogq(p_s, logp_s).sum(-1)).float(),
+        kl_reverse=_plogq(p_s, logp_s - logp_t).sum(-1).float(),
+        kl_forward=_plogq(p_t, logp_t - logp_s).sum(-1).float(),
+        topk_ids_student=ids_s,
+        topk_ids_teacher=ids_t,
+        teacher_mass=mass.float(),
+        disagreement=disagreement.float(),
+    )
+    if sampled_ids is not None:
+        y = sampled_ids.reshape(-1, 1).long().clamp(0, zs.shape[-1] - 1)
+        out.logp_student_sampled = logp_s.gather(1, y).squeeze(1).float()
+        out.logp_teacher_sampled = logp_t.gather(1, y).squeeze(1).float()
+    return out
+
+
+def reference_teachability_kl(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    *,
+    student_bias=None,
+    teacher_bias=None,
+    valid_mask=None,
+    sequence_ids=None,
+    sampled_ids=None,
+    top_k: int = 16,
+    keep_ratio: float = 0.05,
+    strategy: str = "teachability",
+    estimator: str = "full",
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    min_per_sequence: int = 1,
+    seed: int = 0,
+    keep_mask=None,
+):
+    """Loss (differentiable w.r.t. the student's hidden, weight and bias) and a dict of statistics.
+
+    Inputs are [N, D] (or [B, T, D], flattened). Autograd runs through float64 logits. ``keep_mask``
+    replaces the selection (to compare losses and gradients on one kept set).
+    """
+    if vocab_size is None:
+        vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
+    n = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
+    valid = torch.ones(n, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).bool()
+    if sequence_ids is None and student_hidden.dim() > 2:
+        sequence_ids = torch.arange(n).div(student_hidden.shape[-2], rounding_mode="floor")
+    seq = None if sequence_ids is None else sequence_ids.reshape(-1)
+
+    hs = student_hidden.reshape(n, -1).double()
+    zs = hs @ student_weight[:vocab_size].double().T
+    if student_bias is not None:
+        zs = zs + student_bias[:vocab_size].double()
+    zs = zs / temperature
+    with torch.no_grad():
+        zt = reference_logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size, temperature).double()
+        rows = reference_row_stats(zs.detach(), zt, top_k, sampled_ids)
+    score = strategy_scores(
+        strategy,
+        entropy=rows.entropy_student,
+        disagreement=rows.disagreement,
+        teacher_mass=rows.teacher_mass,
+        valid=valid,
+        seed=seed,
+    )
+    if keep_mask is not None:
+        kept = keep_mask.reshape(-1).bool() & valid
+    elif strategy == "all":
+        kept = valid.clone()
+    else:
+        kept = select_top(score, valid, keep_ratio=keep_ratio, sequence_ids=seq, min_per_sequence=min_per_sequence)
+    m = kept.double()
+    denom = m.sum().clamp_min(1.0)
+    logp_s = torch.log_softmax(zs, -1)
+    if estimator == "full":
+        logp_t = torch.log_softmax(zt, -1)
+        p_s = logp_s.exp()
+        kl = torch.where(p_s > 0, p_s * (logp_s - logp_t), torch.zeros_like(p_s)).sum(-1)
+        per_row = torch.where(kept, kl, torch.zeros_like(kl))
+    else:
+        y = sampled_ids.reshape(-1, 1).long().clamp(0, vocab_size - 1)
+        lp_s_y = logp_s.gather(1, y).squeeze(1)
+        lp_t_y = torch.log_softmax(zt, -1).gather(1, y).squeeze(1)
+        advantage = -(lp_s_y - lp_t_y).detach()
+        per_row = torch.where(kept, -advantage * lp_s_y, torch.zeros_like(lp_s_y))
+    loss = (per_row * m).sum() / denom
+    return loss.float(), {"rows": rows, "score": score, "kept": kept, "valid": valid}

@@ -1,0 +1,157 @@
+"""Scores and selection of SPEC section 3 (TA-OPD and the baselines it is compared with).
+
+Everything here works on small [N] tensors (one value per position), so it is plain PyTorch for
+every backend. In a multi-process run the same functions run on the positions gathered from all
+ranks, which is what makes the selection global.
+
+Choices where SPEC is silent (also in the README):
+- Norm() ignores non-finite values when taking the quantiles; +inf normalises to 1, -inf to 0 and
+  NaN to 0 (NaN never wins a place).
+- n = max(1, ceil(keep_ratio * |I|)) is computed with the product rounded to 9 decimals first, so
+  that 0.05 * 100 keeps 5 positions, not 6 (0.05 * 100 == 5.000000000000001 in floating point).
+- "random" draws one uniform number per position (valid or not, in flat order) from a CPU generator
+  seeded with ``seed``, so the draw does not depend on the device or on which positions are valid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+STRATEGIES = (
+    "teachability",
+    "incompatible",
+    "divergence",
+    "entropy",
+    "tip",
+    "compat",
+    "teachability_entropy",
+    "random",
+    "all",
+)
+
+QUANTILE_LOW = 0.05
+QUANTILE_HIGH = 0.95
+_DEGENERATE_RANGE = 1e-12
+
+
+def batch_normalize(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Norm(z) = clip((z - Q05) / (Q95 - Q05), 0, 1) over the valid positions (float64 inside).
+
+    Quantiles are linearly interpolated over the finite valid values. Invalid positions get 0.
+    """
+    x = values.double()
+    finite = valid & torch.isfinite(x)
+    out = torch.zeros_like(x)
+    if not bool(finite.any()):
+        return out.float()
+    pool = x[finite]
+    q = torch.quantile(pool, torch.tensor([QUANTILE_LOW, QUANTILE_HIGH], dtype=torch.float64, device=x.device))
+    span = q[1] - q[0]
+    if float(span) < _DEGENERATE_RANGE:
+        return out.float()
+    normed = ((x - q[0]) / span).clamp(0.0, 1.0)
+    normed = torch.nan_to_num(normed, nan=0.0)
+    return torch.where(valid, normed, out).float()
+
+
+def strategy_scores(
+    strategy: str,
+    *,
+    entropy: torch.Tensor,
+    disagreement: torch.Tensor,
+    teacher_mass: torch.Tensor,
+    valid: torch.Tensor,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The per-position score of one strategy (SPEC section 3 table). NaN where not valid."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    flat_valid = valid.reshape(-1)
+
+    def norm(x):
+        return batch_normalize(x.reshape(-1), flat_valid)
+
+    if strategy == "random":
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        score = torch.rand(flat_valid.numel(), generator=gen, dtype=torch.float64).float().to(valid.device)
+    elif strategy == "all":
+        score = torch.ones(flat_valid.numel(), dtype=torch.float32, device=valid.device)
+    elif strategy == "entropy":
+        score = norm(entropy)
+    elif strategy == "compat":
+        score = norm(teacher_mass)
+    else:
+        d = norm(disagreement)
+        if strategy == "divergence":
+            score = d
+        elif strategy == "teachability":
+            score = d * norm(teacher_mass)
+        elif strategy == "incompatible":
+            score = d * (1.0 - norm(teacher_mass))
+        elif strategy == "tip":
+            h = norm(entropy)
+            score = h + d - h * d
+        else:  # teachability_entropy
+            h = norm(entropy)
+            s = d * norm(teacher_mass)
+            score = h + s - h * s
+    score = torch.where(flat_valid, score, torch.full_like(score, float("nan")))
+    return score.view(valid.shape)
+
+
+def num_to_keep(keep_ratio: float, num_valid: int) -> int:
+    """n = max(1, ceil(rho * |I|)); 0 when there is no valid position."""
+    if num_valid <= 0:
+        return 0
+    return max(1, math.ceil(round(keep_ratio * num_valid, 9)))
+
+
+def _descending_order(score: torch.Tensor) -> torch.Tensor:
+    """Indices by descending score, ties to the earlier position (a stable sort)."""
+    return torch.sort(score, descending=True, stable=True).indices
+
+
+def select_top(
+    score: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    keep_ratio: float,
+    sequence_ids: Optional[torch.Tensor] = None,
+    min_per_sequence: int = 1,
+) -> torch.Tensor:
+    """Keep the global top-n valid positions by score, then top up every sequence to its minimum.
+
+    ``score``, ``valid`` and ``sequence_ids`` share a shape; returns a bool mask of that shape.
+    """
+    shape = valid.shape
+    s = score.reshape(-1).double()
+    v = valid.reshape(-1).bool()
+    kept = torch.zeros_like(v)
+    n_valid = int(v.sum())
+    n = num_to_keep(keep_ratio, n_valid)
+    if n == 0:
+        return kept.view(shape)
+    # Invalid positions sort last; NaN scores of valid positions rank below every real score.
+    ranked = torch.where(v, torch.nan_to_num(s, nan=-math.inf), torch.full_like(s, -math.inf))
+    order = _descending_order(ranked)
+    order = order[v[order]]  # drop invalid positions, keep the order of the rest
+    kept[order[:n]] = True
+    if sequence_ids is not None and min_per_sequence > 0:
+        seq = sequence_ids.reshape(-1).long()
+        # For each sequence, the rank of each of its valid positions within the sequence.
+        seq_of_order = seq[order]
+        _, inverse = torch.unique(seq_of_order, return_inverse=True)
+        # rank within group along the global order: stable sort by group keeps the global order.
+        group_sorted = torch.sort(inverse, stable=True)
+        grp = group_sorted.values
+        starts = torch.ones_like(grp, dtype=torch.bool)
+        starts[1:] = grp[1:] != grp[:-1]
+        pos = torch.arange(grp.numel(), device=grp.device)
+        first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 0).values
+        rank_in_group = pos - first
+        need = order[group_sorted.indices[rank_in_group < min_per_sequence]]
+        kept[need] = True
+    return kept.view(shape)

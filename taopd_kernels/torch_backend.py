@@ -1,0 +1,60 @@
+"""The PyTorch backend: ``chunked`` for the hidden-state path, and the same streaming code on slices of
+logits the caller already holds. Runs everywhere; the default on the CPU and the GPU fallback."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .chunked import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_CHUNK_VOCAB,
+    chunked_backward_kept,
+    chunked_forward_stats,
+    concat_row_stats,
+    logit_grad_tile,
+    logits_tile_fn,
+    stream_row_stats,
+)
+from .stats import RowStats
+
+forward_stats = chunked_forward_stats
+backward_kept = chunked_backward_kept
+
+
+def is_available(device: torch.device):
+    return True, ""
+
+
+def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: float,
+                         sampled_ids: Optional[torch.Tensor] = None,
+                         chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
+    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    parts = []
+    with torch.no_grad():
+        for r0 in range(0, zs.shape[0], chunk_rows):
+            r1 = min(r0 + chunk_rows, zs.shape[0])
+            tile_fn = logits_tile_fn(zs[r0:r1], zt[r0:r1], temperature)
+            y = None if sampled_ids is None else sampled_ids[r0:r1]
+            parts.append(stream_row_stats(tile_fn, r1 - r0, vocab_size, top_k, chunk_vocab, zs.device, y))
+    return concat_row_stats(parts, zs.device, top_k, sampled_ids is not None)
+
+
+def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
+                     lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+    """d loss / d student logits for the kept rows given, float32 [R, V_s] (zero beyond vocab_size)."""
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    grad = torch.zeros(zs.shape, dtype=torch.float32, device=zs.device)
+    need_teacher = estimator == "full"
+    with torch.no_grad():
+        tile_fn = logits_tile_fn(zs, zt, temperature, need_teacher)
+        for v0 in range(0, vocab_size, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, vocab_size)
+            tile_s, tile_t = tile_fn(v0, v1)
+            grad[:, v0:v1] = logit_grad_tile(
+                tile_s, tile_t, v0, estimator=estimator, lse_s=lse_s, lse_t=lse_t, kl_rev=kl_rev,
+                row_coef=row_coef, sampled_ids=sampled_ids, sampled_weight=sampled_weight)
+    return grad
