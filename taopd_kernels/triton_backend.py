@@ -1,0 +1,78 @@
+"""The Triton backend: fused kernels for the hidden-state path (``backend="triton"``, the "auto" pick
+on CUDA).
+
+Forward (``triton_kernels.stats_forward``): one kernel computes both models' logits tile by tile with
+``tl.dot`` and folds them at once into the statistics of SPEC section 2 (both log-sum-exps, the
+student's entropy, both KLs, each model's running top-K with the other model's logit carried, the
+sampled-token logits). Rows x vocabulary splits make the grid; the splits' partial states are merged
+on the host on [R, K]-sized tensors. Nothing of size positions x vocabulary is ever allocated.
+
+Backward (``triton_kernels.kept_backward``): for the kept rows only, a kernel recomputes the logit
+tiles and writes the logit gradient of SPEC section 4 into a workspace of [R_kept, chunk] columns;
+cuBLAS matmuls reduce each chunk into dh (float32), dW (float32, each row written once) and the kernel
+also reduces db. The workspace is bounded (``WORKSPACE_BYTES``), never [N, V].
+
+``chunk_vocab`` sets the forward's vocabulary split size and the backward's column chunk (tests use it
+to exercise the multi-split / multi-chunk paths); ``chunk_rows`` bounds the backward's row chunk; both
+default to sizes chosen from the GPU and the workspace budget. The logits path
+(``teachability_kl_from_logits``) is not implemented here; "auto" falls back to torch for it.
+
+Triton is imported lazily: ``taopd_kernels`` imports without it, and ``is_available`` reports why not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from .chunked import concat_row_stats
+from .stats import RowStats
+
+
+def is_available(device: torch.device):
+    """(True, "") when triton is importable and the device can run it (CUDA, or the CPU interpreter)."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'taopd-kernels[triton]')"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (f"the triton backend runs on CUDA devices (or on the CPU with TRITON_INTERPRET=1), "
+                   f"not on {device}")
+
+
+def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, temperature: float,
+                  sampled_ids: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None,
+                  chunk_vocab: Optional[int] = None) -> RowStats:
+    """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (SPEC section 2). ``chunk_rows`` is unused."""
+    from .triton_kernels.stats_forward import launch_stats_forward, merge_partials
+
+    if h_s.shape[0] == 0:
+        return concat_row_stats([], h_s.device, top_k, sampled_ids is not None)
+    with torch.no_grad():
+        partial = launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, top_k=top_k,
+                                       temperature=temperature, sampled_ids=sampled_ids, split_size=chunk_vocab)
+        return merge_partials(*partial, top_k=top_k, with_sampled=sampled_ids is not None)
+
+
+def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
+                  lse_s: torch.Tensor, lse_t: Optional[torch.Tensor], kl_rev: Optional[torch.Tensor],
+                  row_coef: torch.Tensor, sampled_ids: Optional[torch.Tensor] = None,
+                  sampled_weight: Optional[torch.Tensor] = None, need_bias_grad: bool = False,
+                  chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None):
+    """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] or None) for the kept rows given.
+
+    ``row_coef`` = grad_output / normalizer / tau per row; estimator "sampled" needs ``sampled_ids`` and
+    ``sampled_weight`` (= logp_s(y) - logp_t(y)) and ignores the teacher (h_t may be None).
+    """
+    from .triton_kernels.kept_backward import kept_backward
+
+    with torch.no_grad():
+        return kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,
+                             estimator=estimator, lse_s=lse_s, lse_t=lse_t, kl_rev=kl_rev, row_coef=row_coef,
+                             sampled_ids=sampled_ids, sampled_weight=sampled_weight,
+                             need_bias_grad=need_bias_grad, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)

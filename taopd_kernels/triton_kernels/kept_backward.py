@@ -1,0 +1,219 @@
+"""Kept-row backward kernel: the logit gradient of SPEC section 4, recomputed tile by tile.
+
+For the R kept rows and one chunk of columns [v0, v0 + n) the kernel recomputes the scaled logits
+z_s (and z_t for the "full" estimator) with ``tl.dot`` and writes, without the per-row factor c_r,
+
+    full:     g[r, v] = p_s(v) * (log p_s(v) - log p_t(v) - KL_rev[r])        c_r = row_coef[r]
+    sampled:  g[r, v] = 1[v = y_r] - p_s(v)                                  c_r = row_coef[r] * w_r
+
+(log p = z - lse with the forward's lse; w_r = logp_s(y) - logp_t(y) = -A_r; row_coef already holds
+grad_output / normalizer / tau) into a workspace G [R, n] of the matmul dtype, and the bias gradient
+db[v] = sum_r c_r g[r, v] as float32 partial sums per row block (summed on the host, deterministic).
+The launcher then reduces each chunk with cuBLAS:
+
+    dh    += (G @ W_s[v0:v0+n]) * c            (float32 accumulation across chunks)
+    dW_s[v0:v0+n] = G^T @ (c * h_s)            (each row of dW written once, as float32)
+
+Grid: (column tiles of the chunk) x (row blocks of BLOCK_M). Memory held: the workspace and the matmul
+results of one chunk, bounded by ``WORKSPACE_BYTES`` (the chunk width is chosen from it), plus the
+float32 outputs dh [R, D_s], dW [V_s, D_s], db [V_s] that the interface returns; never [N, V].
+Rows of dW (and db) at or beyond ``vocab_size`` are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket
+
+WORKSPACE_BYTES = 128 << 20
+# The row block is fixed (not tuned) so the db partial buffer has a known number of rows.
+BLOCK_M_GPU = 64
+INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=16)
+
+
+@triton.jit
+def _kept_backward_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    lse_s_ptr, lse_t_ptr, kl_ptr, coef_ptr, y_ptr, g_ptr, db_ptr,
+    R, V0, VLEN,
+    stride_hsm, stride_hsd, stride_wsv, stride_wsd,
+    stride_htm, stride_htd, stride_wtv, stride_wtd,
+    stride_g, inv_tau, ROWS_BUCKET,
+    D_S: tl.constexpr, D_T: tl.constexpr, FULL: tl.constexpr, NEED_DB: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    DTYPE_S: tl.constexpr, DTYPE_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = local < VLEN
+    cols_c = V0 + tl.minimum(local, VLEN - 1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    rows_c = tl.minimum(rows, R - 1)
+
+    zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_c, cols_c, D_S, stride_hsm, stride_hsd, stride_wsv, stride_wsd,
+                     inv_tau, HAS_BS, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DS, DTYPE_S, PREC_S)
+    logp_s = zs - tl.load(lse_s_ptr + rows_c)[:, None]
+    p_s = tl.exp(logp_s)
+    if FULL:
+        zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd, stride_wtv,
+                         stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT, DTYPE_T, PREC_T)
+        logp_t = zt - tl.load(lse_t_ptr + rows_c)[:, None]
+        kl = tl.load(kl_ptr + rows_c)
+        g = tl.where(p_s > 0, p_s * (logp_s - logp_t - kl[:, None]), 0.0)
+    else:
+        y = tl.load(y_ptr + rows_c)
+        g = tl.where(cols_c[None, :] == y[:, None], 1.0, 0.0) - p_s
+    ok = row_ok[:, None] & col_ok[None, :]
+    g = tl.where(ok, g, 0.0)
+    g_off = rows.to(tl.int64)[:, None] * stride_g + local[None, :]
+    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=ok)
+    if NEED_DB:
+        coef = tl.load(coef_ptr + rows_c)
+        db = tl.sum(g * coef[:, None], axis=0)
+        tl.store(db_ptr + pid_m.to(tl.int64) * VLEN + local, db, mask=col_ok)
+
+
+def _configs(hopper: bool, nbytes: int):
+    block_d = 64 if nbytes <= 2 else 32
+    if hopper:
+        shapes = [(128, 4, 3), (128, 8, 4), (256, 8, 3)]
+    else:
+        shapes = [(128, 4, 2), (128, 4, 3), (256, 8, 3)]
+    return [triton.Config(dict(BLOCK_V=v, BLOCK_D=block_d), num_warps=w, num_stages=s) for v, w, s in shapes]
+
+
+_TUNED = {}
+
+
+def _tuned_kernel(device: torch.device, nbytes: int):
+    key = (is_hopper(device), nbytes)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(configs=_configs(*key), key=["D_S", "D_T", "ROWS_BUCKET", "FULL"])(
+            _kept_backward_kernel)
+    return _TUNED[key]
+
+
+def _launch(args, flags, rows: int, width: int, device, nbytes: int):
+    with device_guard(device):
+        if interpreting():
+            blocks = INTERPRETER_BLOCKS
+            flags.update(EVEN_DS=flags["D_S"] % blocks["BLOCK_D"] == 0, EVEN_DT=flags["D_T"] % blocks["BLOCK_D"] == 0)
+            grid = (triton.cdiv(width, blocks["BLOCK_V"]), triton.cdiv(rows, blocks["BLOCK_M"]))
+            _kept_backward_kernel[grid](*args, **flags, **blocks)
+        else:
+            kernel = _tuned_kernel(device, nbytes)
+            block_d = kernel.configs[0].kwargs["BLOCK_D"]
+            flags.update(EVEN_DS=flags["D_S"] % block_d == 0, EVEN_DT=flags["D_T"] % block_d == 0,
+                         BLOCK_M=BLOCK_M_GPU)
+            grid = lambda meta: (triton.cdiv(width, meta["BLOCK_V"]), triton.cdiv(rows, BLOCK_M_GPU))  # noqa: E731
+            kernel[grid](*args, **flags)
+
+
+def _block_m() -> int:
+    return INTERPRETER_BLOCKS["BLOCK_M"] if interpreting() else BLOCK_M_GPU
+
+
+def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
+                  lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                  need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
+                  chunk_vocab: Optional[int] = None):
+    """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] or None); see the module docstring."""
+    device = h_s.device
+    rows, d_s = h_s.shape
+    full = estimator == "full"
+    d_w = torch.empty(w_s.shape, dtype=torch.float32, device=device)
+    d_w[vocab_size:].zero_()
+    d_h = torch.zeros((rows, d_s), dtype=torch.float32, device=device)
+    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=device) if need_bias_grad else None
+    if rows == 0:
+        d_w.zero_()
+        return d_h, d_w, d_b
+
+    coef = row_coef.to(device=device, dtype=torch.float32)
+    if not full:
+        coef = coef * sampled_weight.to(device=device, dtype=torch.float32)
+    coef = coef.contiguous()
+    # Matmul dtype: the inputs' own 16-bit dtype when h and W agree, else float32.
+    mm_dtype = h_s.dtype if h_s.dtype == w_s.dtype else torch.float32
+    elem = torch.tensor([], dtype=mm_dtype).element_size()
+    # h rows scaled by c for dW = G^T @ (c h). fp16 has little range: scale c by its largest magnitude
+    # first and multiply dW chunks back by it.
+    if mm_dtype == torch.float16:
+        c_max = coef.abs().max()
+        c_max = torch.where(c_max > 0, c_max, torch.ones_like(c_max))
+        h_scaled = (h_s.float() * (coef / c_max)[:, None]).to(mm_dtype)
+    else:
+        c_max = None
+        h_scaled = (h_s.float() * coef[:, None]).to(mm_dtype)
+
+    row_chunk = chunk_rows or max(1, WORKSPACE_BYTES // (256 * elem))
+    if chunk_vocab is None:
+        per_col = min(rows, row_chunk) * elem + d_s * max(elem, w_s.element_size()) \
+            + 4 * triton.cdiv(min(rows, row_chunk), _block_m())
+        chunk_vocab = max(256, WORKSPACE_BYTES // per_col // 256 * 256)
+    width = min(chunk_vocab, vocab_size)
+    workspace = torch.empty(min(rows, row_chunk) * width, dtype=mm_dtype, device=device)
+    db_part = None
+    if need_bias_grad:
+        db_part = torch.empty(triton.cdiv(min(rows, row_chunk), _block_m()) * width, dtype=torch.float32,
+                              device=device)
+
+    dtype_s, prec_s = dot_config(h_s, w_s)
+    dtype_t, prec_t = dot_config(h_t, w_t) if full else (dtype_s, prec_s)
+    nbytes = operand_bytes(h_s, w_s, *((h_t, w_t) if full else ()))
+    y = sampled_ids.to(device=device, dtype=torch.int32).contiguous() if not full else None
+    lse_s = lse_s.to(device=device, dtype=torch.float32).contiguous()
+    if full:
+        lse_t = lse_t.to(device=device, dtype=torch.float32).contiguous()
+        kl_rev = kl_rev.to(device=device, dtype=torch.float32).contiguous()
+    b_s_c = b_s.contiguous() if b_s is not None else None
+    b_t_c = b_t.contiguous() if (b_t is not None and full) else None
+    h_t_any = h_t if full else h_s
+    w_t_any = w_t if full else w_s
+
+    for r0 in range(0, rows, row_chunk):
+        r1 = min(r0 + row_chunk, rows)
+        n_rows = r1 - r0
+        for v0 in range(0, vocab_size, width):
+            v1 = min(v0 + width, vocab_size)
+            n = v1 - v0
+            g = workspace[: n_rows * n].view(n_rows, n)
+            db_rows = triton.cdiv(n_rows, _block_m())
+            db_buf = db_part[: db_rows * n] if need_bias_grad else coef
+            args = (h_s[r0:r1], w_s, b_s_c if b_s_c is not None else w_s,
+                    h_t_any[r0:r1], w_t_any, b_t_c if b_t_c is not None else w_t_any,
+                    lse_s[r0:r1], lse_t[r0:r1] if full else lse_s, kl_rev[r0:r1] if full else lse_s,
+                    coef[r0:r1], y[r0:r1] if y is not None else coef, g, db_buf,
+                    n_rows, v0, n,
+                    h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
+                    h_t_any.stride(0), h_t_any.stride(1), w_t_any.stride(0), w_t_any.stride(1),
+                    g.stride(0), 1.0 / float(temperature), rows_bucket(n_rows))
+            flags = dict(D_S=d_s, D_T=h_t_any.shape[1], FULL=full, NEED_DB=need_bias_grad,
+                         HAS_BS=b_s_c is not None, HAS_BT=b_t_c is not None,
+                         DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t)
+            _launch(args, flags, n_rows, n, device, nbytes)
+
+            w_chunk = w_s[v0:v1]
+            if w_chunk.dtype != mm_dtype:
+                w_chunk = w_chunk.to(mm_dtype)
+            d_h[r0:r1] += torch.mm(g, w_chunk)
+            dw_chunk = torch.mm(g.t(), h_scaled[r0:r1])
+            if c_max is not None:
+                dw_chunk = dw_chunk.float().mul_(c_max)
+            if r0 == 0:
+                d_w[v0:v1].copy_(dw_chunk)
+            else:
+                d_w[v0:v1] += dw_chunk
+            if need_bias_grad:
+                d_b[v0:v1] += db_buf.view(db_rows, n).sum(0)
+    d_h.mul_(coef[:, None])
+    return d_h, d_w, d_b

@@ -1,0 +1,357 @@
+"""Forward statistics kernel: SPEC section 2 from (h_s, W_s, h_t, W_t) in one pass over the vocabulary.
+
+Grid: (row blocks of BLOCK_M positions) x (vocabulary splits). A program owns BLOCK_M rows and one
+split [v_lo, v_hi) and walks it BLOCK_V columns at a time. For each tile it forms both models' scaled
+logits with ``tl.dot`` (bf16/fp16 operands, float32 accumulation; float32 operands as 3xTF32), masks
+columns at or beyond ``vocab_size`` (or the split end) to -inf, and folds the tile into per-row state:
+
+    online softmax, reference m = running max:
+        S0_s = sum e^(z_s - m_s)        S1_s = sum e^(z_s - m_s) (z_s - m_s)
+        Q_s  = sum e^(z_s - m_s) (z_s - z_t)
+        S0_t = sum e^(z_t - m_t)        Q_t  = sum e^(z_t - m_t) (z_s - z_t)
+    sampled ids: z_s(y), z_t(y) (only tiles that hold some row's y are looked at);
+    running top-K of each model, carrying the other model's logit at the same ids.
+
+Top-K without sorting: a tile is looked at only if some row's tile maximum beats that row's current
+K-th entry (after the first tiles this gets rare, so most tiles cost one comparison per row). Then
+the entries above each row's K-th value are counted, and that many rounds (the rows' maximum, at most
+K) of max-extraction pull the tile's entries out in (value descending, id ascending) order, each
+replacing the row's worst entry when it is better.
+The order is exact: ties go to the lower id, -inf logits included (masked columns get an id above
+every real one, placeholders of an unfilled list higher still).
+
+Output per split (the partial state): float32 [S, 9, R] = (m_s, S0_s, S1_s, Q_s, m_t, S0_t, Q_t,
+z_s(y), z_t(y)) and [S, R, K] (value, id, other value) lists for each model. ``merge_partials`` then
+combines splits (log-sum-exp merge in float64, top-K merge by int64 sort keys) and derives lse, H_s,
+both KLs, C and D on [R, K]-sized tensors.
+
+Memory held: registers for two [BLOCK_M, BLOCK_V] float32 tiles and the [BLOCK_M, K] lists; global
+memory for the partial state, O(S * R * K). No [R, V] tensor exists at any point, for any dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..chunked import keys_to_ids, keys_to_values, ordered_keys, union_disagreement
+from ..stats import RowStats
+from . import (
+    MASKED_ID,
+    NO_ID,
+    PLACEHOLDER_ID,
+    device_guard,
+    dot_config,
+    interpreting,
+    is_hopper,
+    logits_tile,
+    operand_bytes,
+    rows_bucket,
+    sm_count,
+)
+
+NUM_PARTIAL_STATS = 9
+# Split boundaries are multiples of this (the widest BLOCK_V of any config), so splits cut on tiles.
+SPLIT_ALIGN = 256
+INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=16)
+
+
+@triton.jit
+def _topk_fold(z, other, ids, tile_max, t_val, t_id, t_oth, BLOCK_M: tl.constexpr, TOP_K: tl.constexpr,
+               PLACEHOLDER: tl.constexpr, NONE: tl.constexpr):
+    """Fold a [BLOCK_M, BLOCK_V] tile into running top-K lists [BLOCK_M, K_PAD] (value, id, other).
+
+    List slots hold distinct ids; a row's worst slot has the lowest value and, among equal values,
+    the highest id. Padding slots (k >= K) hold +inf and are never worst. Tile ids are above every
+    real id already listed (a program walks its columns upwards), so a tile entry beats the worst
+    slot iff its value is larger, or the list still has placeholders.
+    """
+    wv = tl.min(t_val, axis=1)
+    wid = tl.max(tl.where(t_val == wv[:, None], t_id, -1), axis=1)
+    not_full = wid >= PLACEHOLDER
+    need = (tile_max > wv) | not_full
+    if tl.max(need.to(tl.int32), axis=0) > 0:
+        # Entries that can enter the list; the rows' largest count is the number of rounds needed.
+        above = tl.sum((z > wv[:, None]).to(tl.int32), axis=1)
+        rounds = tl.max(tl.where(not_full, TOP_K, tl.minimum(above, TOP_K)), axis=0)
+        last_v = tl.full([BLOCK_M], float("inf"), tl.float32)
+        last_id = tl.full([BLOCK_M], -1, tl.int32)
+        r = 0
+        while r < rounds:
+            # Next entry after (last_v, last_id) in (value desc, id asc) order.
+            cand = (z < last_v[:, None]) | ((z == last_v[:, None]) & (ids[None, :] > last_id[:, None]))
+            zc = tl.where(cand, z, float("-inf"))
+            best_v = tl.max(zc, axis=1)
+            best_id = tl.min(tl.where(cand & (zc == best_v[:, None]), ids[None, :], NONE), axis=1)
+            best_o = tl.max(tl.where(ids[None, :] == best_id[:, None], other, float("-inf")), axis=1)
+            better = (best_v > wv) | ((best_v == wv) & (best_id < wid))
+            slot = (t_id == wid[:, None]) & better[:, None]
+            t_val = tl.where(slot, best_v[:, None], t_val)
+            t_id = tl.where(slot, best_id[:, None], t_id)
+            t_oth = tl.where(slot, best_o[:, None], t_oth)
+            wv = tl.min(t_val, axis=1)
+            wid = tl.max(tl.where(t_val == wv[:, None], t_id, -1), axis=1)
+            last_v = best_v
+            last_id = best_id
+            r += 1
+    return t_val, t_id, t_oth
+
+
+@triton.jit
+def _softmax_fold(z, m, s0, s1, q, gap, WITH_S1: tl.constexpr):
+    """Fold a tile into (m, S0, S1, Q) with max-rescaling; Q accumulates e^(z - m) * gap.
+
+    -inf logits contribute nothing (never 0 * inf); a row with only -inf so far keeps S0 = 0.
+    Also returns the tile's row maxima (the top-K fold's cheap check).
+    """
+    tile_max = tl.max(z, axis=1)
+    m_new = tl.maximum(m, tile_max)
+    finite = m_new > float("-inf")
+    base = tl.where(finite, m_new, 0.0)
+    shift = tl.where(finite, m - m_new, 0.0)  # <= 0, or -inf when nothing was seen before
+    has_mass = s0 > 0
+    scale = tl.where(has_mass, tl.exp(shift), 0.0)
+    centred = z - base[:, None]
+    e = tl.exp(centred)
+    live = e > 0
+    if WITH_S1:
+        s1 = scale * (s1 + tl.where(has_mass, s0 * shift, 0.0)) + tl.sum(tl.where(live, e * centred, 0.0), axis=1)
+    s0 = scale * s0 + tl.sum(e, axis=1)
+    q = scale * q + tl.sum(tl.where(live, e * gap, 0.0), axis=1)
+    return m_new, s0, s1, q, tile_max
+
+
+@triton.jit
+def _stats_forward_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr,
+    part_ptr, top_val_ptr, top_id_ptr, top_oth_ptr,
+    R, VOCAB, SPLIT,
+    stride_hsm, stride_hsd, stride_wsv, stride_wsd,
+    stride_htm, stride_htd, stride_wtv, stride_wtd,
+    inv_tau, ROWS_BUCKET,
+    D_S: tl.constexpr, D_T: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_Y: tl.constexpr,
+    DTYPE_S: tl.constexpr, DTYPE_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
+    MASKED: tl.constexpr, PLACEHOLDER: tl.constexpr, NONE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    rows_c = tl.minimum(rows, R - 1)
+    v_lo = pid_s * SPLIT
+    v_hi = tl.minimum(v_lo + SPLIT, VOCAB)
+
+    neg_inf = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_s, s0_s, s1_s, q_s = neg_inf, zero, zero, zero
+    m_t, s0_t, q_t = neg_inf, zero, zero
+    zy_s, zy_t = zero, zero
+    if HAS_Y:
+        y = tl.load(y_ptr + rows_c, mask=row_ok, other=-1)
+
+    kk = tl.arange(0, K_PAD)
+    real_slot = kk < TOP_K
+    init_val = tl.where(real_slot, float("-inf"), float("inf"))
+    init_id = tl.where(real_slot, PLACEHOLDER + kk, -1 - kk)
+    zeros_k = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
+    ts_val = zeros_k + init_val[None, :]
+    ts_id = tl.zeros([BLOCK_M, K_PAD], dtype=tl.int32) + init_id[None, :]
+    ts_oth = zeros_k + float("-inf")
+    tt_val, tt_id, tt_oth = ts_val, ts_id, ts_oth
+
+    # A while loop over the split (the hidden-size loops inside are the pipelined ones).
+    v0 = v_lo
+    while v0 < v_hi:
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        cols_c = tl.minimum(cols, v_hi - 1)
+        ids = tl.where(col_ok, cols, MASKED)
+        zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_c, cols_c, D_S, stride_hsm, stride_hsd,
+                         stride_wsv, stride_wsd, inv_tau, HAS_BS, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DS,
+                         DTYPE_S, PREC_S)
+        zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd,
+                         stride_wtv, stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT,
+                         DTYPE_T, PREC_T)
+        zs = tl.where(col_ok[None, :], zs, float("-inf"))
+        zt = tl.where(col_ok[None, :], zt, float("-inf"))
+        gap = zs - zt
+        m_s, s0_s, s1_s, q_s, max_s = _softmax_fold(zs, m_s, s0_s, s1_s, q_s, gap, True)
+        m_t, s0_t, _unused, q_t, max_t = _softmax_fold(zt, m_t, s0_t, zero, q_t, gap, False)
+        if HAS_Y:
+            hit = (y >= v0) & (y < v0 + BLOCK_V)
+            if tl.max(hit.to(tl.int32), axis=0) > 0:
+                at_y = ids[None, :] == y[:, None]
+                zy_s += tl.sum(tl.where(at_y, zs, 0.0), axis=1)
+                zy_t += tl.sum(tl.where(at_y, zt, 0.0), axis=1)
+        ts_val, ts_id, ts_oth = _topk_fold(zs, zt, ids, max_s, ts_val, ts_id, ts_oth, BLOCK_M, TOP_K,
+                                           PLACEHOLDER, NONE)
+        tt_val, tt_id, tt_oth = _topk_fold(zt, zs, ids, max_t, tt_val, tt_id, tt_oth, BLOCK_M, TOP_K,
+                                           PLACEHOLDER, NONE)
+        v0 += BLOCK_V
+
+    # Partial state: [S, 9, R] floats and [2, S, R, K] lists (model 0 = student, 1 = teacher).
+    rows64 = rows.to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
+    base = pid_s.to(tl.int64) * 9 * R + rows64
+    tl.store(part_ptr + base + 0 * R, m_s, mask=row_ok)
+    tl.store(part_ptr + base + 1 * R, s0_s, mask=row_ok)
+    tl.store(part_ptr + base + 2 * R, s1_s, mask=row_ok)
+    tl.store(part_ptr + base + 3 * R, q_s, mask=row_ok)
+    tl.store(part_ptr + base + 4 * R, m_t, mask=row_ok)
+    tl.store(part_ptr + base + 5 * R, s0_t, mask=row_ok)
+    tl.store(part_ptr + base + 6 * R, q_t, mask=row_ok)
+    tl.store(part_ptr + base + 7 * R, zy_s, mask=row_ok)
+    tl.store(part_ptr + base + 8 * R, zy_t, mask=row_ok)
+    top = (pid_s.to(tl.int64) * R + rows64)[:, None] * TOP_K + kk[None, :]
+    top_mask = row_ok[:, None] & real_slot[None, :]
+    tl.store(top_val_ptr + top, ts_val, mask=top_mask)
+    tl.store(top_id_ptr + top, ts_id, mask=top_mask)
+    tl.store(top_oth_ptr + top, ts_oth, mask=top_mask)
+    top += n_split * R * TOP_K
+    tl.store(top_val_ptr + top, tt_val, mask=top_mask)
+    tl.store(top_id_ptr + top, tt_id, mask=top_mask)
+    tl.store(top_oth_ptr + top, tt_oth, mask=top_mask)
+
+
+def _configs(hopper: bool, nbytes: int):
+    """Autotune candidates. Hopper: 128-row tiles with 128/256 columns (wgmma-friendly, 3-4 stages);
+    Ampere and others: 2-3 stages, smaller tiles. float32 operands use a 32-wide hidden step so the
+    stages fit in shared memory."""
+    block_d = 64 if nbytes <= 2 else 32
+    if hopper:
+        shapes = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 16, 3), (64, 256, 8, 3), (128, 64, 4, 4)]
+    else:
+        shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=block_d), num_warps=w, num_stages=s)
+            for m, v, w, s in shapes]
+
+
+_TUNED = {}
+
+
+def _tuned_kernel(device: torch.device, nbytes: int):
+    key = (is_hopper(device), nbytes)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(configs=_configs(*key), key=["D_S", "D_T", "ROWS_BUCKET", "TOP_K"])(
+            _stats_forward_kernel)
+    return _TUNED[key]
+
+
+def num_splits(rows: int, vocab: int, sms: int, block_m: int = 128) -> int:
+    """Vocabulary splits so that (row blocks x splits) fills the GPU in whole waves.
+
+    The efficiency of S splits is the fraction of program slots used in the last wave, taken as the
+    worse of 1 and 2 resident programs per SM (occupancy is not known before tuning); the smallest S
+    within 1% of the best wins. Each split keeps at least 8 tiles of 256 columns.
+    """
+    row_blocks = triton.cdiv(max(rows, 1), block_m)
+    most = max(1, min(64, vocab // (8 * SPLIT_ALIGN)))
+    best, best_eff = 1, -1.0
+    for s in range(1, most + 1):
+        programs = row_blocks * s
+        eff = min(programs / (triton.cdiv(programs, sms * o) * sms * o) for o in (1, 2))
+        if eff > best_eff + 0.01:
+            best, best_eff = s, eff
+    return best
+
+
+def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, temperature: float,
+                         sampled_ids: Optional[torch.Tensor] = None, split_size: Optional[int] = None):
+    """Run the kernel; returns the partial state (part [S, 9, R], top value/id/other [2, S, R, K])."""
+    rows = h_s.shape[0]
+    device = h_s.device
+    interp = interpreting()
+    align = INTERPRETER_BLOCKS["BLOCK_V"] if interp else SPLIT_ALIGN
+    if split_size is None:
+        splits = 1 if interp else num_splits(rows, vocab_size, sm_count(device))
+        split_size = triton.cdiv(vocab_size, splits)
+    split = triton.cdiv(split_size, align) * align
+    splits = triton.cdiv(vocab_size, split)
+    part = torch.empty((splits, NUM_PARTIAL_STATS, rows), dtype=torch.float32, device=device)
+    top_val = torch.empty((2, splits, rows, top_k), dtype=torch.float32, device=device)
+    top_id = torch.empty((2, splits, rows, top_k), dtype=torch.int32, device=device)
+    top_oth = torch.empty((2, splits, rows, top_k), dtype=torch.float32, device=device)
+    dtype_s, prec_s = dot_config(h_s, w_s)
+    dtype_t, prec_t = dot_config(h_t, w_t)
+    y = sampled_ids.to(device=device, dtype=torch.int32).contiguous() if sampled_ids is not None else None
+    b_s = b_s.contiguous() if b_s is not None else None
+    b_t = b_t.contiguous() if b_t is not None else None
+    args = (h_s, w_s, b_s if b_s is not None else w_s, h_t, w_t, b_t if b_t is not None else w_t,
+            y if y is not None else part, part, top_val, top_id, top_oth,
+            rows, vocab_size, split,
+            h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
+            h_t.stride(0), h_t.stride(1), w_t.stride(0), w_t.stride(1),
+            1.0 / float(temperature), rows_bucket(rows))
+    flags = dict(D_S=h_s.shape[1], D_T=h_t.shape[1], TOP_K=top_k, K_PAD=max(2, triton.next_power_of_2(top_k)),
+                 HAS_BS=b_s is not None, HAS_BT=b_t is not None, HAS_Y=y is not None,
+                 DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t,
+                 MASKED=MASKED_ID, PLACEHOLDER=PLACEHOLDER_ID, NONE=NO_ID)
+    with device_guard(device):
+        if interp:
+            blocks = INTERPRETER_BLOCKS
+            flags.update(EVEN_DS=h_s.shape[1] % blocks["BLOCK_D"] == 0, EVEN_DT=h_t.shape[1] % blocks["BLOCK_D"] == 0)
+            grid = (triton.cdiv(rows, blocks["BLOCK_M"]), splits)
+            _stats_forward_kernel[grid](*args, **flags, **blocks)
+        else:
+            kernel = _tuned_kernel(device, operand_bytes(h_s, w_s, h_t, w_t))
+            block_d = kernel.configs[0].kwargs["BLOCK_D"]
+            flags.update(EVEN_DS=h_s.shape[1] % block_d == 0, EVEN_DT=h_t.shape[1] % block_d == 0)
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)  # noqa: E731
+            kernel[grid](*args, **flags)
+    return part, top_val, top_id, top_oth
+
+
+def _merge_softmax(m, s0, s1, q):
+    """Combine per-split (m, S0, S1, Q) [S, R] (float64) -> (lse, entropy or None, Q / S0)."""
+    top = m.max(0).values
+    base = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    live = s0 > 0
+    w = torch.where(live, (m - base).exp(), torch.zeros_like(m))
+    zero = torch.zeros_like(m)
+    total = (w * s0).sum(0)
+    gap = torch.where(live, w * q, zero).sum(0) / total
+    entropy = None
+    if s1 is not None:
+        shifted = torch.where(live, w * (s1 + s0 * (m - base)), zero).sum(0)
+        entropy = total.log() - shifted / total
+    return base + total.log(), entropy, gap
+
+
+def _merge_topk(val, ids, other, top_k: int):
+    """Exact top-K over splits [S, R, K] -> sorted (ids int64, values, other values) [R, K]."""
+    splits, rows, k = val.shape
+    flat = lambda x: x.permute(1, 0, 2).reshape(rows, splits * k)  # noqa: E731
+    v, i, o = flat(val), flat(ids).long(), flat(other)
+    keys = ordered_keys(v, i)
+    top, pos = torch.topk(keys, top_k, dim=1)
+    return keys_to_ids(top), v.gather(1, pos), o.gather(1, pos)
+
+
+def merge_partials(part, top_val, top_id, top_oth, *, top_k: int, with_sampled: bool) -> RowStats:
+    """RowStats from the partial state of ``launch_stats_forward`` (small tensors only)."""
+    p = part.double()
+    lse_s, entropy, gap_s = _merge_softmax(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
+    lse_t, _, gap_t = _merge_softmax(p[:, 4], p[:, 5], None, p[:, 6])
+    ids_s, zs_at_s, zt_at_s = _merge_topk(top_val[0], top_id[0], top_oth[0], top_k)
+    ids_t, zt_at_t, zs_at_t = _merge_topk(top_val[1], top_id[1], top_oth[1], top_k)
+    out = RowStats(
+        lse_student=lse_s.float(),
+        lse_teacher=lse_t.float(),
+        entropy_student=entropy.float(),
+        kl_reverse=(gap_s - lse_s + lse_t).float(),
+        kl_forward=(-gap_t - lse_t + lse_s).float(),
+        topk_ids_student=ids_s,
+        topk_ids_teacher=ids_t,
+        teacher_mass=(zt_at_s.double() - lse_t[:, None]).exp().sum(1).float(),
+        disagreement=union_disagreement(ids_s, zs_at_s, zt_at_s, ids_t, zs_at_t, zt_at_t),
+    )
+    if with_sampled:
+        out.logp_student_sampled = (p[:, 7].sum(0) - lse_s).float()
+        out.logp_teacher_sampled = (p[:, 8].sum(0) - lse_t).float()
+    return out
