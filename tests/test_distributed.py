@@ -1,0 +1,348 @@
+"""Multi-process training (train/distributed.py) on CPU with gloo: 2 processes == 1 process.
+
+The 2-process runs go through ``torchrun`` (python -m torch.distributed.run) with this file as the
+worker script; the 1-process runs happen in the test process, without a process group. Tiny Qwen3
+models (hidden 32, 2 layers, vocabulary 1000, tied student embeddings) in float32.
+
+Checked:
+- one OPD step on the same global batch (5 sequences, split 3 + 2 over the ranks): the same loss, the
+  same kept positions, the same updated student weights (AdamW), then a second step with the "random"
+  strategy, the sampled estimator and min_per_sequence=2 (the global random draw, sequence ids);
+- resume: the checkpoint written by the 2 processes after step 1, loaded in 1 process, gives the
+  same weights after step 2 as the 2-process run (optimizer state included);
+- ``global_select`` for every strategy on uneven ranks with many ties == ``select_top`` on the
+  concatenation; a sharded teacher gives the hidden states and full weight of a replicated one; the
+  lm_head weight outside the forward is refused as a shard; bfloat16 compute (MixedPrecisionPolicy)
+  runs and stays close to float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VOCAB = 1000
+SEQS, T = 5, 16
+STEP_OPTS = [
+    dict(strategy="teachability", estimator="full", keep_ratio=0.1, min_per_sequence=1, seed=0),
+    dict(strategy="random", estimator="sampled", keep_ratio=0.2, min_per_sequence=2, seed=7),
+]
+
+
+def tiny_models():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    student = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, tie_word_embeddings=True,
+                                           **common)).float()
+    torch.manual_seed(1)
+    teacher = Qwen3ForCausalLM(Qwen3Config(hidden_size=48, intermediate_size=96, tie_word_embeddings=False,
+                                           **common)).float()
+    return student, teacher
+
+
+def global_batch(step: int):
+    """Rollout-shaped batch: left padding, prompts of 3-4 tokens, some responses end early (right pad)."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, VOCAB, (SEQS, T), generator=g)
+    attn = torch.ones(SEQS, T, dtype=torch.long)
+    resp = torch.zeros(SEQS, T, dtype=torch.long)
+    for i in range(SEQS):
+        pad = i % 3
+        attn[i, :pad] = 0
+        ids[i, :pad] = 0
+        start = pad + 3 + i % 2
+        resp[i, start:] = 1
+        if i == 2:  # response ended early
+            attn[i, -3:] = 0
+            resp[i, -3:] = 0
+            ids[i, -3:] = 0
+    return ids, attn, resp
+
+
+def run_steps(out_path: Path, ckpt: Path, mode: str, teacher_mode: str = "shard") -> dict:
+    """mode "train": steps 1 and 2, checkpoint after step 1; mode "resume": load, then step 2 only."""
+    from train import distributed as D
+
+    ctx = D.init_distributed(device="cpu")
+    rank, world = ctx.rank, ctx.world_size
+    student, teacher = tiny_models()
+    if ctx.distributed:
+        D.shard_model(student, param_dtype=None)
+    else:
+        D.attach_head(student)
+    D.prepare_teacher(teacher, teacher_mode)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.1)
+    mine = D.shard_range(SEQS, rank, world)
+    res: dict = {"world": world}
+
+    def step(k: int):
+        ids, attn, resp = (x[mine.start:mine.stop] for x in global_batch(k))
+        t_out = D.teacher_forward(teacher, ids, attn)
+        r = D.opd_loss(student, ids, attn, resp, t_out, top_k=8, backend="torch", **STEP_OPTS[k])
+        r.loss.backward()
+        res[f"grads{k}"] = _full_grads(D, student, rank)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        kept = _gather_objects(r.selection.keep_mask.cpu(), world)
+        res[f"loss{k}"] = float(r.global_loss)
+        res[f"kept{k}"] = torch.cat(kept) if kept else None
+        res[f"num_kept{k}"] = r.selection.num_kept
+        res[f"weights{k}"] = D.full_state_dict(student)
+
+    if mode == "train":
+        step(0)
+        D.save_checkpoint(ckpt, student, opt, train_state={"step": 1})
+    else:
+        res["train_state"] = D.load_checkpoint(ckpt, student, opt)
+    step(1)
+
+    if mode == "train" and ctx.distributed:
+        res.update(extra_checks(D, ctx, student, teacher))
+    if rank == 0:
+        torch.save(res, out_path)
+    D.destroy_distributed(ctx)
+    return res
+
+
+def _full_grads(D, model, rank) -> dict:
+    """Full gradients by parameter name on rank 0 (collective for a sharded model)."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if D.is_sharded(model) else p.grad
+        out[name] = g.detach().cpu().clone()
+    return out if rank == 0 else {}
+
+
+def _gather_objects(x, world):
+    import torch.distributed as dist
+
+    if world == 1:
+        return [x]
+    out = [None] * world
+    dist.all_gather_object(out, x)
+    return out
+
+
+def select_inputs(n_total: int = 19):
+    """Statistics with many ties (few distinct values), 4 sequences, some invalid positions."""
+    g = torch.Generator().manual_seed(5)
+    ent = torch.randint(0, 4, (n_total,), generator=g).float() / 3
+    dis = torch.randint(0, 3, (n_total,), generator=g).float()
+    mass = torch.randint(0, 3, (n_total,), generator=g).float() / 2
+    valid = torch.rand(n_total, generator=g) > 0.2
+    seq = torch.tensor([0] * 5 + [1] * 4 + [2] * 6 + [3] * 4)
+    return ent, dis, mass, valid, seq
+
+
+SELECT_SPLITS = {"local": 9, "global": 7}  # rank 0 gets positions [0, split): 9 ends sequence 1, 7 cuts it
+
+
+def extra_checks(D, ctx, student, teacher) -> dict:
+    from taopd_kernels import STRATEGIES
+
+    rank, world = ctx.rank, ctx.world_size
+    out = {}
+    # global_select on uneven ranks: "local": sequence ids renumbered from 0 on each rank (made global
+    # by the library); "global": ids shared by the ranks, one sequence split between them.
+    ent, dis, mass, valid, seq = select_inputs()
+    for ids_kind, split in SELECT_SPLITS.items():
+        part = slice(0, split) if rank == 0 else slice(split, None)
+        ids = seq[part] - seq[part].min() if ids_kind == "local" else seq[part]
+        fake = types.SimpleNamespace(entropy_student=ent[part], disagreement=dis[part], teacher_mass=mass[part],
+                                     valid=valid[part])
+        for strategy in STRATEGIES:
+            sel = D.global_select(fake, strategy=strategy, keep_ratio=0.3, sequence_ids=ids, min_per_sequence=2,
+                                  seed=3, global_sequence_ids=ids_kind == "global")
+            out[f"select/{ids_kind}/{strategy}"] = torch.cat(_gather_objects(sel.keep_mask, world))
+            out[f"select_count/{ids_kind}/{strategy}"] = sel.num_kept
+    # A sharded teacher hands out what a replica would.
+    _, replica = tiny_models()
+    D.prepare_teacher(replica, "replicate")
+    ids, attn, _ = (x[D.shard_range(SEQS, rank, world).start:D.shard_range(SEQS, rank, world).stop]
+                    for x in global_batch(0))
+    h1, w1, _ = D.teacher_forward(teacher, ids, attn)
+    h2, w2, _ = D.teacher_forward(replica, ids, attn)
+    out["teacher_hidden_diff"] = float((h1 - h2).abs().max())
+    out["teacher_weight_equal"] = bool(torch.equal(w1, w2))
+    # Outside the forward the student's lm_head weight is a shard: refused.
+    try:
+        D.check_full_weight(student.lm_head.weight, student.config)
+        out["shard_refused"] = False
+    except RuntimeError:
+        out["shard_refused"] = True
+    # bfloat16 compute, float32 reduction: runs, close to float32.
+    s16, t16 = tiny_models()
+    D.shard_model(s16, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    D.prepare_teacher(t16, "shard")
+    ids, attn, resp = (x[D.shard_range(SEQS, rank, world).start:D.shard_range(SEQS, rank, world).stop]
+                       for x in global_batch(0))
+    r = D.opd_loss(s16, ids, attn, resp, D.teacher_forward(t16, ids, attn), top_k=8, backend="torch",
+                   strategy="all", estimator="full")
+    r.loss.backward()
+    out["bf16_loss"] = float(r.global_loss)
+    out["bf16_grad_finite"] = bool(torch.isfinite(s16.lm_head.weight.grad.full_tensor()).all())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# pytest side
+
+
+def _torchrun(tmp_path: Path, *args: str, nproc: int = 2) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_weights_close(a: dict, b: dict, what: str):
+    """Weights after AdamW: Adam divides by |g|, so float32 noise of a near-zero gradient element can move
+    its update by a fraction of lr (1e-2): 1e-4 absolute is 1% of one step (observed: <= 6e-5)."""
+    assert a.keys() == b.keys(), what
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {k}: {m}")
+
+
+def _assert_grads_close(a: dict, b: dict, what: str):
+    """Gradients before the optimizer step: float32 reduction-order noise only (observed: <= 3e-5 of the
+    largest element of each tensor)."""
+    assert a.keys() == b.keys(), what
+    for k in a:
+        scale = float(a[k].abs().max())
+        assert scale > 0, f"{what}: {k} has no gradient"
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4 * scale, msg=lambda m: f"{what}: {k}: {m}")
+
+
+def _weights_moved(before: dict, after: dict) -> bool:
+    return any(not torch.allclose(before[k], after[k]) for k in before)
+
+
+_CACHE: dict = {}
+
+
+def _two_process_run(tmp_path_factory):
+    if "two" not in _CACHE:
+        d = tmp_path_factory.mktemp("dist2")
+        _torchrun(d, "--out", str(d / "two.pt"), "--ckpt", str(d / "ckpt"), "--mode", "train")
+        _CACHE["two"] = (d, torch.load(d / "two.pt", weights_only=False))
+    return _CACHE["two"]
+
+
+def test_two_processes_equal_one(tmp_path_factory, tmp_path):
+    _, two = _two_process_run(tmp_path_factory)
+    one = run_steps(tmp_path / "one.pt", tmp_path / "ckpt1", "train")
+    assert two["world"] == 2 and one["world"] == 1
+    init = tiny_models()[0].state_dict()
+    for k in (0, 1):
+        assert one[f"num_kept{k}"] == two[f"num_kept{k}"] > 0
+        assert torch.equal(one[f"kept{k}"], two[f"kept{k}"]), f"step {k}: kept positions differ"
+        # Step 1 starts from weights that agree to ~1e-4 (see _assert_weights_close), step 0 from the same.
+        tol = dict(rel_tol=1e-5, abs_tol=1e-6) if k == 0 else dict(rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(one[f"loss{k}"], two[f"loss{k}"], **tol), (k, one[f"loss{k}"], two[f"loss{k}"])
+        _assert_grads_close(one[f"grads{k}"], two[f"grads{k}"], f"step {k} gradients")
+        _assert_weights_close(one[f"weights{k}"], two[f"weights{k}"], f"step {k} weights")
+    assert _weights_moved({k: v.float() for k, v in init.items()}, one["weights0"])
+    # min_per_sequence=2 in step 1: every sequence with >= 2 valid positions keeps >= 2.
+    ids, attn, resp = global_batch(1)
+    valid = resp[:, 1:].bool() & attn[:, 1:].bool()
+    kept = one["kept1"].view(SEQS, T - 1)
+    assert bool((kept <= valid).all())
+    assert bool((kept.sum(1) >= torch.clamp(valid.sum(1), max=2)).all())
+
+
+def test_resume_two_process_checkpoint_in_one_process(tmp_path_factory, tmp_path):
+    d, two = _two_process_run(tmp_path_factory)
+    resumed = run_steps(tmp_path / "resumed.pt", d / "ckpt", "resume")
+    assert resumed["world"] == 1 and resumed["train_state"] == {"step": 1}
+    assert torch.equal(resumed["kept1"], two["kept1"])
+    assert math.isclose(resumed["loss1"], two["loss1"], rel_tol=1e-5, abs_tol=1e-6)
+    _assert_grads_close(resumed["grads1"], two["grads1"], "resumed step 1 gradients")
+    _assert_weights_close(resumed["weights1"], two["weights1"], "resumed step 1 weights")
+
+
+def test_global_select_matches_concatenation(tmp_path_factory):
+    from taopd_kernels import STRATEGIES, select_top, strategy_scores
+
+    _, two = _two_process_run(tmp_path_factory)
+    ent, dis, mass, valid, seq = select_inputs()
+    for strategy in STRATEGIES:
+        score = strategy_scores(strategy, entropy=ent, disagreement=dis, teacher_mass=mass, valid=valid, seed=3)
+        ref = valid.clone() if strategy == "all" else select_top(
+            score, valid, keep_ratio=0.3, sequence_ids=seq, min_per_sequence=2)
+        for ids_kind in SELECT_SPLITS:
+            assert torch.equal(two[f"select/{ids_kind}/{strategy}"], ref), (ids_kind, strategy)
+            assert two[f"select_count/{ids_kind}/{strategy}"] == int(ref.sum())
+
+
+def test_sharded_teacher_full_weight_and_bf16(tmp_path_factory):
+    _, two = _two_process_run(tmp_path_factory)
+    assert two["teacher_weight_equal"]
+    assert two["teacher_hidden_diff"] < 1e-5
+    assert two["shard_refused"]
+    assert two["bf16_grad_finite"]
+    assert math.isclose(two["bf16_loss"], _fp32_all_loss(), rel_tol=0.05, abs_tol=1e-2)
+
+
+def _fp32_all_loss() -> float:
+    from train import distributed as D
+
+    s, t = tiny_models()
+    ids, attn, resp = global_batch(0)
+    r = D.opd_loss(s, ids, attn, resp, D.teacher_forward(D.prepare_teacher(t, "replicate"), ids, attn),
+                   top_k=8, backend="torch", strategy="all", estimator="full")
+    return float(r.global_loss)
+
+
+def test_unit_helpers():
+    from train import distributed as D
+
+    assert [list(D.shard_range(5, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [len(D.shard_range(2, r, 4)) for r in range(4)] == [1, 1, 0, 0]
+    assert D.shard_prompts(list("abcde"), 1, 2) == ["d", "e"]
+    assert D.make_rollout_engine("hf") is None
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        import pytest
+
+        with pytest.raises(RuntimeError, match="vllm"):
+            D.make_rollout_engine("vllm", "some/path")
+    ctx = D.init_distributed(device="cpu")
+    assert not ctx.distributed and ctx.world_size == 1
+
+
+def _main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--mode", default="train", choices=["train", "resume"])
+    a = p.parse_args()
+    run_steps(Path(a.out), Path(a.ckpt), a.mode)
+
+
+if __name__ == "__main__":
+    _main()
