@@ -3,6 +3,7 @@
 Only for tests and tiny inputs: it holds several [N, V] float32 tensors. Gradients come from
 autograd, so they are an independent check of the analytic backward of the other backends.
 Top-K uses a stable descending sort, so ties go to the lower vocabulary id by construction.
+``dtype=torch.float64`` gives the ground truth the tests measure every implementation against.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from .selection import select_top, strategy_scores
 from .stats import RowStats
 
 
-def reference_logits(hidden, weight, bias, vocab_size: int, temperature: float) -> torch.Tensor:
-    """z[:, :V] / tau in float32 with full-precision matmul (the ground truth)."""
-    h = hidden.reshape(-1, hidden.shape[-1]).double()
-    w = weight[:vocab_size].double()
-    z = h @ w.T
+def reference_logits(hidden, weight, bias, vocab_size: int, temperature: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """z[:, :V] / tau computed in ``dtype`` (inputs upcast first), shape [N, V]."""
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    z = h @ weight[:vocab_size].to(dtype).T
     if bias is not None:
-        z = z + bias[:vocab_size].double()
-    return (z / temperature).float()
+        z = z + bias[:vocab_size].to(dtype)
+    return z / temperature
 
 
 def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,7 @@ def reference_row_stats(
     top_k: int,
     sampled_ids: Optional[torch.Tensor] = None,
 ) -> RowStats:
-    """SPEC section 2 from scaled float32 logits [R, V] of both models."""
-    zs = zs.double()
-    zt = zt.double()
+    """SPEC section 2 from scaled logits [R, V] of both models, computed in their dtype."""
     logp_s = torch.log_softmax(zs, dim=-1)
     logp_t = torch.log_softmax(zt, dim=-1)
     p_s, p_t = logp_s.exp(), logp_t.exp()
@@ -90,11 +89,12 @@ def reference_teachability_kl(
     min_per_sequence: int = 1,
     seed: int = 0,
     keep_mask=None,
+    dtype: torch.dtype = torch.float32,
 ):
     """Loss (differentiable w.r.t. the student's hidden, weight and bias) and a dict of statistics.
 
-    Inputs are [N, D] (or [B, T, D], flattened). Autograd runs through float64 logits. ``keep_mask``
-    replaces the selection (to compare losses and gradients on one kept set).
+    Inputs are [N, D] (or [B, T, D], flattened). Autograd runs through logits of ``dtype``.
+    ``keep_mask`` replaces the selection (to compare losses and gradients on one kept set).
     """
     if vocab_size is None:
         vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
@@ -104,13 +104,9 @@ def reference_teachability_kl(
         sequence_ids = torch.arange(n).div(student_hidden.shape[-2], rounding_mode="floor")
     seq = None if sequence_ids is None else sequence_ids.reshape(-1)
 
-    hs = student_hidden.reshape(n, -1).double()
-    zs = hs @ student_weight[:vocab_size].double().T
-    if student_bias is not None:
-        zs = zs + student_bias[:vocab_size].double()
-    zs = zs / temperature
+    zs = reference_logits(student_hidden, student_weight, student_bias, vocab_size, temperature, dtype)
     with torch.no_grad():
-        zt = reference_logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size, temperature).double()
+        zt = reference_logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size, temperature, dtype)
         rows = reference_row_stats(zs.detach(), zt, top_k, sampled_ids)
     score = strategy_scores(
         strategy,
@@ -126,7 +122,7 @@ def reference_teachability_kl(
         kept = valid.clone()
     else:
         kept = select_top(score, valid, keep_ratio=keep_ratio, sequence_ids=seq, min_per_sequence=min_per_sequence)
-    m = kept.double()
+    m = kept.to(dtype)
     denom = m.sum().clamp_min(1.0)
     logp_s = torch.log_softmax(zs, -1)
     if estimator == "full":
