@@ -22,7 +22,6 @@ Triton is imported lazily: ``taopd_kernels`` imports without it, and ``is_availa
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
@@ -35,8 +34,10 @@ from .stats import RowStats
 def is_available(device: torch.device):
     """(True, "") when triton is importable and the device can run it (CUDA, or the CPU interpreter)."""
     device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install 'taopd-kernels[triton]')"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton cannot be imported ({exc}); pip install 'taopd-kernels[triton]'"
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":

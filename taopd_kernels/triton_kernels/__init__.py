@@ -42,14 +42,16 @@ def dot_config(h: torch.Tensor, w: torch.Tensor):
 
     bf16/fp16 pairs multiply as they are (float32 accumulation); anything else (float32, mixed)
     multiplies in float32, as 3xTF32 on the GPU (about float32 accuracy on tensor cores; override with
-    TAOPD_TRITON_FP32_DOT=ieee|tf32x3|tf32) and exactly in the interpreter.
+    TAOPD_TRITON_FP32_DOT=ieee|tf32x3|tf32). The interpreter multiplies everything in float32.
     """
     if h.dtype not in _TL_DTYPES or w.dtype not in _TL_DTYPES:
         raise TypeError(f"the triton backend supports float32, bfloat16 and float16, got {h.dtype} and {w.dtype}")
+    if interpreting():
+        # The interpreter's tl.dot multiplies raw bf16 bits; upcast (bf16 x bf16 products are exact in
+        # float32, so this matches the GPU's float32 accumulation up to summation order).
+        return tl.float32, "ieee"
     if h.dtype == w.dtype and h.dtype != torch.float32:
         return _TL_DTYPES[h.dtype], "tf32"  # precision is ignored for 16-bit operands
-    if interpreting():
-        return tl.float32, "ieee"
     return tl.float32, os.environ.get("TAOPD_TRITON_FP32_DOT", "tf32x3")
 
 

@@ -56,6 +56,7 @@ from . import (
 NUM_PARTIAL_STATS = 9
 # Split boundaries are multiples of this (the widest BLOCK_V of any config), so splits cut on tiles.
 SPLIT_ALIGN = 256
+PARTIAL_STATE_BYTES = 64 << 20
 INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=16)
 
 
@@ -243,20 +244,26 @@ def _tuned_kernel(device: torch.device, nbytes: int):
     return _TUNED[key]
 
 
-def num_splits(rows: int, vocab: int, sms: int, block_m: int = 128) -> int:
+def num_splits(rows: int, vocab: int, sms: int, top_k: int = 16, block_m: int = 128, warmup_tiles: int = 4) -> int:
     """Vocabulary splits so that (row blocks x splits) fills the GPU in whole waves.
 
-    The efficiency of S splits is the fraction of program slots used in the last wave, taken as the
-    worse of 1 and 2 resident programs per SM (occupancy is not known before tuning); the smallest S
-    within 1% of the best wins. Each split keeps at least 8 tiles of 256 columns.
+    Model: a program costs (its tiles + ``warmup_tiles``), the warm-up standing for the first tiles'
+    full top-K rounds and the merge; o programs share an SM at 1/o speed each. The efficiency of S
+    splits is ideal time / modelled time, taken as the worse of o = 1 and o = 2 (occupancy is not
+    known before tuning); the smallest S within 1% of the best wins. A split keeps at least 8 tiles
+    of 256 columns, there are at most 64 splits, and the partial state stays under
+    ``PARTIAL_STATE_BYTES``.
     """
     row_blocks = triton.cdiv(max(rows, 1), block_m)
-    most = max(1, min(64, vocab // (8 * SPLIT_ALIGN)))
+    tiles = triton.cdiv(vocab, 128)
+    per_split = rows * (4 * NUM_PARTIAL_STATS + 2 * top_k * 12)
+    most = max(1, min(64, vocab // (8 * SPLIT_ALIGN), PARTIAL_STATE_BYTES // max(per_split, 1)))
     best, best_eff = 1, -1.0
     for s in range(1, most + 1):
         programs = row_blocks * s
-        eff = min(programs / (triton.cdiv(programs, sms * o) * sms * o) for o in (1, 2))
-        if eff > best_eff + 0.01:
+        cost = tiles / s + warmup_tiles
+        eff = min(row_blocks * tiles / (sms * triton.cdiv(programs, sms * o) * o * cost) for o in (1, 2))
+        if eff > best_eff * 1.01:
             best, best_eff = s, eff
     return best
 
@@ -269,7 +276,7 @@ def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k
     interp = interpreting()
     align = INTERPRETER_BLOCKS["BLOCK_V"] if interp else SPLIT_ALIGN
     if split_size is None:
-        splits = 1 if interp else num_splits(rows, vocab_size, sm_count(device))
+        splits = 1 if interp else num_splits(rows, vocab_size, sm_count(device), top_k)
         split_size = triton.cdiv(vocab_size, splits)
     split = triton.cdiv(split_size, align) * align
     splits = triton.cdiv(vocab_size, split)
