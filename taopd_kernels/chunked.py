@@ -58,7 +58,7 @@ def _safe_weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class _OnlineSoftmax:
-    """Running (max, S0, S1, Q) of one model's logits, Q against the other model's logits."""
+    """Running (max, S0, S1, Q) of one model's logits; Q is taken against ``gap`` = z - other."""
 
     def __init__(self, rows: int, device):
         self.m = torch.full((rows,), -torch.inf, device=device)
@@ -66,17 +66,24 @@ class _OnlineSoftmax:
         self.s1 = torch.zeros(rows, device=device)
         self.q = torch.zeros(rows, device=device)
 
-    def update(self, z: torch.Tensor, other: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, gap: torch.Tensor, finite: bool) -> None:
+        """Fold one tile in. ``finite``: the tile holds no -inf."""
         m_new = torch.maximum(self.m, z.max(dim=1).values)
-        finite = torch.isfinite(m_new)
-        shift = torch.where(finite, self.m - m_new, torch.zeros_like(m_new))  # <= 0, or -inf
+        ok = torch.isfinite(m_new)
+        shift = torch.where(ok, self.m - m_new, torch.zeros_like(m_new))  # <= 0, or -inf
         scale = torch.where(self.s0 > 0, shift.exp(), torch.zeros_like(shift))
-        base = torch.where(finite, m_new, torch.zeros_like(m_new))
+        base = torch.where(ok, m_new, torch.zeros_like(m_new))
         centred = z - base[:, None]
         e = centred.exp()
-        self.s1 = scale * (self.s1 + _safe_weighted(self.s0, shift)) + _safe_weighted(e, centred).sum(1)
+        if finite:
+            s1_tile = torch.linalg.vecdot(e, centred)
+            q_tile = torch.linalg.vecdot(e, gap)
+        else:  # e == 0 where z == -inf; keep 0 * inf out of the sums
+            s1_tile = _safe_weighted(e, centred).sum(1)
+            q_tile = _safe_weighted(e, gap).sum(1)
+        self.s1 = scale * (self.s1 + _safe_weighted(self.s0, shift)) + s1_tile
         self.s0 = scale * self.s0 + e.sum(1)
-        self.q = scale * self.q + _safe_weighted(e, z - other).sum(1)
+        self.q = scale * self.q + q_tile
         self.m = m_new
 
     def lse(self) -> torch.Tensor:
@@ -90,6 +97,26 @@ class _OnlineSoftmax:
         return self.q / self.s0
 
 
+def tile_topk_keys(z: torch.Tensor, v0: int, k: int) -> torch.Tensor:
+    """Exact top-k keys of a tile (value descending, id ascending), without keying the whole tile.
+
+    ``torch.topk`` on float values gives the right set except where the k-th and (k+1)-th values tie
+    (it may then pick any of the tied ids); only those rows are redone with ordered keys.
+    """
+    cols = z.shape[1]
+    if cols <= k:
+        ids = torch.arange(v0, v0 + cols, device=z.device).expand_as(z)
+        return ordered_keys(z, ids)
+    values, pos = torch.topk(z, k + 1, dim=1)
+    keys = ordered_keys(values[:, :k], pos[:, :k] + v0)
+    tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
+    if tied.numel():
+        zt = z.index_select(0, tied)
+        ids = torch.arange(v0, v0 + cols, device=z.device).expand_as(zt)
+        keys[tied] = torch.topk(ordered_keys(zt, ids), k, dim=1).values
+    return keys
+
+
 class _RunningTopK:
     """Exact running top-K of one model, with the other model's logit at the same ids carried."""
 
@@ -99,11 +126,8 @@ class _RunningTopK:
         self.other = torch.zeros((rows, 0), device=device)
 
     def update(self, z: torch.Tensor, other: torch.Tensor, v0: int) -> None:
-        ids = torch.arange(v0, v0 + z.shape[1], device=z.device)
-        keys = ordered_keys(z, ids.expand_as(z))
-        k_tile = min(self.k, z.shape[1])
-        tile_keys, pos = torch.topk(keys, k_tile, dim=1)
-        tile_other = other.gather(1, pos)
+        tile_keys = tile_topk_keys(z, v0, self.k)
+        tile_other = other.gather(1, keys_to_ids(tile_keys) - v0)
         all_keys = torch.cat([self.keys, tile_keys], 1)
         all_other = torch.cat([self.other, tile_other], 1)
         k_keep = min(self.k, all_keys.shape[1])
@@ -139,8 +163,12 @@ def stream_row_stats(
     chunk_vocab: int,
     device,
     sampled_ids: Optional[torch.Tensor] = None,
+    finite: bool = False,
 ) -> RowStats:
-    """Fold the tiles ``tile_fn(v0, v1) -> (z_s, z_t)`` (scaled float32 [R, v1-v0]) into RowStats."""
+    """Fold the tiles ``tile_fn(v0, v1) -> (z_s, z_t)`` (scaled float32 [R, v1-v0]) into RowStats.
+
+    ``finite=True`` promises that no logit is -inf (skips the masking that -inf needs).
+    """
     soft_s, soft_t = _OnlineSoftmax(rows, device), _OnlineSoftmax(rows, device)
     top_s, top_t = _RunningTopK(rows, top_k, device), _RunningTopK(rows, top_k, device)
     if sampled_ids is not None:
@@ -150,8 +178,9 @@ def stream_row_stats(
     for v0 in range(0, vocab_size, chunk_vocab):
         v1 = min(v0 + chunk_vocab, vocab_size)
         zs, zt = tile_fn(v0, v1)
-        soft_s.update(zs, zt)
-        soft_t.update(zt, zs)
+        gap = zs - zt
+        soft_s.update(zs, gap, finite)
+        soft_t.update(zt, gap.neg_(), finite)
         top_s.update(zs, zt, v0)
         top_t.update(zt, zs, v0)
         if sampled_ids is not None:
@@ -253,13 +282,16 @@ def chunked_forward_stats(
     """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (the API passes only valid rows)."""
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
     chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    # Hidden states and weights are finite (checked by the API); only a bias can hold -inf.
+    finite = all(b is None or bool(torch.isfinite(b[:vocab_size]).all()) for b in (b_s, b_t))
     parts = []
     with torch.no_grad():
         for r0 in range(0, h_s.shape[0], chunk_rows):
             r1 = min(r0 + chunk_rows, h_s.shape[0])
             tile_fn = hidden_tile_fn(h_s[r0:r1], w_s, b_s, h_t[r0:r1], w_t, b_t, temperature)
             y = None if sampled_ids is None else sampled_ids[r0:r1]
-            parts.append(stream_row_stats(tile_fn, r1 - r0, vocab_size, top_k, chunk_vocab, h_s.device, y))
+            parts.append(stream_row_stats(tile_fn, r1 - r0, vocab_size, top_k, chunk_vocab, h_s.device, y,
+                                          finite=finite))
     return concat_row_stats(parts, h_s.device, top_k, sampled_ids is not None)
 
 

@@ -36,9 +36,12 @@ def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: fl
     with torch.no_grad():
         for r0 in range(0, zs.shape[0], chunk_rows):
             r1 = min(r0 + chunk_rows, zs.shape[0])
-            tile_fn = logits_tile_fn(zs[r0:r1], zt[r0:r1], temperature)
+            rows_s, rows_t = zs[r0:r1, :vocab_size], zt[r0:r1, :vocab_size]
+            finite = bool(torch.isfinite(rows_s).all() and torch.isfinite(rows_t).all())
+            tile_fn = logits_tile_fn(rows_s, rows_t, temperature)
             y = None if sampled_ids is None else sampled_ids[r0:r1]
-            parts.append(stream_row_stats(tile_fn, r1 - r0, vocab_size, top_k, chunk_vocab, zs.device, y))
+            parts.append(stream_row_stats(tile_fn, r1 - r0, vocab_size, top_k, chunk_vocab, zs.device, y,
+                                          finite=finite))
     return concat_row_stats(parts, zs.device, top_k, sampled_ids is not None)
 
 
