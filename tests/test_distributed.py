@@ -342,6 +342,21 @@ def _fp32_all_loss() -> float:
     return float(r.global_loss)
 
 
+def test_throughput_fsdp_smoke(tmp_path):
+    """train/throughput_fsdp.py: the sharded path at world size 1 (one-process group, no torchrun)."""
+    import json
+
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "throughput_fsdp.py"), "--preset", "tiny",
+                           "--device", "cpu", "--dtype", "fp32", "--steps", "1", "--warmup", "0",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert summary["sharded"] and summary["world_size"] == 1
+    assert summary["step_s"] > 0 and summary["response_tokens_per_s"] > 0
+
+
 def test_unit_helpers():
     from train import distributed as D
 

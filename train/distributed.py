@@ -94,14 +94,12 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, True, False)
     if not launched_by_torchrun() and not force:
         return DistContext(0, 1, 0, dev, False, False)
-    if not launched_by_torchrun():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-    dist.init_process_group(backend=backend)
+    if launched_by_torchrun():
+        dist.init_process_group(backend=backend)
+    else:  # one-process group, without touching the environment
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, True, True)
 
 
