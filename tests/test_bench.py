@@ -1,0 +1,136 @@
+"""bench/vocab_sweep.py: option checking, a tiny sweep's outputs, and the loss agreement check."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import sweep_impls  # noqa: E402
+import vocab_sweep  # noqa: E402
+
+TINY = ["--tokens", "64", "--d-student", "32", "--d-teacher", "48", "--repeats", "1", "--warmup", "0",
+        "--device", "cpu", "--no-progress"]
+REQUIRED_TOP = ("device", "torch", "triton", "commit", "date", "rows")
+REQUIRED_ROW = ("impl", "vocab", "tokens", "d_student", "d_teacher", "dtype", "top_k", "keep_ratio", "fwd_ms",
+                "fwd_bwd_ms", "peak_extra_mb")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", "naive,fastest"], "unknown implementation(s) 'fastest'"),
+    (["--impls", ""], "give at least one of"),
+    (["--tokens", "0"], "must be positive, got 0"),
+    (["--tokens", "-8"], "must be positive, got -8"),
+    (["--vocab", "32000,0"], "must be positive, got 0"),
+    (["--vocab", "32000,abc"], "expected a whole number, got 'abc'"),
+    (["--d-student", "0"], "must be positive"),
+    (["--d-teacher", "-1"], "must be positive"),
+    (["--repeats", "0"], "must be positive"),
+    (["--top-k", "0"], "must be positive"),
+    (["--keep-ratio", "0"], "must be in (0, 1]"),
+    (["--keep-ratio", "1.5"], "must be in (0, 1]"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--vocab", "1000", "--top-k", "2000"], "larger than the smallest vocabulary size 1000"),
+    (["--name", "a/b"], "--name must be a plain file stem"),
+])
+def test_bad_options_exit_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        vocab_sweep.main(argv + ["--out", str(tmp_path), "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "vocab_sweep.py: error:" in err and message in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_cuda_device_without_gpu_is_refused(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as exc:
+        vocab_sweep.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_only_unavailable_implementations_says_why(capsys, tmp_path):
+    code = vocab_sweep.main(TINY + ["--vocab", "1000", "--impls", "triton,cuda", "--out", str(tmp_path)])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "skipping triton: the triton backend runs on a CUDA GPU" in out.out
+    assert "skipping cuda:" in out.out
+    assert "nothing to run" in out.err
+
+
+def test_tiny_sweep_writes_json_csv_png(capsys, tmp_path):
+    # every implementation requested: the GPU ones (and liger, unless installed) are skipped with a reason;
+    # the cases run in fresh worker processes (the CPU default), as the real sweep does.
+    code = vocab_sweep.main(TINY + ["--vocab", "1000", "--impls", ",".join(sweep_impls.IMPLS),
+                                    "--out", str(tmp_path), "--name", "tiny"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "skipping triton:" in out and "skipping cuda:" in out
+    doc = json.loads((tmp_path / "tiny.json").read_text())
+    for key in REQUIRED_TOP:
+        assert key in doc, key
+    ran = {"naive", "chunked", "gemm"} | ({"liger"} if sweep_impls.available("liger", torch.device("cpu"))[0]
+                                           else set())
+    assert {r["impl"] for r in doc["rows"]} == ran
+    assert set(doc["skipped"]) >= {"triton", "cuda"}
+    for row in doc["rows"]:
+        assert not row.get("error"), row
+        for key in REQUIRED_ROW:
+            assert key in row, key
+        assert row["vocab"] == 1000 and row["tokens"] == 64 and row["dtype"] == "float32"
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+        assert row["peak_extra_mb"] is not None and row["peak_extra_mb"] >= 0
+        assert row["fwd_bwd_tflops"] > 0
+    gemm = next(r for r in doc["rows"] if r["impl"] == "gemm")
+    assert gemm["fwd_ratio_gemm"] == pytest.approx(1.0)
+    for impl in ran - {"gemm"}:
+        assert doc["agreement"][impl]["ok"], doc["agreement"][impl]
+    with (tmp_path / "tiny.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(doc["rows"])
+    assert set(REQUIRED_ROW) <= set(rows[0])
+    png = (tmp_path / "tiny.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| chunked | 1,000 |" in (tmp_path / "tiny.md").read_text()
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked", "liger"])
+def test_loss_agreement_with_reference(impl):
+    ok, reason = sweep_impls.available(impl, torch.device("cpu"))
+    if not ok:
+        pytest.skip(reason)
+    result = sweep_impls.agreement(impl, torch.device("cpu"), top_k=16, keep_ratio=0.1, liger_compiled=False)
+    assert result["ok"], result
+    assert result["rel_err"] < 1e-4 and result["grad_w_rel_err"] < 1e-3
+
+
+def test_agreement_check_catches_a_wrong_loss(monkeypatch):
+    forward = sweep_impls.Case.forward
+    monkeypatch.setattr(sweep_impls.Case, "forward", lambda self: forward(self) * 1.001)
+    result = sweep_impls.agreement("chunked", torch.device("cpu"), top_k=16, keep_ratio=0.05,
+                                   liger_compiled=False)
+    assert not result["ok"] and result["rel_err"] == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_naive_matches_chunked_selection_at_a_larger_vocabulary():
+    cfg = sweep_impls.Config(tokens=96, d_student=24, d_teacher=40, vocab=9000, dtype=torch.float32)
+    inputs = sweep_impls.make_inputs(cfg, torch.device("cpu"), seed=3)
+    naive = sweep_impls.Case("naive", cfg, inputs).forward()
+    chunked = sweep_impls.Case("chunked", cfg, inputs).forward()
+    assert float(naive.detach()) == pytest.approx(float(chunked.detach()), rel=1e-5)
+
+
+def test_gemm_flops_model():
+    cfg = sweep_impls.Config(tokens=100, d_student=10, d_teacher=20, vocab=1000, dtype=torch.float32,
+                             keep_ratio=0.05)
+    fwd, fwd_bwd = sweep_impls.flops("gemm", cfg)
+    assert fwd == 2 * 100 * 1000 * 30
+    assert fwd_bwd == fwd + 2 * 5 * 1000 * 30 + 4 * 5 * 1000 * 10
+    assert sweep_impls.flops("liger", cfg) == (fwd + 4 * 100 * 1000 * 10,) * 2
