@@ -9,7 +9,8 @@ Checked:
   same kept positions, the same updated student weights (AdamW), then a second step with the "random"
   strategy, the sampled estimator and min_per_sequence=2 (the global random draw, sequence ids);
 - resume: the checkpoint written by the 2 processes after step 1, loaded in 1 process, gives the
-  same weights after step 2 as the 2-process run (optimizer state included);
+  same weights after step 2 as the 2-process run (optimizer state included), and the other way round
+  (1-process checkpoint into 2 sharded processes);
 - ``global_select`` for every strategy on uneven ranks with many ties == ``select_top`` on the
   concatenation; a sharded teacher gives the hidden states and full weight of a replicated one; the
   lm_head weight outside the forward is refused as a shard; bfloat16 compute (MixedPrecisionPolicy)
@@ -267,9 +268,16 @@ def _two_process_run(tmp_path_factory):
     return _CACHE["two"]
 
 
-def test_two_processes_equal_one(tmp_path_factory, tmp_path):
+def _one_process_run(tmp_path_factory):
+    if "one" not in _CACHE:
+        d = tmp_path_factory.mktemp("dist1")
+        _CACHE["one"] = (d, run_steps(d / "one.pt", d / "ckpt", "train"))
+    return _CACHE["one"]
+
+
+def test_two_processes_equal_one(tmp_path_factory):
     _, two = _two_process_run(tmp_path_factory)
-    one = run_steps(tmp_path / "one.pt", tmp_path / "ckpt1", "train")
+    _, one = _one_process_run(tmp_path_factory)
     assert two["world"] == 2 and one["world"] == 1
     init = tiny_models()[0].state_dict()
     for k in (0, 1):
@@ -297,6 +305,17 @@ def test_resume_two_process_checkpoint_in_one_process(tmp_path_factory, tmp_path
     assert math.isclose(resumed["loss1"], two["loss1"], rel_tol=1e-5, abs_tol=1e-6)
     _assert_grads_close(resumed["grads1"], two["grads1"], "resumed step 1 gradients")
     _assert_weights_close(resumed["weights1"], two["weights1"], "resumed step 1 weights")
+
+
+def test_resume_one_process_checkpoint_in_two_processes(tmp_path_factory, tmp_path):
+    d, one = _one_process_run(tmp_path_factory)
+    _torchrun(tmp_path, "--out", str(tmp_path / "resumed2.pt"), "--ckpt", str(d / "ckpt"), "--mode", "resume")
+    resumed = torch.load(tmp_path / "resumed2.pt", weights_only=False)
+    assert resumed["world"] == 2 and resumed["train_state"] == {"step": 1}
+    assert torch.equal(resumed["kept1"], one["kept1"])
+    assert math.isclose(resumed["loss1"], one["loss1"], rel_tol=1e-5, abs_tol=1e-6)
+    _assert_grads_close(one["grads1"], resumed["grads1"], "resumed (2 processes) step 1 gradients")
+    _assert_weights_close(one["weights1"], resumed["weights1"], "resumed (2 processes) step 1 weights")
 
 
 def test_global_select_matches_concatenation(tmp_path_factory):
