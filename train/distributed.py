@@ -502,8 +502,13 @@ class VLLMRollout:
     def __init__(self, model_path: str, *, seed: int = 0, gpu_memory_utilization: float = 0.3,
                  dtype: str = "bfloat16", max_model_len: Optional[int] = None, **engine_kwargs):
         vllm = import_vllm()
+        # In-process engine (so its model object is reachable for the weight sync) that reuses the
+        # torchrun environment instead of starting its own workers (the colocated set-up TRL uses).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs = dict(model=model_path, tensor_parallel_size=1, seed=seed, dtype=dtype,
                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False)
+        if dist.is_available() and dist.is_initialized():
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs)
@@ -520,8 +525,9 @@ class VLLMRollout:
 
     def _loader(self):
         engine = self.llm.llm_engine
-        for path in ("model_executor.driver_worker.model_runner.model",
-                     "model_executor.driver_worker.worker.model_runner.model"):
+        for path in ("model_executor.driver_worker.worker.model_runner.model",
+                     "engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model",
+                     "model_executor.driver_worker.model_runner.model"):
             obj = engine
             try:
                 for part in path.split("."):
@@ -538,15 +544,11 @@ class VLLMRollout:
                 yield name, full.detach()
 
         load = self._loader()
-        if load is not None:
-            load(weights())
-            return
-        if hasattr(self.llm, "collective_rpc"):  # vLLM V1 engine (in-process worker)
-            tensors = list(weights())
-            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(tensors))
-            return
-        raise RuntimeError("this vLLM version exposes no known way to load weights into the engine; "
-                           "use rollout engine 'hf' or pin a vLLM version with LLM.collective_rpc")
+        if load is None:
+            raise RuntimeError("cannot reach the vLLM engine's model to load weights into (this vLLM version "
+                               "keeps it elsewhere); use rollout engine 'hf' or a vLLM version whose in-process "
+                               "engine exposes llm_engine.model_executor.driver_worker.worker.model_runner.model")
+        load(weights())
 
 
 def import_vllm():
