@@ -331,7 +331,8 @@ def test_gpu_forward_real_size_matches_torch_and_bounded_memory():
     h_s, w_s, h_t, w_t = _gpu_inputs(n, d_s, d_t, v)
     y = torch.randint(0, v, (n,), device="cuda")
     kw = dict(vocab_size=v, top_k=k, temperature=1.0, sampled_ids=y)
-    triton_backend.forward_stats(h_s[:256], w_s, None, h_t[:256], w_t, None, **{**kw, "sampled_ids": y[:256]})
+    # Warm-up at the same size: autotuning (its benchmark flushes L2 with a 256 MB buffer) and compiling.
+    triton_backend.forward_stats(h_s, w_s, None, h_t, w_t, None, **kw)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -370,6 +371,7 @@ def test_gpu_backward_real_size_matches_torch_and_bounded_workspace(estimator):
                                                                                      device="cuda"),
               sampled_ids=y, sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled,
               need_bias_grad=True)
+    triton_backend.backward_kept(h_s, w_s, b_s, h_t, w_t, None, **kw)  # warm-up: autotune, compile
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
