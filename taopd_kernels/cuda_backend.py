@@ -1,0 +1,291 @@
+"""The CUDA C++ backend: fused statistics and logit-gradient kernels from csrc/ (extension ``taopd_kernels._C``).
+
+Logits path (``logits_forward_stats``, ``logits_grad_kept``): one kernel reads each student and teacher
+logit row once (bf16, fp16 or fp32; any row stride, unit column stride) and writes every statistic of
+SPEC section 2 with float32 accumulation; top-K (K <= 64) is exact with ties to the lower id. The
+gradient kernel writes d loss / d student logits for the rows given (the kept ones).
+
+Hidden-state path (``forward_stats``, ``backward_kept``): per chunk of ``chunk_rows`` rows the logits
+[R, V] are formed by one cuBLAS GEMM, then handed to the same kernels. Precision: for bf16/fp16 inputs
+the GEMM multiplies in the input dtype with float32 accumulation and a float32 result
+(``aten::mm.dtype``, torch >= 2.8); where that overload is missing it falls back to a float32 GEMM over
+tiles of W upcast ``chunk_vocab`` rows at a time (exact products, much slower). float32 inputs use a
+float32 GEMM (TF32 only if the caller enabled ``torch.backends.cuda.matmul.allow_tf32``). The
+backward's GEMMs into dh, dW, db are float32 on vocabulary tiles of W upcast to float32.
+Memory held: the [chunk_rows, V] float32 logits of both models (about 1.2 GB at 1024 x 152k).
+
+Build: ``TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation`` (or ``build_jit()`` for a JIT build).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from .stats import RowStats
+
+BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
+              "(needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST picks the GPU architectures), "
+              "or call taopd_kernels.cuda_backend.build_jit()")
+MAX_TOP_K = 64
+DEFAULT_CHUNK_ROWS = 1024
+DEFAULT_CHUNK_VOCAB = 16384  # W rows upcast at a time where a float32 GEMM is needed
+
+_ext = None
+_ext_error: Optional[str] = None
+_fakes_registered = False
+_mm_dtype_ok: Optional[bool] = None
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops for torch.compile / meta tensors (torch.library.register_fake, torch >= 2.4)."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    register = getattr(torch.library, "register_fake", None) or getattr(torch.library, "impl_abstract")
+
+    @register("taopd::teachability_stats")
+    def _stats_fake(zs, zt, vocab_size, top_k, temperature, sampled_ids=None):
+        rows = zs.shape[0]
+        f = lambda n: zs.new_empty((n,), dtype=torch.float32)  # noqa: E731
+        ids = lambda: zs.new_empty((rows, top_k), dtype=torch.long)  # noqa: E731
+        ny = rows if sampled_ids is not None else 0
+        return (f(rows), f(rows), f(rows), f(rows), f(rows), ids(), ids(), f(rows), f(rows), f(ny), f(ny))
+
+    @register("taopd::teachability_logit_grad")
+    def _grad_fake(zs, zt, vocab_size, temperature, sampled_estimator, lse_s, lse_t, kl_rev, row_coef,
+                   sampled_ids=None, sampled_weight=None):
+        return zs.new_empty(zs.shape, dtype=torch.float32)
+
+    _fakes_registered = True
+
+
+def _load():
+    """The extension module, or None (the reason in _ext_error)."""
+    global _ext, _ext_error
+    if _ext is not None:
+        return _ext
+    try:
+        _ext = importlib.import_module("taopd_kernels._C")
+    except ImportError as exc:
+        _ext_error = f"the CUDA extension taopd_kernels._C is not built ({exc})"
+        return None
+    _register_fakes()
+    return _ext
+
+
+def build_jit(verbose: bool = False, extra_cuda_cflags=None):
+    """Compile csrc/ now with torch.utils.cpp_extension.load (ninja) and register the ops; returns the module.
+
+    For development and tests when the package was installed without the extension. Respects
+    TORCH_CUDA_ARCH_LIST like the setup.py build.
+    """
+    global _ext, _ext_error
+    if _load() is not None:
+        return _ext
+    from torch.utils.cpp_extension import load
+
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    sources = [os.path.join(csrc, f) for f in ("bindings.cpp", "teachability_stats.cu", "teachability_grad.cu")]
+    missing = [s for s in sources if not os.path.exists(s)]
+    if missing:
+        raise RuntimeError(f"build_jit needs the source tree (missing {missing}); {BUILD_HINT}")
+    _ext = load(name="taopd_kernels_C_jit", sources=sources, extra_include_paths=[csrc],
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"] + list(extra_cuda_cflags or []),
+                verbose=verbose)
+    _ext_error = None
+    _register_fakes()
+    return _ext
+
+
+def is_available(device) -> tuple[bool, str]:
+    device = torch.device(device)
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"it runs on CUDA tensors only (got device {device})")
+    elif not torch.cuda.is_available():
+        problems.append(f"torch {torch.__version__} sees no CUDA device")
+    if _load() is None:
+        problems.append(f"{_ext_error}; {BUILD_HINT}")
+    return (not problems), "; ".join(problems)
+
+
+def _require(device) -> None:
+    ok, reason = is_available(device)
+    if not ok:
+        raise RuntimeError(f"the taopd CUDA kernels cannot run: {reason}")
+
+
+# ---- logits path ---------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _prepare_logits(zs: torch.Tensor, zt: Optional[torch.Tensor]):
+    """One supported dtype for both, unit stride in the last dim (the kernels read any row stride)."""
+    if zt is not None and (zs.dtype != zt.dtype or zs.dtype not in _KERNEL_DTYPES):
+        zs, zt = zs.float(), zt.float()
+    elif zs.dtype not in _KERNEL_DTYPES:
+        zs = zs.float()
+    unit = lambda z: z if (z is None or z.shape[-1] <= 1 or z.stride(-1) == 1) else z.contiguous()  # noqa: E731
+    return unit(zs), unit(zt)
+
+
+def _row_stats(out, with_sampled: bool) -> RowStats:
+    lse_s, lse_t, ent, kl_rev, kl_fwd, ids_s, ids_t, mass, dis, lp_s, lp_t = out
+    return RowStats(lse_student=lse_s, lse_teacher=lse_t, entropy_student=ent, kl_reverse=kl_rev,
+                    kl_forward=kl_fwd, topk_ids_student=ids_s, topk_ids_teacher=ids_t, teacher_mass=mass,
+                    disagreement=dis, logp_student_sampled=lp_s if with_sampled else None,
+                    logp_teacher_sampled=lp_t if with_sampled else None)
+
+
+def _stats_op(zs, zt, vocab_size, top_k, temperature, sampled_ids) -> RowStats:
+    y = None if sampled_ids is None else sampled_ids.reshape(-1).long().contiguous()
+    out = torch.ops.taopd.teachability_stats(zs, zt, int(vocab_size), int(top_k), float(temperature), y)
+    return _row_stats(out, y is not None)
+
+
+def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: float,
+                         sampled_ids: Optional[torch.Tensor] = None,
+                         chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
+    """RowStats for every row of zs [R, V_s], zt [R, V_t]; only the first ``vocab_size`` columns are used.
+
+    One kernel launch over all rows (the outputs are [R] and [R, K]; no temporaries), so ``chunk_rows``
+    and ``chunk_vocab`` are accepted for interface compatibility and ignored. ``top_k`` > 64 falls back
+    to the torch backend.
+    """
+    if top_k > MAX_TOP_K:
+        from . import torch_backend
+        return torch_backend.logits_forward_stats(zs, zt, vocab_size=vocab_size, top_k=top_k,
+                                                  temperature=temperature, sampled_ids=sampled_ids,
+                                                  chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    _require(zs.device)
+    with torch.no_grad():
+        zs, zt = _prepare_logits(zs.detach(), zt.detach())
+        return _stats_op(zs, zt, vocab_size, top_k, temperature, sampled_ids)
+
+
+def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
+                     lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+    """d loss / d student logits for the rows given, float32 [R, V_s] (zero beyond vocab_size).
+
+    ``zt`` may be None for estimator "sampled". ``chunk_rows``/``chunk_vocab`` are ignored (one launch).
+    """
+    _require(zs.device)
+    sampled = estimator == "sampled"
+    if estimator not in ("full", "sampled"):
+        raise ValueError(f"estimator must be 'full' or 'sampled', got {estimator!r}")
+    f32 = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
+    with torch.no_grad():
+        zs, zt = _prepare_logits(zs.detach(), None if (sampled or zt is None) else zt.detach())
+        return torch.ops.taopd.teachability_logit_grad(
+            zs, None if sampled else zt, int(vocab_size), float(temperature), sampled,
+            f32(lse_s), None if sampled else f32(lse_t), None if sampled else f32(kl_rev), f32(row_coef),
+            sampled_ids.reshape(-1).long().contiguous() if sampled else None,
+            f32(sampled_weight) if sampled else None)
+
+
+# ---- hidden-state path: cuBLAS logits per row chunk, then the kernels -------------------------------
+
+def _mm_f32(a: torch.Tensor, b_t: torch.Tensor) -> Optional[torch.Tensor]:
+    """a @ b_t as float32 with input-dtype tensor-core products (aten::mm.dtype), or None if unsupported."""
+    global _mm_dtype_ok
+    if _mm_dtype_ok is False or a.dtype not in (torch.bfloat16, torch.float16) or a.dtype != b_t.dtype:
+        return None
+    try:
+        out = torch.ops.aten.mm.dtype(a, b_t, torch.float32)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (AttributeError, RuntimeError, NotImplementedError):
+        _mm_dtype_ok = False
+        return None
+    _mm_dtype_ok = True
+    return out
+
+
+def _logits_f32(h, w, b, vocab_size: int, chunk_vocab: int) -> torch.Tensor:
+    """float32 logits h @ w[:V].T (+ b[:V]) for one row chunk h [R, D]."""
+    w = w[:vocab_size]
+    z = _mm_f32(h, w.t())
+    if z is None:
+        hf = h.float()
+        if w.dtype == torch.float32:
+            z = hf @ w.t()
+        else:
+            z = torch.empty((h.shape[0], vocab_size), dtype=torch.float32, device=h.device)
+            for v0 in range(0, vocab_size, chunk_vocab):
+                v1 = min(v0 + chunk_vocab, vocab_size)
+                torch.mm(hf, w[v0:v1].float().t(), out=z[:, v0:v1])
+    if b is not None:
+        z += b[:vocab_size].float()
+    return z
+
+
+def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, temperature: float,
+                  sampled_ids: Optional[torch.Tensor] = None,
+                  chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
+    """RowStats for every row of h_s [R, D_s], h_t [R, D_t]: per row chunk, GEMM logits then the stats kernel."""
+    if top_k > MAX_TOP_K:
+        from . import torch_backend
+        return torch_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, top_k=top_k,
+                                           temperature=temperature, sampled_ids=sampled_ids,
+                                           chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    _require(h_s.device)
+    from .chunked import concat_row_stats
+    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    parts = []
+    with torch.no_grad():
+        for r0 in range(0, h_s.shape[0], chunk_rows):
+            r1 = min(r0 + chunk_rows, h_s.shape[0])
+            zs = _logits_f32(h_s[r0:r1], w_s, b_s, vocab_size, chunk_vocab)
+            zt = _logits_f32(h_t[r0:r1], w_t, b_t, vocab_size, chunk_vocab)
+            y = None if sampled_ids is None else sampled_ids[r0:r1]
+            parts.append(_stats_op(zs, zt, vocab_size, top_k, temperature, y))
+            del zs, zt
+    return concat_row_stats(parts, h_s.device, top_k, sampled_ids is not None)
+
+
+def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
+                  lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                  need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
+                  chunk_vocab: Optional[int] = None):
+    """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] | None) for the kept rows given.
+
+    Per row chunk: recompute the logits (GEMM), the gradient kernel, then float32 GEMMs into dh, dW, db
+    over vocabulary tiles (rows of W beyond vocab_size get zero).
+    """
+    _require(h_s.device)
+    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    device = h_s.device
+    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=device)
+    d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=device)
+    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=device) if need_bias_grad else None
+    sampled = estimator == "sampled"
+    with torch.no_grad():
+        for r0 in range(0, h_s.shape[0], chunk_rows):
+            r1 = min(r0 + chunk_rows, h_s.shape[0])
+            sl = slice(r0, r1)
+            hs = h_s[sl]
+            zs = _logits_f32(hs, w_s, b_s, vocab_size, chunk_vocab)
+            zt = None if sampled else _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab)
+            pick = lambda x: None if x is None else x[sl]  # noqa: E731
+            g = logits_grad_kept(zs, zt, vocab_size=vocab_size, temperature=temperature, estimator=estimator,
+                                 lse_s=lse_s[sl], lse_t=pick(lse_t), kl_rev=pick(kl_rev), row_coef=row_coef[sl],
+                                 sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
+            del zs, zt
+            hs32 = hs.float()
+            for v0 in range(0, vocab_size, chunk_vocab):
+                v1 = min(v0 + chunk_vocab, vocab_size)
+                g_tile = g[:, v0:v1]
+                d_h[sl] += g_tile @ w_s[v0:v1].float()
+                d_w[v0:v1] += g_tile.t() @ hs32
+                if d_b is not None:
+                    d_b[v0:v1] += g_tile.sum(0)
+            del g
+    return d_h, d_w, d_b
