@@ -364,7 +364,10 @@ def fused_teachability_kl(
         normalizer: divide by this instead of the local kept count (global count, accumulation).
         stats: statistics already computed for these inputs (``teachability_stats``); skips the forward.
         backend: "auto" (triton on CUDA when available, else torch), "torch", "triton" or "cuda".
-        chunk_rows, chunk_vocab: tile sizes of the torch backend. check_finite: reject NaN/inf inputs.
+        chunk_rows, chunk_vocab: tile sizes. torch backend: positions and vocabulary columns per tile;
+            triton backend: chunk_vocab is the forward's vocabulary split and the backward's column
+            chunk, chunk_rows the backward's row chunk. Default: the backend's own choice.
+        check_finite: reject NaN/inf hidden states and weights (one extra read of each).
 
     Returns:
         (loss, stats): a float32 scalar with autograd to the student's hidden, weight and bias; and a
