@@ -28,35 +28,28 @@ struct Soft {
 // Q may be +inf (mass of one model where the other is -inf); keep it, never make inf * 0 = NaN.
 __device__ __forceinline__ float scale_q(float q, float sc) { return q == INFINITY ? q : q * sc; }
 
-// Move the reference point to m_new > a.m.
-__device__ __forceinline__ void soft_rescale(Soft& a, float m_new) {
-  if (a.s0 > 0.f) {  // then a.m is finite
-    const float shift = a.m - m_new;
-    const float sc = expf(shift);
-    a.s1 = sc * (a.s1 + a.s0 * shift);
-    a.s0 *= sc;
-    a.q = scale_q(a.q, sc);
-  }
-  a.m = m_new;
-}
-
-__device__ __forceinline__ Soft soft_merge(const Soft& a, const Soft& b) {
-  const float M = fmaxf(a.m, b.m);
-  Soft r{M, 0.f, 0.f, 0.f};
+// r += a, with a moved to r's reference point r.m >= a.m.
+__device__ __forceinline__ void soft_add(Soft& r, const Soft& a) {
   if (a.s0 > 0.f) {
-    const float sh = a.m - M;
+    const float sh = a.m - r.m;
     const float sc = expf(sh);
     r.s0 += sc * a.s0;
     r.s1 += sc * (a.s1 + a.s0 * sh);
     r.q += scale_q(a.q, sc);
   }
-  if (b.s0 > 0.f) {
-    const float sh = b.m - M;
-    const float sc = expf(sh);
-    r.s0 += sc * b.s0;
-    r.s1 += sc * (b.s1 + b.s0 * sh);
-    r.q += scale_q(b.q, sc);
-  }
+}
+
+// Move the reference point of a to m_new > a.m.
+__device__ __forceinline__ void soft_rescale(Soft& a, float m_new) {
+  Soft r{m_new, 0.f, 0.f, 0.f};
+  soft_add(r, a);
+  a = r;
+}
+
+__device__ __forceinline__ Soft soft_merge(const Soft& a, const Soft& b) {
+  Soft r{fmaxf(a.m, b.m), 0.f, 0.f, 0.f};
+  soft_add(r, a);
+  soft_add(r, b);
   return r;
 }
 
