@@ -103,6 +103,10 @@ def run_steps(out_path: Path, ckpt: Path, mode: str, teacher_mode: str = "shard"
         res[f"kept{k}"] = torch.cat(kept) if kept else None
         res[f"num_kept{k}"] = r.selection.num_kept
         res[f"weights{k}"] = D.full_state_dict(student)
+        if k == 1:
+            parts = _gather_objects(r.stats.to("cpu"), world)
+            res["summaries"] = {"global": D.global_summary(r.stats),
+                                "reference": _concat_summary(parts)}
 
     if mode == "train":
         step(0)
@@ -126,6 +130,17 @@ def _full_grads(D, model, rank) -> dict:
         g = p.grad.full_tensor() if D.is_sharded(model) else p.grad
         out[name] = g.detach().cpu().clone()
     return out if rank == 0 else {}
+
+
+def _concat_summary(parts) -> dict:
+    from taopd_kernels import TeachabilityStats
+
+    kw = {}
+    for f in ("entropy_student", "kl_reverse", "kl_forward", "teacher_mass", "disagreement", "valid", "kept"):
+        kw[f] = torch.cat([getattr(p, f).reshape(-1) for p in parts])
+    ref = parts[0]
+    return TeachabilityStats(lse_student=None, lse_teacher=None, topk_ids_student=ref.topk_ids_student,
+                             topk_ids_teacher=ref.topk_ids_teacher, **kw).summary()
 
 
 def _gather_objects(x, world):
@@ -185,6 +200,12 @@ def extra_checks(D, ctx, student, teacher) -> dict:
     p_ids, p_attn = generation_prompts(rank)
     gen = D.hf_generate(gen_model, p_ids, p_attn, max_new_tokens=2 + 3 * rank, do_sample=False, pad_token_id=0)
     out["generated"] = _gather_objects(gen.cpu(), world)
+    # all_ranks_done: only rank 1 still has a running sequence.
+    out["all_done_mixed"] = D.all_ranks_done(torch.tensor([True, rank == 0]))
+    out["all_done_both"] = D.all_ranks_done(torch.tensor([True, True]))
+    # global_summary of the last step's statistics; HF export of the sharded (tied) student.
+    out["weights_at_export"] = D.full_state_dict(student)
+    D.export_hf(student, Path(os.environ["TAOPD_TEST_EXPORT"]))
     # A sharded teacher hands out what a replica would.
     _, replica = tiny_models()
     D.prepare_teacher(replica, "replicate")
@@ -220,7 +241,7 @@ def extra_checks(D, ctx, student, teacher) -> dict:
 
 def _torchrun(tmp_path: Path, *args: str, nproc: int = 2) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TAOPD_TEST_EXPORT=str(tmp_path / "hf"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -330,6 +351,21 @@ def test_global_select_matches_concatenation(tmp_path_factory):
         for ids_kind in SELECT_SPLITS:
             assert torch.equal(two[f"select/{ids_kind}/{strategy}"], ref), (ids_kind, strategy)
             assert two[f"select_count/{ids_kind}/{strategy}"] == int(ref.sum())
+
+
+def test_helpers_under_two_processes(tmp_path_factory):
+    from transformers import Qwen3ForCausalLM
+
+    d, two = _two_process_run(tmp_path_factory)
+    assert two["all_done_mixed"] is False and two["all_done_both"] is True
+    exported = Qwen3ForCausalLM.from_pretrained(str(d / "hf")).state_dict()
+    for k, v in two["weights_at_export"].items():
+        assert torch.equal(exported[k], v), k
+    # global_summary == the single-process summary of the same (concatenated) statistics
+    summaries = two["summaries"]
+    assert summaries["global"]["num_kept"] == two["num_kept1"]
+    for key, ref in summaries["reference"].items():
+        assert math.isclose(summaries["global"][key], ref, rel_tol=1e-9, abs_tol=1e-12), key
 
 
 def test_sharded_teacher_full_weight_and_bf16(tmp_path_factory):

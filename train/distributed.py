@@ -267,7 +267,8 @@ def call_with_full_head(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 
 
 @torch.no_grad()
-def teacher_forward(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+def teacher_forward(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    **model_kwargs):
     """(hidden [B, T, D_t], full lm_head weight, bias): detached; a sharded teacher's weight is copied
     out of the forward (FSDP frees the all-gathered storage afterwards), so one full teacher lm_head
     per rank lives until the loss head has run."""
@@ -278,7 +279,7 @@ def teacher_forward(teacher: torch.nn.Module, input_ids: torch.Tensor, attention
             (lambda t: None if t is None else t.detach())
         return h.detach(), keep(w), keep(b)
 
-    return call_with_full_head(teacher, input_ids, attention_mask, grab)
+    return call_with_full_head(teacher, input_ids, attention_mask, grab, **model_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,6 +463,44 @@ def opd_loss(student: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     return OPDResult(loss=loss, global_loss=all_reduce_sum(loss, group), stats=stats, selection=sel)
 
 
+def all_ranks_done(done: torch.Tensor, group=None) -> bool:
+    """For generation loops on a sharded model: stop only when every sequence of every rank is done
+    (every forward is collective, so a rank that stops early would leave the others waiting)."""
+    flag = (~done.bool()).any().to(torch.int32).reshape(1)
+    if _world(group)[1] > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return not bool(flag.item())
+
+
+_SUMMARY_FIELDS = ("entropy_student", "kl_reverse", "kl_forward", "teacher_mass", "disagreement")
+
+
+def global_summary(stats, group=None) -> dict:
+    """``TeachabilityStats.summary()`` over the positions of all ranks (sums and counts all-reduced).
+
+    ``stats.kept`` should be the global selection's local mask. Same keys as ``summary()``."""
+    groups = {"all": stats.valid.bool()}
+    if stats.kept is not None:
+        groups["kept"] = stats.kept.bool()
+    values = []
+    for name in _SUMMARY_FIELDS:
+        v = getattr(stats, name).double()
+        for mask in groups.values():
+            values += [v[mask].sum(), mask.sum().double()]
+    values += [groups["all"].sum().double(), groups["kept"].sum().double() if "kept" in groups else
+               torch.zeros((), dtype=torch.float64, device=stats.valid.device)]
+    tot = all_reduce_sum(torch.stack(values), group).tolist()
+    out = {"num_valid": int(tot[-2]), "num_kept": int(tot[-1])}
+    out["kept_fraction"] = out["num_kept"] / max(out["num_valid"], 1)
+    i = 0
+    for name in _SUMMARY_FIELDS:
+        for g in groups:
+            s_, n_ = tot[i], tot[i + 1]
+            out[f"{name}/{g}"] = s_ / n_ if n_ else float("nan")
+            i += 2
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Prompts and rollouts
 
@@ -627,6 +666,20 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     return json.loads(meta.read_text()) if meta.exists() else {}
 
 
+def is_dcp_checkpoint(path) -> bool:
+    """A directory written by ``save_checkpoint`` (DCP keeps its global layout in ``.metadata``)."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def export_hf(model: torch.nn.Module, path) -> None:
+    """Write a transformers checkpoint (config + weights) of a possibly sharded model from rank 0;
+    collective when sharded (the full weights are gathered to rank 0's CPU)."""
+    sd = full_state_dict(model)
+    if _world()[0] == 0:
+        model.save_pretrained(str(path), state_dict=sd)
+    barrier()
+
+
 def full_state_dict(model: torch.nn.Module) -> dict:
     """Full (unsharded) CPU state dict on rank 0 (an empty dict elsewhere); collective when sharded."""
     StateDictOptions, get_msd, _, _, _ = _state_dict_api()
@@ -643,5 +696,6 @@ __all__ = [
     "GlobalSelection", "global_select", "default_sequence_ids",
     "OPDResult", "opd_loss", "response_positions",
     "shard_range", "shard_prompts", "hf_generate", "VLLMRollout", "make_rollout_engine", "import_vllm",
-    "save_checkpoint", "load_checkpoint", "full_state_dict",
+    "save_checkpoint", "load_checkpoint", "full_state_dict", "is_dcp_checkpoint", "export_hf",
+    "all_ranks_done", "global_summary",
 ]
