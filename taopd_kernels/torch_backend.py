@@ -1,5 +1,9 @@
 """The PyTorch backend: ``chunked`` for the hidden-state path, and the same streaming code on slices of
-logits the caller already holds. Runs everywhere; the default on the CPU and the GPU fallback."""
+logits the caller already holds. Runs everywhere; the default on the CPU and the GPU fallback.
+
+On a CUDA device with the extension built (and K <= 64), the per-chunk statistics come from the CUDA
+statistics kernel instead (``cuda_backend``: a cuBLAS GEMM per row chunk, then one read of the logits);
+backward stays the chunked PyTorch code."""
 
 from __future__ import annotations
 
@@ -19,8 +23,24 @@ from .chunked import (
 )
 from .stats import RowStats
 
-forward_stats = chunked_forward_stats
 backward_kept = chunked_backward_kept
+
+
+def _cuda_kernels(device, top_k: int):
+    """The CUDA backend module when its statistics kernel can serve this call, else None."""
+    if torch.device(device).type != "cuda":
+        return None
+    from . import cuda_backend
+
+    ok, _ = cuda_backend.is_available(device)
+    return cuda_backend if ok and top_k <= cuda_backend.MAX_TOP_K else None
+
+
+def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, **kwargs) -> RowStats:
+    kernels = _cuda_kernels(h_s.device, kwargs["top_k"])
+    if kernels is not None:
+        return kernels.forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, **kwargs)
+    return chunked_forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, **kwargs)
 
 
 def is_available(device: torch.device):
@@ -30,6 +50,10 @@ def is_available(device: torch.device):
 def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: float,
                          sampled_ids: Optional[torch.Tensor] = None,
                          chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
+    kernels = _cuda_kernels(zs.device, top_k)
+    if kernels is not None:
+        return kernels.logits_forward_stats(zs, zt, vocab_size=vocab_size, top_k=top_k, temperature=temperature,
+                                            sampled_ids=sampled_ids, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
     chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
     parts = []
