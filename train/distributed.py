@@ -282,6 +282,29 @@ def teacher_forward(teacher: torch.nn.Module, input_ids: torch.Tensor, attention
     return call_with_full_head(teacher, input_ids, attention_mask, grab, **model_kwargs)
 
 
+@torch.no_grad()
+def head_stats(student: torch.nn.Module, input_ids, attention_mask, teacher_hidden, teacher_weight,
+               teacher_bias=None, *, position_ids=None, **stats_kwargs):
+    """``teachability_stats`` of the student's positions 0..T-2 (position t predicts token t+1) against
+    the teacher's ``teacher_hidden`` [B, T-1, D_t], with the student's full lm_head weight."""
+    def fn(h, w, b):
+        return teachability_stats(h[:, :-1], w, teacher_hidden, teacher_weight, student_bias=b,
+                                  teacher_bias=teacher_bias, **stats_kwargs)
+
+    return call_with_full_head(student, input_ids, attention_mask, fn, position_ids=position_ids)
+
+
+def head_loss(student: torch.nn.Module, input_ids, attention_mask, teacher_hidden, teacher_weight,
+              teacher_bias=None, *, position_ids=None, **loss_kwargs):
+    """``fused_teachability_kl`` of positions 0..T-2 with the student's full lm_head weight, inside its
+    (FSDP) forward; returns (loss, stats). Pass the global ``keep_mask`` and ``normalizer``."""
+    def fn(h, w, b):
+        return fused_teachability_kl(h[:, :-1], w, teacher_hidden, teacher_weight, student_bias=b,
+                                     teacher_bias=teacher_bias, **loss_kwargs)
+
+    return call_with_full_head(student, input_ids, attention_mask, fn, position_ids=position_ids)
+
+
 # --------------------------------------------------------------------------------------------------
 # Global selection
 
@@ -692,7 +715,7 @@ def full_state_dict(model: torch.nn.Module) -> dict:
 __all__ = [
     "DistContext", "init_distributed", "destroy_distributed", "launched_by_torchrun", "barrier", "all_reduce_sum",
     "shard_model", "sum_gradients", "prepare_teacher", "is_sharded", "decoder_layers",
-    "attach_head", "call_with_full_head", "teacher_forward", "check_full_weight",
+    "attach_head", "call_with_full_head", "teacher_forward", "check_full_weight", "head_stats", "head_loss",
     "GlobalSelection", "global_select", "default_sequence_ids",
     "OPDResult", "opd_loss", "response_positions",
     "shard_range", "shard_prompts", "hf_generate", "VLLMRollout", "make_rollout_engine", "import_vllm",
