@@ -1,0 +1,227 @@
+"""Tests of the OPD driver (train/run.py): config, one step's gradients, resume, and the default run's gain.
+
+Everything runs on CPU with tiny Qwen3-architecture models that keep the full 151,936-row vocabulary.
+"""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train import run  # noqa: E402
+from train.config import ConfigError, load_config  # noqa: E402
+from train.models import QWEN3_VOCAB, load_model  # noqa: E402
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_defaults_overrides_and_bundled_config():
+    cfg = load_config(None, ["loss.strategy=entropy", "optim.betas=[0.9,0.95]", "teacher.tiny.hidden_size=96",
+                             "loss.vocab_size=null", "eval.every=5"])
+    assert cfg.loss.strategy == "entropy" and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.teacher.tiny.hidden_size == 96 and cfg.teacher.tiny.num_layers == 3  # teacher keeps its defaults
+    assert cfg.loss.vocab_size is None and cfg.eval.every == 5
+    q = load_config("qwen3")  # bundled name
+    assert q.student.path == "Qwen/Qwen3-1.7B" and q.teacher.path == "Qwen/Qwen3-4B"
+    assert q.loss.keep_ratio == 0.10 and q.loss.top_k == 16 and q.optim.lr == 1e-6
+    assert q.optim.betas == (0.9, 0.98) and q.optim.weight_decay == 0.1 and q.student.dtype == "bfloat16"
+    assert load_config(str(ROOT / "train" / "configs" / "qwen3.yaml")) == q  # path
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.bogus=1", "loss.bogus"),
+    ("bogus=1", "bogus"),
+    ("student.tiny.width=3", "student.tiny.width"),
+    ("loss.keep_ratio=1.5", "loss.keep_ratio"),
+    ("loss.strategy=greedy", "loss.strategy"),
+    ("loss.estimator=exact", "loss.estimator"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("rollout.batch_size=0", "rollout.batch_size"),
+    ("student.dtype=int8", "student.dtype"),
+    ("eval.at_start=maybe", "eval.at_start"),
+    ("seed=1.5", "seed"),
+])
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_main_reports_config_errors(capsys):
+    assert run.main(["loss.nope=3"]) == 2
+    assert "loss.nope" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="bundled"):
+        load_config("no-such-config")
+
+
+def test_missing_model_fails_at_once_with_a_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    cfg = load_config("qwen3")
+    with pytest.raises(FileNotFoundError) as err:
+        load_model(cfg.student, "student", torch.device("cpu"))
+    msg = str(err.value)
+    assert "Qwen/Qwen3-1.7B" in msg and "student.path=" in msg
+
+
+def test_bundled_architectures_build_with_random_weights():
+    cfg = load_config("qwen3", ["student.random_init=true", "teacher.random_init=true"])
+    with torch.device("meta"):
+        s = load_model(cfg.student, "student", torch.device("meta"))
+        t = load_model(cfg.teacher, "teacher", torch.device("meta"))
+    n_s = sum(p.numel() for p in s.parameters())
+    n_t = sum(p.numel() for p in t.parameters())
+    assert 1.6e9 < n_s < 1.8e9 and 3.9e9 < n_t < 4.1e9  # Qwen3-1.7B / Qwen3-4B (tied embeddings)
+    assert s.get_output_embeddings().weight.shape == (QWEN3_VOCAB, 2048)
+    assert s.get_output_embeddings().weight is s.get_input_embeddings().weight
+
+
+# ------------------------------------------------------------------ tiny random models (full vocabulary)
+
+
+def _tiny_config_files(tmp_path):
+    from train.config import TinyArch
+    from train.models import tiny_qwen3_config
+
+    paths = {}
+    for role, arch in (("student", TinyArch(32, 1, 2, 1, 64)), ("teacher", TinyArch(48, 1, 2, 1, 96))):
+        d = tmp_path / f"{role}_arch"
+        tiny_qwen3_config(arch).save_pretrained(d)
+        paths[role] = str(d / "config.json")
+    return paths
+
+
+def _tiny_cfg(tmp_path, *extra):
+    files = _tiny_config_files(tmp_path)
+    return load_config(None, [
+        "student.random_init=true", f"student.config_file={files['student']}",
+        "teacher.random_init=true", f"teacher.config_file={files['teacher']}",
+        "rollout.batch_size=6", "rollout.micro_batch_size=6", "rollout.max_new_tokens=4",
+        "loss.keep_ratio=0.2", "data.eval_size=8", "eval.batch_size=8", "eval.max_new_tokens=4",
+        f"logging.out_dir={tmp_path / 'out'}", "logging.tensorboard=false", "logging.progress_bar=false",
+        "logging.plot=false", "threads=2", *extra])
+
+
+def _reference_loss(cfg, models, mbs, masks, normalizer):
+    """SPEC section 4 from full float64 logits, summed over the kept rows only."""
+    total = 0.0
+    w_s = run.lm_head_weight(models.student)
+    w_t = run.lm_head_weight(models.teacher)
+    tau = cfg.loss.temperature
+    for mb, keep in zip(mbs, masks):
+        h_s = run.final_hidden(models.student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+        with torch.no_grad():
+            h_t = run.final_hidden(models.teacher, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+        rows_s, rows_t = h_s[keep].double(), h_t[keep].double()
+        lp_s = torch.log_softmax(rows_s @ w_s.double().T / tau, -1)
+        lp_t = torch.log_softmax(rows_t @ w_t.double().T / tau, -1)
+        kl = (lp_s.exp() * (lp_s - lp_t)).sum(-1)
+        total = total + kl.sum() / normalizer
+    return total
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("micro", [6, 4])
+def test_one_step_gradients_flow_only_through_kept_positions(tmp_path, micro):
+    cfg = _tiny_cfg(tmp_path, f"rollout.micro_batch_size={micro}")
+    torch.manual_seed(0)
+    models = run.build_models(cfg, torch.device("cpu"))
+    examples = run.sample_prompts(cfg, models.task, step=0)
+    ro = run.rollout(cfg, models, examples, step=0)
+    assert ro.response_mask.sum() > 0
+    mbs = run.micro_batches(cfg, ro)
+    stats, h_t = run.score(cfg, models, mbs)
+    masks, normalizer, allstats = run.select(cfg, stats, mbs, step=0)
+    n_valid = int(sum(int(mb.valid.sum()) for mb in mbs))
+    assert 0 < normalizer < n_valid  # a real selection: some valid positions are not kept
+    assert allstats.num_kept == normalizer
+    for mb, keep in zip(mbs, masks):
+        assert not (keep & ~mb.valid).any()  # only response positions are ever kept
+    loss = sum(run.loss_backward(cfg, models, mb, t, st, k, normalizer) for mb, t, st, k in zip(mbs, h_t, stats, masks))
+    got = _grads(models.student)
+    assert not any(p.grad is not None for p in models.teacher.parameters())
+    models.student.zero_grad(set_to_none=True)
+    ref = _reference_loss(cfg, models, mbs, masks, normalizer)
+    ref.backward()
+    want = _grads(models.student)
+    assert math.isclose(loss, float(ref.detach()), rel_tol=1e-4, abs_tol=1e-6)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name].to(got[name].dtype), rtol=2e-3, atol=1e-6, msg=name)
+    # the optimizer step changes the student
+    before = {n: p.detach().clone() for n, p in models.student.named_parameters()}
+    models.student.zero_grad(set_to_none=True)
+    for mb, t, st, k in zip(mbs, h_t, stats, masks):
+        run.loss_backward(cfg, models, mb, t, st, k, normalizer)
+    opt, sched = run.build_optimizer(cfg, models.student)
+    run.optimizer_step(cfg, models.student, opt, sched)
+    changed = [n for n, p in models.student.named_parameters() if not torch.equal(p, before[n])]
+    assert changed
+
+
+def test_train_step_metrics(tmp_path):
+    cfg = _tiny_cfg(tmp_path, "loss.estimator=sampled", "loss.strategy=tip")
+    models = run.build_models(cfg, torch.device("cpu"))
+    opt, sched = run.build_optimizer(cfg, models.student)
+    m = run.train_step(cfg, models, opt, sched, step=0)
+    for key in ("loss", "kept_fraction", "kl/all", "kl/kept", "C/all", "C/kept", "D/all", "D/kept",
+                "response_length", "tokens_per_s", "peak_mem_mb"):
+        assert key in m and math.isfinite(m[key]), key
+    assert 0 < m["kept_fraction"] < 1
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["optim.steps=3", "eval.at_start=false", "eval.every=0", "checkpoint.keep_last=0",
+              "optim.warmup_steps=1", "optim.schedule=cosine"]
+    run.train(_tiny_cfg(tmp_path / "a", *common), log=lambda m: None)  # uninterrupted: 3 steps
+    # interrupted: stop after step 1 (checkpoint at the end), then resume from the latest checkpoint
+    run.train(_tiny_cfg(tmp_path / "b", *common, "optim.steps=1"), log=lambda m: None)
+    run.train(_tiny_cfg(tmp_path / "b", *common, "checkpoint.resume=latest"), log=lambda m: None)
+
+    def losses(d):
+        rows = [json.loads(x) for x in (d / "out" / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(lb) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert math.isclose(la[s], lb[s], rel_tol=1e-6, abs_tol=1e-9), (s, la[s], lb[s])
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "out" / "checkpoints" / "step_000003" / "student" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "out" / "checkpoints" / "step_000003" / "student" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
+    ckpt = tmp_path / "b" / "out" / "checkpoints" / "step_000001"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1 and "optimizer" in state and "scheduler" in state and "rng" in state
+    assert (ckpt / "student" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ the built-in default run
+
+
+def test_default_run_raises_student_accuracy(tmp_path):
+    """The README's main job, with the built-in models (SFT-prepared, cached) and TA-OPD at keep_ratio 0.05."""
+    cfg = load_config(None, [f"logging.out_dir={tmp_path / 'default'}", "logging.progress_bar=false",
+                             "checkpoint.every=0"])
+    assert cfg.loss.keep_ratio == 0.05 and cfg.loss.strategy == "teachability"
+    summary = run.train(cfg)
+    t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
+    assert t > b + 0.2  # a strong teacher, a weaker student
+    assert a >= b + 0.5 * (t - b), summary  # the student closes at least half of its gap to the teacher
+    out = tmp_path / "default"
+    assert (out / "curves.png").is_file() and (out / "metrics.jsonl").is_file()
+    assert any((out / "tensorboard").iterdir())

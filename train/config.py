@@ -1,0 +1,378 @@
+"""Typed configuration: dataclasses, YAML files, dotted ``key=value`` overrides, validation.
+
+The dataclass defaults ARE the built-in default run (tiny Qwen3-architecture models on a synthetic
+arithmetic task, CPU-friendly); ``configs/*.yaml`` override them. Unknown keys and bad values raise
+``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+STRATEGIES = ("teachability", "incompatible", "divergence", "entropy", "tip", "compat",
+              "teachability_entropy", "random", "all")  # SPEC section 3 (mirrors taopd_kernels.STRATEGIES)
+ESTIMATORS = ("full", "sampled")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the dotted key."""
+
+
+@dataclass
+class TinyArch:
+    """Architecture of a built-in model (``path: builtin``): Qwen3 with the full Qwen3 vocabulary."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    """``path``: a local HF directory, a hub id, or ``builtin`` (a tiny model prepared by SFT, cached)."""
+
+    path: str = "builtin"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    random_init: bool = False  # build the architecture from ``config_file`` (or path/config.json), random weights
+    config_file: Optional[str] = None  # e.g. configs/qwen3-1.7b.json; relative paths: to train/configs/
+    tiny: TinyArch = field(default_factory=TinyArch)
+
+
+def _default_teacher() -> ModelConfig:
+    return ModelConfig(tiny=TinyArch(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=512))
+
+
+@dataclass
+class DataConfig:
+    source: str = "arithmetic"  # "arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
+    max_operand: int = 99  # arithmetic: operands in [0, max_operand]
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    split: str = "train"
+    eval_source: Optional[str] = None  # default: held-out rows of ``source``
+    eval_split: Optional[str] = None
+    eval_size: int = 256
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (HF tokenizers)
+    system_prompt: Optional[str] = None
+    enable_thinking: bool = False  # Qwen3 chat template switch
+    max_prompt_tokens: int = 512  # longer prompts are cut from the left
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64  # prompts per optimizer step (one selection over all of them)
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation over the rest)
+    max_new_tokens: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    strategy: str = "teachability"
+    keep_ratio: float = 0.05
+    top_k: int = 16
+    estimator: str = "full"
+    temperature: float = 1.0
+    vocab_size: Optional[int] = None  # default: min of the two lm_head sizes
+    min_per_sequence: int = 1
+    backend: str = "auto"
+    chunk_rows: Optional[int] = None
+    chunk_vocab: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 60
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 5
+    schedule: str = "constant"  # constant | cosine | linear (after warmup)
+    min_lr_ratio: float = 0.0  # cosine / linear floor, as a fraction of lr
+    max_grad_norm: Optional[float] = 1.0  # null: no clipping
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20  # steps; 0: only before and after training
+    batch_size: int = 256
+    max_new_tokens: int = 6
+    at_start: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    out_dir: str = "runs/default"
+    every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0: only at the end
+    dir: Optional[str] = None  # default: <logging.out_dir>/checkpoints
+    resume: Optional[str] = None  # a checkpoint directory, or "latest" (newest under ``dir``)
+    save_optimizer: bool = True
+    keep_last: int = 2  # 0: keep all
+
+
+@dataclass
+class SFTConfig:
+    """Preparation of built-in models: SFT of teacher and student on the task, cached on disk."""
+
+    cache_dir: str = "~/.cache/taopd"
+    batch_size: int = 64
+    lr: float = 3e-3
+    teacher_steps: int = 1500
+    student_steps: int = 400
+    calib_steps: int = 30  # full-vocabulary CE steps (unused tokens' rows only) after the compact SFT
+    calib_lr: float = 1e-2
+    calib_batch_size: int = 32
+
+
+@dataclass
+class Config:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=_default_teacher)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch.set_num_threads on CPU
+
+
+# ------------------------------------------------------------------ building from dicts
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
+    base = cls()
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+            # merge onto the default sub-config (so teacher keeps its own defaults)
+            merged = dataclasses.asdict(getattr(base, f.name))
+            _deep_update(merged, value)
+            value = merged
+        kwargs[f.name] = _coerce(value, hints[f.name], key)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """``["loss.strategy=entropy", "optim.betas=[0.9,0.95]"]`` -> nested dict (values parsed as YAML)."""
+    out: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r}: bad key {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a bundled config (``qwen3`` or ``qwen3.yaml`` in train/configs/)."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"{name}.yml"):
+        if cand.is_file():
+            return cand
+    bundled = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name!r} is neither a file nor a bundled config (bundled: {', '.join(bundled)})")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    data: Dict[str, Any] = {}
+    if path:
+        p = resolve_config_path(path)
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        _deep_update(data, parse_overrides(overrides))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    return d
+
+
+# ------------------------------------------------------------------ value checks
+
+
+def _check(cond: bool, key: str, msg: str, value: Any):
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    for role in ("student", "teacher"):
+        m: ModelConfig = getattr(cfg, role)
+        _check(m.dtype in DTYPES, f"{role}.dtype", f"must be one of {DTYPES}", m.dtype)
+        _check(bool(m.path), f"{role}.path", "must name a model directory, a hub id or 'builtin'", m.path)
+        _check(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+               f"{role}.attn_implementation", "must be sdpa, eager, flash_attention_2/3 or flex_attention",
+               m.attn_implementation)
+        t = m.tiny
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            _check(getattr(t, name) > 0, f"{role}.tiny.{name}", "must be > 0", getattr(t, name))
+        _check(t.hidden_size % t.num_heads == 0, f"{role}.tiny.hidden_size", "must be divisible by num_heads",
+               t.hidden_size)
+        _check(t.num_heads % t.num_kv_heads == 0, f"{role}.tiny.num_kv_heads", "must divide num_heads",
+               t.num_kv_heads)
+        _check(not (m.random_init and m.path == "builtin" and not m.config_file), f"{role}.random_init",
+               "needs a config_file (or a path holding config.json)", m.random_init)
+    d = cfg.data
+    _check(d.max_operand >= 1, "data.max_operand", "must be >= 1", d.max_operand)
+    _check(d.eval_size >= 1, "data.eval_size", "must be >= 1", d.eval_size)
+    _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", d.max_prompt_tokens)
+    r = cfg.rollout
+    _check(r.batch_size >= 1, "rollout.batch_size", "must be >= 1", r.batch_size)
+    _check(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
+    _check(r.temperature > 0 and math.isfinite(r.temperature), "rollout.temperature", "must be > 0", r.temperature)
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    lo = cfg.loss
+    _check(lo.strategy in STRATEGIES, "loss.strategy", f"must be one of {', '.join(STRATEGIES)}", lo.strategy)
+    _check(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}", lo.estimator)
+    _check(0 < lo.keep_ratio <= 1, "loss.keep_ratio", "must be in (0, 1]", lo.keep_ratio)
+    _check(lo.top_k >= 1, "loss.top_k", "must be >= 1", lo.top_k)
+    _check(lo.temperature > 0 and math.isfinite(lo.temperature), "loss.temperature", "must be > 0", lo.temperature)
+    _check(lo.vocab_size is None or lo.vocab_size >= lo.top_k, "loss.vocab_size", "must be >= loss.top_k",
+           lo.vocab_size)
+    _check(lo.min_per_sequence >= 0, "loss.min_per_sequence", "must be >= 0", lo.min_per_sequence)
+    _check(lo.backend in ("auto", "torch", "triton", "cuda"), "loss.backend", "must be auto, torch, triton or cuda",
+           lo.backend)
+    for name in ("chunk_rows", "chunk_vocab"):
+        v = getattr(lo, name)
+        _check(v is None or v >= 1, f"loss.{name}", "must be >= 1 or null", v)
+    o = cfg.optim
+    _check(o.steps >= 0, "optim.steps", "must be >= 0", o.steps)
+    _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "both must be in [0, 1)", list(o.betas))
+    _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
+    _check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", "must be constant, cosine or linear",
+           o.schedule)
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null",
+           o.max_grad_norm)
+    e = cfg.eval
+    _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
+    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", e.max_new_tokens)
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1", cfg.logging.every)
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", "must be >= 0", c.every)
+    _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0", c.keep_last)
+    s = cfg.sft
+    for name in ("batch_size", "calib_batch_size"):
+        _check(getattr(s, name) >= 1, f"sft.{name}", "must be >= 1", getattr(s, name))
+    for name in ("teacher_steps", "student_steps", "calib_steps"):
+        _check(getattr(s, name) >= 0, f"sft.{name}", "must be >= 0", getattr(s, name))
+    _check(s.lr > 0, "sft.lr", "must be > 0", s.lr)
+    _check(s.calib_lr > 0, "sft.calib_lr", "must be > 0", s.calib_lr)
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+           "must be auto, cpu, cuda or cuda:N", cfg.device)
+    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)

@@ -1,0 +1,220 @@
+"""Preparation of the built-in teacher and student: SFT on the built-in task, cached on disk.
+
+On a 2-core CPU a full-vocabulary (151,936-way) softmax dominates every SFT step, so preparation runs
+in two phases (the models that come out are ordinary full-vocabulary Qwen3 models):
+1. compact SFT: the same architecture with an embedding over only the task's tokens (digits, '+',
+   '=', EOS: their real Qwen ids mapped to 0..k-1), cross-entropy on the answer tokens only;
+2. expansion + calibration: the trained rows are copied to their Qwen ids in a 151,936-row embedding
+   (other rows keep the usual random init), then ``calib_steps`` steps of full-vocabulary
+   cross-entropy push the probability mass off the ~151.9k tokens the task never uses.
+The teacher gets many compact steps (high accuracy), the student (smaller) few: a weaker start for OPD.
+Results are cached under ``sft.cache_dir`` keyed by everything that affects them; later runs load them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .generation import generate
+from .models import QWEN3_VOCAB, lm_head_weight, tiny_qwen3_config
+
+PREP_VERSION = 1
+
+
+def task_token_ids(task, tokenizer) -> List[int]:
+    ids = {tokenizer.eos_id}
+    for ex in task.eval_examples():
+        ids.update(tokenizer.prompt_ids(ex.prompt))
+        ids.update(tokenizer.encode(ex.answer))
+    for a in range(task.max_operand + 1):  # covers every train pair's tokens (digits and operators)
+        ex = task.format(a, a)
+        ids.update(tokenizer.prompt_ids(ex.prompt))
+        ids.update(tokenizer.encode(ex.answer))
+    return sorted(ids)
+
+
+def sft_batch(examples, tokenizer, device, id_map: Dict[int, int] = None):
+    """Right-padded prompt+answer+EOS; ``targets``: positions t whose hidden state predicts an answer token."""
+    seqs, starts = [], []
+    for ex in examples:
+        p = tokenizer.prompt_ids(ex.prompt)
+        r = tokenizer.encode(ex.answer) + [tokenizer.eos_id]
+        seqs.append(p + r)
+        starts.append(len(p))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, labels = [], [], []
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        for t in range(st, len(s)):
+            rows.append(i)
+            cols.append(t - 1)
+            labels.append(s[t])
+    if id_map is not None:
+        ids = ids.apply_(lambda x: id_map.get(x, 0))
+        labels = [id_map[x] for x in labels]
+    return (ids.to(device), mask.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device),
+            torch.tensor(labels, device=device))
+
+
+def _lr_lambda(steps: int, warmup: int = 20, floor: float = 0.1) -> Callable[[int], float]:
+    def f(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        prog = (i - warmup) / max(1, steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
+    return f
+
+
+def _ce_step(model, opt, sched, batch, clip=1.0):
+    ids, mask, rows, cols, labels = batch
+    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = h[rows, cols] @ lm_head_weight(model).T  # answer positions only
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def _adamw(params, lr, device):
+    fused = device.type in ("cpu", "cuda")
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0, fused=fused)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
+@torch.no_grad()
+def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float:
+    inv = {v: k for k, v in id_map.items()}
+    examples = task.eval_examples()[:limit]
+    prompts = [[id_map[t] for t in tokenizer.prompt_ids(ex.prompt)] for ex in examples]
+    ro = generate(model, prompts, max_new_tokens=6, eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
+                  greedy=True)
+    correct = 0
+    for ex, resp in zip(examples, ro.response_ids):
+        text = tokenizer.decode([inv[t] for t in resp if inv[t] != tokenizer.eos_id])
+        correct += task.check(text, ex.answer)
+    return correct / len(examples)
+
+
+def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model"):
+    """Compact SFT, expansion to the Qwen3 vocabulary, full-vocabulary calibration. Returns (model, info)."""
+    vocab = task_token_ids(task, tokenizer)
+    id_map = {t: i for i, t in enumerate(vocab)}
+    torch.manual_seed(seed)
+    compact_cfg = tiny_qwen3_config(arch, vocab_size=len(vocab), special_id=id_map[tokenizer.eos_id])
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(compact_cfg).to(device)
+    opt = _adamw(model.parameters(), sft.lr, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
+    rng = random.Random(seed)
+    t0 = time.time()
+    loss = float("nan")
+    for i in range(steps):
+        batch = sft_batch([task.train_example(rng) for _ in range(sft.batch_size)], tokenizer, device, id_map)
+        loss = _ce_step(model, opt, sched, batch)
+        if (i + 1) % 250 == 0 or i + 1 == steps:
+            log(f"[prepare] {tag}: compact SFT step {i + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
+    acc_compact = compact_accuracy(model, task, tokenizer, id_map, device)
+    log(f"[prepare] {tag}: compact-vocabulary accuracy {acc_compact:.3f}")
+
+    # expansion to the full Qwen3 vocabulary
+    torch.manual_seed(seed + 1)
+    full = Qwen3ForCausalLM(tiny_qwen3_config(arch, vocab_size=QWEN3_VOCAB)).to(device)
+    state = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    missing, unexpected = full.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    with torch.no_grad():
+        emb = full.get_input_embeddings().weight
+        emb[torch.tensor(vocab, device=device)] = model.get_input_embeddings().weight
+    del model, opt
+
+    # calibration: full-vocabulary cross-entropy on answer positions, training only the embedding rows of
+    # the tokens the task never uses (the backbone and the task's rows stay as SFT left them)
+    calib_loss = calibrate(full, vocab, task, tokenizer, sft, rng, device)
+    log(f"[prepare] {tag}: {sft.calib_steps} full-vocabulary calibration steps, CE {calib_loss:.4f} "
+        f"({time.time() - t0:.0f}s)")
+    full.generation_config.eos_token_id = tokenizer.eos_id
+    full.generation_config.pad_token_id = tokenizer.pad_id
+    return full, {"compact_accuracy": acc_compact, "compact_loss": loss, "calib_loss": calib_loss,
+                  "steps": steps, "seconds": time.time() - t0}
+
+
+def calibrate(full, vocab, task, tokenizer, sft, rng, device) -> float:
+    emb = full.get_input_embeddings().weight  # tied: also the lm_head weight
+    frozen = torch.tensor(vocab, device=device)
+    params = list(full.parameters())
+    for p in params:
+        p.requires_grad_(False)
+    emb.requires_grad_(True)
+    opt = torch.optim.Adam([emb], lr=sft.calib_lr, betas=(0.9, 0.98))
+    loss = torch.tensor(float("nan"))
+    for _ in range(sft.calib_steps):
+        ids, mask, rows, cols, labels = sft_batch([task.train_example(rng) for _ in range(sft.calib_batch_size)],
+                                                  tokenizer, device)
+        with torch.no_grad():
+            h = full.model(input_ids=ids, attention_mask=mask).last_hidden_state[rows, cols]
+        loss = F.cross_entropy(h @ emb.T, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        emb.grad[frozen] = 0.0
+        opt.step()
+    for p in params:
+        p.requires_grad_(True)
+    return float(loss.detach())
+
+
+def cache_key(cfg) -> str:
+    blob = json.dumps({
+        "v": PREP_VERSION, "student": dataclasses.asdict(cfg.student.tiny),
+        "teacher": dataclasses.asdict(cfg.teacher.tiny),
+        "sft": {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k != "cache_dir"},
+        "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size], "seed": cfg.seed,
+        "torch": torch.__version__.split("+")[0],
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
+    """Directories of the built-in models the config asks for, training and caching them if needed."""
+    if cfg.data.source != "arithmetic":
+        raise ValueError("student.path/teacher.path=builtin need data.source=arithmetic (the built-in task)")
+    root = Path(cfg.sft.cache_dir).expanduser() / f"builtin-{cache_key(cfg)}"
+    out = {}
+    for role, arch, steps, seed_off in (("teacher", cfg.teacher.tiny, cfg.sft.teacher_steps, 1),
+                                        ("student", cfg.student.tiny, cfg.sft.student_steps, 2)):
+        if getattr(cfg, role).path != "builtin":
+            continue
+        final = root / role
+        if (final / "prepared.json").is_file():
+            log(f"[prepare] {role}: cached at {final}")
+        else:
+            log(f"[prepare] {role}: SFT from scratch ({steps} compact steps), caching at {final}")
+            model, info = train_builtin(arch, steps, task, tokenizer, cfg.sft, seed=cfg.seed * 1000 + seed_off,
+                                        device=device, log=log, tag=role)
+            tmp = root / f".{role}.tmp-{time.time_ns()}"
+            model.save_pretrained(tmp)
+            (tmp / "prepared.json").write_text(json.dumps(info, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        out[role] = str(final)
+    return out

@@ -1,0 +1,555 @@
+#!/usr/bin/env python
+"""On-policy distillation (OPD) with teachability-aware token selection (TA-OPD).
+
+    python train/run.py                                   # built-in default: tiny Qwen3 models, CPU, < 10 min
+    python train/run.py --config qwen3 student.path=/models/Qwen3-1.7B teacher.path=/models/Qwen3-4B
+    python train/run.py loss.strategy=entropy optim.steps=100
+
+One optimizer step, in order (each a small function below):
+  sample_prompts -> rollout (student samples, KV cache) -> score (teacher + student forwards without grad,
+  per-position statistics from hidden states and lm_head weights) -> select (one global selection over
+  the whole rollout batch: keep mask + normaliser) -> loss_backward (per micro-batch: student forward with
+  grad, fused loss head over the kept positions only, normalised by the batch's kept count) ->
+  optimizer_step (clip, AdamW, schedule). Evaluation, logging and checkpoints around it.
+A distributed driver can reuse every piece: only ``select`` needs the scores of all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: make `train` and `taopd_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "train"
+
+import torch
+
+from taopd_kernels import TeachabilityStats, fused_teachability_kl, select_positions, teachability_stats
+
+from .config import Config, ConfigError, load_config, to_dict
+from .generation import Rollout, generate
+from .models import final_hidden, lm_head_bias, lm_head_weight, load_model, load_tokenizer
+from .task import build_task
+
+# ================================================================== set-up
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r}: CUDA is not available on this machine")
+    return torch.device(cfg.device)
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """Independent, reproducible seeds per (run seed, step, stream): resume needs no RNG replay."""
+    return (seed * 1_000_003 + step * 7919 + stream * 104_729) % (2 ** 63 - 1)
+
+
+@dataclass
+class Models:
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: object
+    task: object
+
+
+def build_models(cfg: Config, device: torch.device, student_path: Optional[str] = None, log=print) -> Models:
+    """Tokenizer, task and both models: the one place where models are constructed."""
+    tokenizer = load_tokenizer(cfg)
+    task = build_task(cfg.data, cfg.seed)
+    builtin = {}
+    if "builtin" in (cfg.student.path, cfg.teacher.path) and not (cfg.student.random_init and cfg.teacher.random_init):
+        from .prepare import prepare_builtin
+
+        builtin = prepare_builtin(cfg, task, tokenizer, device, log=log)
+    scfg = cfg.student
+    if student_path is not None:  # resuming: the checkpoint's weights
+        scfg = dataclasses.replace(scfg, path=student_path, random_init=False)
+    teacher = load_model(cfg.teacher, "teacher", device, builtin_dir=builtin.get("teacher"), seed=cfg.seed + 1)
+    student = load_model(scfg, "student", device, builtin_dir=builtin.get("student"), seed=cfg.seed)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    return Models(student, teacher, tokenizer, task)
+
+
+def build_optimizer(cfg: Config, student: torch.nn.Module):
+    """AdamW (decay on matrices only) and a warmup + constant/cosine/linear schedule."""
+    o = cfg.optim
+    decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    dev = next(student.parameters()).device.type
+    try:
+        opt = torch.optim.AdamW(groups, fused=dev in ("cpu", "cuda"), **kwargs)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, **kwargs)
+
+    def factor(i: int) -> float:
+        if i < o.warmup_steps:
+            return (i + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        prog = min(1.0, (i - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * prog)) if o.schedule == "cosine" else 1.0 - prog
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ================================================================== one OPD step
+
+
+def sample_prompts(cfg: Config, task, step: int, batch_size: Optional[int] = None):
+    rng = random.Random(step_seed(cfg.seed, step, 1))
+    return [task.train_example(rng) for _ in range(batch_size or cfg.rollout.batch_size)]
+
+
+def encode_prompts(cfg: Config, tokenizer, examples) -> List[List[int]]:
+    out = []
+    for ex in examples:
+        ids = tokenizer.prompt_ids(ex.prompt)
+        out.append(ids[-cfg.data.max_prompt_tokens:])
+    return out
+
+
+def vocab_limit(cfg: Config, models: Models) -> int:
+    v = min(lm_head_weight(models.student).shape[0], lm_head_weight(models.teacher).shape[0])
+    return cfg.loss.vocab_size or v
+
+
+def rollout(cfg: Config, models: Models, examples, step: int) -> Rollout:
+    """The student samples one response per prompt (temperature, KV cache, stop at EOS / max_new_tokens)."""
+    device = next(models.student.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 2))
+    return generate(models.student, encode_prompts(cfg, models.tokenizer, examples),
+                    max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
+                    pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                    generator=gen, vocab_limit=vocab_limit(cfg, models))
+
+
+@dataclass
+class MicroBatch:
+    """Sequences [b, T] and the per-position loss inputs [b, T-1]: the hidden state at t predicts token t+1."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    valid: torch.Tensor  # response tokens (incl. EOS), shifted: valid[:, t] = response_mask[:, t+1]
+    sampled_ids: torch.Tensor  # input_ids[:, 1:]
+    sequence_ids: torch.Tensor  # global sequence index of every position (for min_per_sequence)
+
+
+def micro_batches(cfg: Config, ro: Rollout, seq_offset: int = 0) -> List[MicroBatch]:
+    pos = ro.position_ids()
+    out = []
+    n = ro.input_ids.shape[0]
+    for s in range(0, n, cfg.rollout.micro_batch_size):
+        e = min(n, s + cfg.rollout.micro_batch_size)
+        ids = ro.input_ids[s:e]
+        seq = torch.arange(s, e, device=ids.device)[:, None].expand(-1, ids.shape[1] - 1) + seq_offset
+        out.append(MicroBatch(ids, ro.attention_mask[s:e], pos[s:e], ro.response_mask[s:e, 1:].bool(),
+                              ids[:, 1:].contiguous(), seq.contiguous()))
+    return out
+
+
+def _loss_kwargs(cfg: Config, models: Models, mb: MicroBatch) -> dict:
+    lo = cfg.loss
+    return dict(valid_mask=mb.valid, sequence_ids=mb.sequence_ids, sampled_ids=mb.sampled_ids, top_k=lo.top_k,
+                strategy=lo.strategy, temperature=lo.temperature, vocab_size=vocab_limit(cfg, models),
+                min_per_sequence=lo.min_per_sequence, backend=lo.backend, chunk_rows=lo.chunk_rows,
+                chunk_vocab=lo.chunk_vocab, keep_ratio=lo.keep_ratio)
+
+
+@torch.no_grad()
+def score(cfg: Config, models: Models, mbs: List[MicroBatch]):
+    """Teacher and student forwards without grad; per-position statistics (SPEC section 2) per micro-batch.
+
+    Returns (stats per micro-batch, teacher hidden per micro-batch: reused by ``loss_backward``)."""
+    stats, teacher_hidden = [], []
+    w_s, w_t = lm_head_weight(models.student), lm_head_weight(models.teacher)
+    for mb in mbs:
+        h_t = final_hidden(models.teacher, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+        h_s = final_hidden(models.student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+        st = teachability_stats(h_s, w_s, h_t, w_t, student_bias=lm_head_bias(models.student),
+                                teacher_bias=lm_head_bias(models.teacher), **_loss_kwargs(cfg, models, mb))
+        stats.append(st)
+        teacher_hidden.append(h_t)
+    return stats, teacher_hidden
+
+
+def concat_stats(stats: List[TeachabilityStats]) -> TeachabilityStats:
+    """Flatten and concatenate per-micro-batch statistics into one [N] batch (for a global selection)."""
+    kw = {}
+    for f in dataclasses.fields(TeachabilityStats):
+        vals = [getattr(s, f.name) for s in stats]
+        if any(v is None for v in vals):
+            kw[f.name] = None
+            continue
+        lead = stats[0].valid.dim()
+        kw[f.name] = torch.cat([v.reshape(-1, *v.shape[lead:]) for v in vals])
+    return TeachabilityStats(**kw)
+
+
+def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], step: int):
+    """One selection over the whole rollout batch (SPEC section 3). Returns (keep masks per micro-batch,
+    normaliser = the batch's kept count, the concatenated statistics with score/kept filled in)."""
+    allstats = concat_stats(stats)
+    seq = torch.cat([mb.sequence_ids.reshape(-1) for mb in mbs])
+    score_, kept = select_positions(allstats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
+                                    sequence_ids=seq, min_per_sequence=cfg.loss.min_per_sequence,
+                                    seed=step_seed(cfg.seed, step, 3))
+    allstats.score, allstats.kept = score_, kept
+    masks, start = [], 0
+    for mb in mbs:
+        n = mb.valid.numel()
+        masks.append(kept[start:start + n].view(mb.valid.shape))
+        start += n
+    return masks, float(kept.sum()), allstats
+
+
+def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_hidden: torch.Tensor,
+                  stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float) -> float:
+    """Student forward with grad, fused loss head on this micro-batch, backward. The micro-batch losses
+    of one step sum to the batch loss (each is divided by the batch's kept count)."""
+    if normalizer <= 0:
+        return 0.0
+    h_s = final_hidden(models.student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+    loss, _ = fused_teachability_kl(
+        h_s, lm_head_weight(models.student), teacher_hidden, lm_head_weight(models.teacher),
+        student_bias=lm_head_bias(models.student), teacher_bias=lm_head_bias(models.teacher),
+        estimator=cfg.loss.estimator, seed=0, keep_mask=keep_mask, normalizer=normalizer, stats=stats,
+        **_loss_kwargs(cfg, models, mb))
+    loss.backward()
+    return float(loss.detach())
+
+
+def optimizer_step(cfg: Config, student, opt, sched) -> float:
+    params = [p for p in student.parameters() if p.grad is not None]
+    if cfg.optim.max_grad_norm is not None:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+    else:
+        gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
+
+
+def train_step(cfg: Config, models: Models, opt, sched, step: int) -> Dict[str, float]:
+    """One OPD step over one rollout batch. Returns the step's metrics."""
+    t0 = time.perf_counter()
+    examples = sample_prompts(cfg, models.task, step)
+    ro = rollout(cfg, models, examples, step)
+    t_roll = time.perf_counter()
+    mbs = micro_batches(cfg, ro)
+    stats, teacher_hidden = score(cfg, models, mbs)
+    masks, normalizer, allstats = select(cfg, stats, mbs, step)
+    loss = 0.0
+    for mb, h_t, st, keep in zip(mbs, teacher_hidden, stats, masks):
+        loss += loss_backward(cfg, models, mb, h_t, st, keep, normalizer)
+    lr = sched.get_last_lr()[0]
+    gnorm = optimizer_step(cfg, models.student, opt, sched)
+    dt = time.perf_counter() - t0
+    s = allstats.summary()
+    resp_len = ro.response_mask.sum(1).float()
+    tokens = int(ro.attention_mask.sum())
+    return {
+        "loss": loss, "kept_fraction": s["kept_fraction"], "num_kept": s["num_kept"], "num_valid": s["num_valid"],
+        "kl/all": s["kl_reverse/all"], "kl/kept": s["kl_reverse/kept"],
+        "kl_forward/all": s["kl_forward/all"], "kl_forward/kept": s["kl_forward/kept"],
+        "C/all": s["teacher_mass/all"], "C/kept": s["teacher_mass/kept"],
+        "D/all": s["disagreement/all"], "D/kept": s["disagreement/kept"],
+        "entropy/all": s["entropy_student/all"], "entropy/kept": s["entropy_student/kept"],
+        "response_length": float(resp_len.mean()), "lr": lr, "grad_norm": gnorm,
+        "tokens_per_s": tokens / dt, "step_time_s": dt, "rollout_time_s": t_roll - t0, "peak_mem_mb": peak_memory_mb(),
+    }
+
+
+# ================================================================== evaluation
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) -> Dict[str, object]:
+    """Greedy decoding on the held-out prompts; the task's answer check. Returns accuracy and a few samples."""
+    examples = models.task.eval_examples()[:limit]
+    correct, samples = 0, []
+    for s in range(0, len(examples), cfg.eval.batch_size):
+        chunk = examples[s:s + cfg.eval.batch_size]
+        ro = generate(model, encode_prompts(cfg, models.tokenizer, chunk), max_new_tokens=cfg.eval.max_new_tokens,
+                      eos_ids=models.tokenizer.eos_ids, pad_id=models.tokenizer.pad_id, greedy=True,
+                      vocab_limit=vocab_limit(cfg, models))
+        for ex, resp in zip(chunk, ro.response_ids):
+            text = models.tokenizer.decode(resp)
+            ok = models.task.check(text, ex.answer)
+            correct += ok
+            if len(samples) < 4:
+                samples.append({"prompt": ex.prompt[-200:], "response": text[-200:], "answer": ex.answer, "ok": ok})
+    return {"accuracy": correct / max(1, len(examples)), "n": len(examples), "samples": samples}
+
+
+# ================================================================== checkpoints
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) / "checkpoints")
+
+
+def save_checkpoint(cfg: Config, models: Models, opt, sched, step: int, state: dict) -> Path:
+    """<root>/step_NNNNNN/{student/ (HF format), trainer_state.pt}; <root>/latest names the newest."""
+    root = checkpoint_root(cfg)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    models.student.save_pretrained(tmp / "student")
+    trainer = {"step": step, "rng": rng_state(), "scheduler": sched.state_dict(), "state": state,
+               "config": to_dict(cfg)}
+    if cfg.checkpoint.save_optimizer:
+        trainer["optimizer"] = opt.state_dict()
+    torch.save(trainer, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    (root / "latest").write_text(final.name)
+    if cfg.checkpoint.keep_last:
+        for old in sorted(root.glob("step_*"))[:-cfg.checkpoint.keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(cfg: Config) -> Optional[Path]:
+    r = cfg.checkpoint.resume
+    if not r:
+        return None
+    if r == "latest":
+        root = checkpoint_root(cfg)
+        if not (root / "latest").is_file():
+            raise FileNotFoundError(f"checkpoint.resume=latest: no checkpoint under {root}")
+        return root / (root / "latest").read_text().strip()
+    p = Path(r).expanduser()
+    if not (p / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"checkpoint.resume={r!r}: {p} holds no trainer_state.pt")
+    return p
+
+
+def load_checkpoint(ckpt: Path, opt, sched) -> dict:
+    trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if "optimizer" in trainer:
+        opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    set_rng_state(trainer["rng"])
+    return trainer
+
+
+# ================================================================== logging
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Logger:
+    """JSONL metrics (always), TensorBoard event files and a tqdm bar (optional), a PNG at the end."""
+
+    def __init__(self, cfg: Config, total: int, initial: int):
+        self.cfg = cfg
+        self.dir = Path(cfg.logging.out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        self.tb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                print("[log] tensorboard is not installed: no event files", file=sys.stderr)
+        self.bar = None
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: Dict[str, object], kind: str = "train"):
+        rec = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def progress(self, metrics: Dict[str, float]):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", kept=f"{metrics['kept_fraction']:.3f}",
+                                 kl=f"{metrics['kl/all']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+    def write(self, msg: str):
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+def plot_curves(history: dict, path: Path, teacher_acc: Optional[float] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        a1.plot(steps, losses, lw=1)
+    a1.set_xlabel("step"), a1.set_ylabel("TA-OPD loss"), a1.set_title("training loss")
+    if history["eval"]:
+        steps, accs = zip(*history["eval"])
+        a2.plot(steps, accs, marker="o", label="student")
+    if teacher_acc is not None:
+        a2.axhline(teacher_acc, color="gray", ls="--", label="teacher")
+    a2.set_xlabel("step"), a2.set_ylabel("held-out accuracy"), a2.set_ylim(0, 1.02), a2.legend()
+    a2.set_title("evaluation (greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ================================================================== the loop
+
+
+def train(cfg: Config, log=None) -> dict:
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out_dir = Path(cfg.logging.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda m: print(m, flush=True))
+
+    ckpt = find_checkpoint(cfg)
+    models = build_models(cfg, device, student_path=str(ckpt / "student") if ckpt else None, log=say)
+    opt, sched = build_optimizer(cfg, models.student)
+    state = {"history": {"train": [], "eval": []}, "teacher_accuracy": None, "student_before": None}
+    start = 0
+    if ckpt is not None:
+        trainer = load_checkpoint(ckpt, opt, sched)
+        start, state = trainer["step"], trainer["state"]
+        say(f"[resume] from {ckpt} at step {start}")
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    t_prep = time.time() - t_start
+
+    logger = Logger(cfg, total=cfg.optim.steps, initial=start)
+    if logger.bar is None or log is not None:
+        logger.write = say
+    if state["teacher_accuracy"] is None and cfg.eval.at_start:
+        ev = evaluate(cfg, models.teacher, models)
+        state["teacher_accuracy"] = ev["accuracy"]
+        logger.log(0, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval_teacher")
+        ev = evaluate(cfg, models.student, models)
+        state["student_before"] = ev["accuracy"]
+        state["history"]["eval"].append((0, ev["accuracy"]))
+        logger.log(0, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
+        logger.write(f"[eval] teacher accuracy {state['teacher_accuracy']:.3f} | student before "
+                     f"{state['student_before']:.3f} (n={ev['n']})")
+
+    t_loop = time.time()
+    for step in range(start, cfg.optim.steps):
+        metrics = train_step(cfg, models, opt, sched, step)
+        done = step + 1
+        state["history"]["train"].append((done, metrics["loss"]))
+        if done % cfg.logging.every == 0 or done == cfg.optim.steps:
+            logger.log(done, metrics)
+        logger.progress(metrics)
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.optim.steps:
+            ev = evaluate(cfg, models.student, models)
+            state["history"]["eval"].append((done, ev["accuracy"]))
+            logger.log(done, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
+            logger.write(f"[eval] step {done}: student accuracy {ev['accuracy']:.3f}")
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.optim.steps:
+            save_checkpoint(cfg, models, opt, sched, done, state)
+    train_time = time.time() - t_loop
+
+    final = evaluate(cfg, models.student, models)
+    end_step = max(cfg.optim.steps, start)
+    if not state["history"]["eval"] or state["history"]["eval"][-1][0] != end_step:
+        state["history"]["eval"].append((end_step, final["accuracy"]))
+    logger.log(end_step, {"accuracy": final["accuracy"], "samples": final["samples"]}, kind="eval")
+    ckpt_path = save_checkpoint(cfg, models, opt, sched, end_step, state)
+    if cfg.logging.plot:
+        plot_curves(state["history"], out_dir / "curves.png", state["teacher_accuracy"])
+    summary = {"teacher_accuracy": state["teacher_accuracy"], "student_before": state["student_before"],
+               "student_after": final["accuracy"], "steps": end_step, "strategy": cfg.loss.strategy,
+               "keep_ratio": cfg.loss.keep_ratio, "prepare_s": t_prep, "train_s": train_time,
+               "total_s": time.time() - t_start, "checkpoint": str(ckpt_path)}
+    t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
+    if t is not None and b is not None and t > b:
+        summary["gap_closed"] = (a - b) / (t - b)
+    logger.log(end_step, summary, kind="summary")
+    logger.close()
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    gap = f" | gap closed {summary['gap_closed'] * 100:.0f}%" if "gap_closed" in summary else ""
+    say(f"[done] teacher {t if t is None else f'{t:.3f}'} | student before {b if b is None else f'{b:.3f}'} | "
+        f"student after {a:.3f}{gap} | {summary['total_s']:.0f}s total ({t_prep:.0f}s preparation)")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Overrides: dotted key=value, e.g. loss.strategy=entropy optim.lr=1e-4")
+    ap.add_argument("--config", default=None, help="a YAML file or a bundled config name (train/configs/)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Prompts, answers and answer checking.
+
+Two sources of prompts:
+- ``arithmetic``: a synthetic task generated in code (two-digit addition, the sum written least
+  significant digit first, e.g. ``37+45=`` -> ``28``), with exact answer checking. Held-out prompts
+  are a fixed, seeded set of operand pairs that training never samples.
+- a local JSONL / Parquet file, or a Hugging Face dataset by name, with configurable prompt / answer
+  fields; answers are checked as math answers (``\\boxed{..}`` or the last number, normalised).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, List, Optional
+
+# ---------------------------------------------------------------- arithmetic task
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+class ArithmeticTask:
+    """a+b with 0 <= a, b <= max_operand; the response is the sum's digits reversed (little-endian).
+
+    Little-endian sums are the classic trick that makes addition learnable by a tiny transformer in a
+    few hundred steps: each output digit depends on the operands' digits and the carry just produced.
+    """
+
+    name = "arithmetic"
+
+    def __init__(self, max_operand: int = 99, num_eval: int = 256, seed: int = 0):
+        self.max_operand = max_operand
+        n = (max_operand + 1) ** 2
+        if num_eval >= n:
+            raise ValueError(f"data.eval_size={num_eval} leaves no training pairs (only {n} exist)")
+        rng = random.Random(seed + 1_000_003)
+        pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+        rng.shuffle(pairs)
+        self.eval_pairs = sorted(pairs[:num_eval])
+        self.train_pairs = sorted(pairs[num_eval:])
+
+    @staticmethod
+    def format(a: int, b: int) -> Example:
+        return Example(prompt=f"{a}+{b}=", answer=str(a + b)[::-1])
+
+    def train_example(self, rng: random.Random) -> Example:
+        return self.format(*self.train_pairs[rng.randrange(len(self.train_pairs))])
+
+    def eval_examples(self) -> List[Example]:
+        return [self.format(a, b) for a, b in self.eval_pairs]
+
+    @staticmethod
+    def check(response: str, answer: str) -> bool:
+        return response.strip() == answer
+
+    def alphabet(self) -> str:
+        return "0123456789+="
+
+
+# ---------------------------------------------------------------- prompts from a file or a dataset
+
+
+class PromptDataset:
+    """Prompts with reference answers from JSONL / Parquet / an HF dataset; math answer checking."""
+
+    name = "prompts"
+
+    def __init__(self, source: str, *, prompt_field: str, answer_field: str, split: str = "train",
+                 eval_source: Optional[str] = None, eval_split: Optional[str] = None, num_eval: int = 256,
+                 seed: int = 0):
+        rows = load_rows(source, split)
+        self._check_fields(rows, source, prompt_field, answer_field)
+        examples = [Example(str(r[prompt_field]), str(r[answer_field])) for r in rows]
+        if eval_source:
+            eval_rows = load_rows(eval_source, eval_split or split)
+            self._check_fields(eval_rows, eval_source, prompt_field, answer_field)
+            self.eval = [Example(str(r[prompt_field]), str(r[answer_field])) for r in eval_rows][:num_eval]
+            self.train = examples
+        else:
+            rng = random.Random(seed + 1_000_003)
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            k = min(num_eval, max(len(examples) - 1, 0))
+            self.eval = [examples[i] for i in sorted(order[:k])]
+            self.train = [examples[i] for i in sorted(order[k:])]
+        if not self.train:
+            raise ValueError(f"data.source={source!r} has no training prompts")
+
+    @staticmethod
+    def _check_fields(rows, source, prompt_field, answer_field):
+        if not rows:
+            raise ValueError(f"data.source={source!r} holds no rows")
+        for key, field in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
+            if field not in rows[0]:
+                raise ValueError(f"{key}={field!r} is not a field of {source!r}; fields: {sorted(rows[0])}")
+
+    def train_example(self, rng: random.Random) -> Example:
+        return self.train[rng.randrange(len(self.train))]
+
+    def eval_examples(self) -> List[Example]:
+        return list(self.eval)
+
+    @staticmethod
+    def check(response: str, answer: str) -> bool:
+        return math_equal(extract_answer(response), extract_answer(answer) or answer)
+
+
+def load_rows(source: str, split: str = "train") -> List[dict]:
+    """Rows of a .jsonl / .json / .parquet file, or of a Hugging Face dataset (name or local dir)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix in (".jsonl", ".ndjson"):
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, list) else data[split]
+        if path.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                raise ImportError("reading Parquet prompts needs pyarrow (pip install pyarrow)") from e
+            return pq.read_table(path).to_pylist()
+        raise ValueError(f"data.source={source!r}: unsupported file type {path.suffix!r} "
+                         "(use .jsonl, .json or .parquet)")
+    try:
+        import datasets
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"data.source={source!r} is not a local file and the `datasets` package is not installed to load "
+            "it as a Hugging Face dataset; point data.source at a local .jsonl/.parquet file") from e
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except Exception as e:  # network errors, missing dataset
+        raise RuntimeError(f"could not load data.source={source!r} (split {split!r}) as a Hugging Face dataset: "
+                           f"{e}. Without network, download it elsewhere and point data.source at a local "
+                           ".jsonl/.parquet file or a saved dataset directory") from e
+
+
+# ---------------------------------------------------------------- math answer checking
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    i = depth = starts[-1]
+    depth = 1
+    while i < len(text):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[starts[-1]:i]
+        i += 1
+    return None
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer of a solution: the last \\boxed{...}, else the text after '####', else the last number."""
+    text = str(text)
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip()
+    nums = _NUMBER.findall(text)
+    return nums[-1] if nums else None
+
+
+def _normalize(ans: str) -> str:
+    s = ans.strip().strip("$").strip()
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:left|right|,|!|;|:)", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^{\\circ}", "").replace("^\\circ", "")
+    s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = s.replace(" ", "").replace(",", "") if re.fullmatch(r"[-\d,\s.]+", s) else s.replace(" ", "")
+    s = s.rstrip(".")
+    return s
+
+
+def _as_number(s: str) -> Optional[Fraction]:
+    t = s.replace("(", "").replace(")", "").replace("%", "")
+    try:
+        if "/" in t:
+            num, den = t.split("/", 1)
+            return Fraction(num) / Fraction(den)
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_equal(pred: Optional[str], ref: Optional[str]) -> bool:
+    """Equal as normalised strings, or as numbers (1e-6 relative tolerance)."""
+    if pred is None or ref is None:
+        return False
+    a, b = _normalize(pred), _normalize(ref)
+    if a == b:
+        return True
+    x, y = _as_number(a), _as_number(b)
+    if x is None or y is None:
+        return False
+    return math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def build_task(data_cfg, seed: int):
+    if data_cfg.source == "arithmetic":
+        return ArithmeticTask(max_operand=data_cfg.max_operand, num_eval=data_cfg.eval_size, seed=seed)
+    return PromptDataset(data_cfg.source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
+                         split=data_cfg.split, eval_source=data_cfg.eval_source, eval_split=data_cfg.eval_split,
+                         num_eval=data_cfg.eval_size, seed=seed)
+
+
+Checker = Callable[[str, str], bool]
