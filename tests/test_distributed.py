@@ -412,6 +412,31 @@ def test_throughput_fsdp_smoke(tmp_path):
     assert summary["step_s"] > 0 and summary["response_tokens_per_s"] > 0
 
 
+def test_two_pass_helpers_match_opd_loss():
+    """head_stats + global_select + head_loss (a driver's two passes) == opd_loss (one pass)."""
+    from train import distributed as D
+
+    s, t = tiny_models()
+    D.attach_head(s)
+    ids, attn, resp = global_batch(0)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    h_t, w_t, b_t = D.teacher_forward(t, ids, attn, position_ids=pos)
+    valid, sampled = D.response_positions(ids, attn, resp)
+    kw = dict(valid_mask=valid, sampled_ids=sampled, top_k=8, backend="torch", keep_ratio=0.1)
+    st = D.head_stats(s, ids, attn, h_t[:, :-1], w_t, b_t, position_ids=pos, **kw)
+    sel = D.global_select(st, keep_ratio=0.1)
+    loss, _ = D.head_loss(s, ids, attn, h_t[:, :-1], w_t, b_t, position_ids=pos, keep_mask=sel.keep_mask,
+                          normalizer=sel.num_kept, stats=st, **kw)
+    loss.backward()
+    g_two_pass = s.lm_head.weight.grad.clone()
+    s.zero_grad()
+    r = D.opd_loss(s, ids, attn, resp, D.teacher_forward(t, ids, attn), top_k=8, backend="torch", keep_ratio=0.1)
+    r.loss.backward()
+    assert torch.equal(sel.keep_mask, r.selection.keep_mask)
+    assert float(loss) == float(r.global_loss)
+    torch.testing.assert_close(g_two_pass, s.lm_head.weight.grad)
+
+
 def test_unit_helpers():
     from train import distributed as D
 
