@@ -664,7 +664,8 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         state["optim"] = get_osd(model, optimizer)
     dcp.save(state, checkpoint_id=str(path))
     if _world()[0] == 0:
-        (path / TRAIN_STATE_FILE).write_text(json.dumps(train_state or {}, indent=1, sort_keys=True))
+        meta = {**(train_state or {}), "optimizer": optimizer is not None}
+        (path / TRAIN_STATE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     barrier()
 
 
@@ -678,6 +679,10 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
+    meta_file = path / TRAIN_STATE_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if not meta.get("optimizer", True):
+        optimizer = None  # saved without optimizer state: the optimizer keeps its fresh state
     state = {"model": get_msd(model)}
     if optimizer is not None:
         state["optim"] = get_osd(model, optimizer)
@@ -685,8 +690,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     set_msd(model, state["model"])
     if optimizer is not None:
         set_osd(model, optimizer, state["optim"])
-    meta = path / TRAIN_STATE_FILE
-    return json.loads(meta.read_text()) if meta.exists() else {}
+    return {k: v for k, v in meta.items() if k != "optimizer"}
 
 
 def is_dcp_checkpoint(path) -> bool:
