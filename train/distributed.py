@@ -115,6 +115,11 @@ def _world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+def rank_world(group=None) -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    return _world(group)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -717,7 +722,8 @@ def full_state_dict(model: torch.nn.Module) -> dict:
 
 
 __all__ = [
-    "DistContext", "init_distributed", "destroy_distributed", "launched_by_torchrun", "barrier", "all_reduce_sum",
+    "DistContext", "init_distributed", "destroy_distributed", "launched_by_torchrun", "rank_world", "barrier",
+    "all_reduce_sum",
     "shard_model", "sum_gradients", "prepare_teacher", "is_sharded", "decoder_layers",
     "attach_head", "call_with_full_head", "teacher_forward", "check_full_weight", "head_stats", "head_loss",
     "GlobalSelection", "global_select", "default_sequence_ids",
