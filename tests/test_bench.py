@@ -66,9 +66,9 @@ def test_only_unavailable_implementations_says_why(capsys, tmp_path):
 
 
 def test_tiny_sweep_writes_json_csv_png(capsys, tmp_path):
-    # every implementation requested: the GPU ones (and liger, unless installed) are skipped with a reason;
-    # the cases run in fresh worker processes (the CPU default), as the real sweep does.
-    code = vocab_sweep.main(TINY + ["--vocab", "1000", "--impls", ",".join(sweep_impls.IMPLS),
+    # every implementation requested: the GPU ones (and liger, unless installed) are skipped with a reason.
+    # In-process here for speed; test_worker_process_measures_one_case covers the worker processes.
+    code = vocab_sweep.main(TINY + ["--vocab", "1000", "--impls", ",".join(sweep_impls.IMPLS), "--isolate", "none",
                                     "--out", str(tmp_path), "--name", "tiny"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -99,6 +99,19 @@ def test_tiny_sweep_writes_json_csv_png(capsys, tmp_path):
     png = (tmp_path / "tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "| chunked | 1,000 |" in (tmp_path / "tiny.md").read_text()
+
+
+def test_worker_process_measures_one_case():
+    # the CPU default: each (implementation, V) in a fresh process, peak memory from its RSS high-water mark
+    spec = {"impl": "chunked", "vocab": 2000, "tokens": 64, "d_student": 32, "d_teacher": 48,
+            "dtype": "float32", "top_k": 16, "keep_ratio": 0.05, "repeats": 1, "warmup": 0, "device": "cpu",
+            "liger_compiled": False, "threads": 1}
+    result = vocab_sweep.run_isolated(spec, timeout=120)
+    assert not result.get("error"), result
+    assert result["fwd_ms"] > 0 and result["fwd_bwd_cpu_ms"] > 0 and result["memory_method"] == "rss-hwm"
+    assert result["grad_output_mb"] == pytest.approx((64 * 32 + 2000 * 32) * 4 / 2**20)
+    assert result["peak_extra_mb"] >= result["peak_extra_fwd_mb"] >= 0
+    assert result["peak_total_fwd_bwd_mb"] + 1.0 >= result["peak_extra_mb"]  # page-level noise
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked", "liger"])
@@ -134,3 +147,28 @@ def test_gemm_flops_model():
     assert fwd == 2 * 100 * 1000 * 30
     assert fwd_bwd == fwd + 2 * 5 * 1000 * 30 + 4 * 5 * 1000 * 10
     assert sweep_impls.flops("liger", cfg) == (fwd + 4 * 100 * 1000 * 10,) * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["naive", "chunked", "triton", "cuda", "liger"])
+def test_loss_agreement_on_gpu(impl):
+    device = torch.device("cuda")
+    ok, reason = sweep_impls.available(impl, device)
+    if not ok:
+        pytest.skip(reason)
+    result = sweep_impls.agreement(impl, device, top_k=16, keep_ratio=0.1, liger_compiled=False)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+def test_tiny_sweep_on_gpu(capsys, tmp_path):
+    code = vocab_sweep.main(["--device", "cuda", "--vocab", "4096", "--tokens", "128", "--d-student", "64",
+                             "--d-teacher", "96", "--repeats", "2", "--warmup", "1", "--no-progress",
+                             "--liger-compiled", "off", "--out", str(tmp_path), "--name", "tiny_gpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    doc = json.loads((tmp_path / "tiny_gpu.json").read_text())
+    assert doc["memory_method"] == "cuda-allocator-peak"
+    for row in doc["rows"]:
+        assert not row.get("error"), row
+        assert row["fwd_bwd_ms"] > 0 and row["peak_extra_mb"] >= 0
