@@ -225,3 +225,13 @@ def test_default_run_raises_student_accuracy(tmp_path):
     out = tmp_path / "default"
     assert (out / "curves.png").is_file() and (out / "metrics.jsonl").is_file()
     assert any((out / "tensorboard").iterdir())
+
+
+def test_throughput_script_fails_cleanly_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    from train import throughput
+
+    assert throughput.main(["--out", str(tmp_path / "tp.json")]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "tp.json").exists()

@@ -142,8 +142,8 @@ class SFTConfig:
     lr: float = 3e-3
     teacher_steps: int = 1500
     student_steps: int = 400
-    calib_steps: int = 30  # full-vocabulary CE steps (unused tokens' rows only) after the compact SFT
-    calib_lr: float = 1e-2
+    calib_steps: int = 0  # optional full-vocabulary CE steps after the expansion
+    calib_lr: float = 1e-4
     calib_batch_size: int = 32
 
 

@@ -1,13 +1,16 @@
 """Preparation of the built-in teacher and student: SFT on the built-in task, cached on disk.
 
-On a 2-core CPU a full-vocabulary (151,936-way) softmax dominates every SFT step, so preparation runs
-in two phases (the models that come out are ordinary full-vocabulary Qwen3 models):
-1. compact SFT: the same architecture with an embedding over only the task's tokens (digits, '+',
-   '=', EOS: their real Qwen ids mapped to 0..k-1), cross-entropy on the answer tokens only;
-2. expansion + calibration: the trained rows are copied to their Qwen ids in a 151,936-row embedding
-   (other rows keep the usual random init), then ``calib_steps`` steps of full-vocabulary
-   cross-entropy push the probability mass off the ~151.9k tokens the task never uses.
-The teacher gets many compact steps (high accuracy), the student (smaller) few: a weaker start for OPD.
+On a 2-core CPU a full-vocabulary (151,936-way) softmax would dominate every SFT step, so SFT runs on
+an exactly equivalent compact model; the models that come out are ordinary full-vocabulary Qwen3 models.
+1. Compact SFT: the same architecture with an embedding over the task's tokens (digits, '+', '=', EOS:
+   their real Qwen ids mapped to 0..k-1) plus R "distractor" rows. Each distractor row stands for
+   M / R of the M = 151,936 - k tokens the task never uses: its logit gets + log(M / R) in the
+   softmax, so the compact cross-entropy equals the full-vocabulary cross-entropy of the expanded model.
+   Cross-entropy on the answer tokens only.
+2. Expansion: the task rows go to their Qwen ids in a 151,936-row (tied) embedding; every other row
+   is a copy of its distractor row plus tiny noise (std 1e-3). An optional ``calib_steps`` of real
+   full-vocabulary cross-entropy follow; the full-vocabulary CE is measured and logged either way.
+The teacher (larger) gets many SFT steps, the student (smaller) few: a weaker start for OPD.
 Results are cached under ``sft.cache_dir`` keyed by everything that affects them; later runs load them.
 """
 
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from .generation import generate
 from .models import QWEN3_VOCAB, lm_head_weight, tiny_qwen3_config
 
-PREP_VERSION = 1
+PREP_VERSION = 2
+DISTRACTORS = 64
 
 
 def task_token_ids(task, tokenizer) -> List[int]:
@@ -79,10 +83,12 @@ def _lr_lambda(steps: int, warmup: int = 20, floor: float = 0.1) -> Callable[[in
     return f
 
 
-def _ce_step(model, opt, sched, batch, clip=1.0):
+def _ce_step(model, opt, sched, batch, clip=1.0, logit_offset=None):
     ids, mask, rows, cols, labels = batch
     h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     logits = h[rows, cols] @ lm_head_weight(model).T  # answer positions only
+    if logit_offset is not None:
+        logits = logits + logit_offset
     loss = F.cross_entropy(logits.float(), labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -118,8 +124,12 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
     """Compact SFT, expansion to the Qwen3 vocabulary, full-vocabulary calibration. Returns (model, info)."""
     vocab = task_token_ids(task, tokenizer)
     id_map = {t: i for i, t in enumerate(vocab)}
+    k, r = len(vocab), DISTRACTORS
+    unused = QWEN3_VOCAB - k
+    offset = torch.zeros(k + r, device=device)
+    offset[k:] = math.log(unused / r)  # each distractor row stands for unused / r tokens
     torch.manual_seed(seed)
-    compact_cfg = tiny_qwen3_config(arch, vocab_size=len(vocab), special_id=id_map[tokenizer.eos_id])
+    compact_cfg = tiny_qwen3_config(arch, vocab_size=k + r, special_id=id_map[tokenizer.eos_id])
     from transformers import Qwen3ForCausalLM
 
     model = Qwen3ForCausalLM(compact_cfg).to(device)
@@ -130,56 +140,59 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
     loss = float("nan")
     for i in range(steps):
         batch = sft_batch([task.train_example(rng) for _ in range(sft.batch_size)], tokenizer, device, id_map)
-        loss = _ce_step(model, opt, sched, batch)
+        loss = _ce_step(model, opt, sched, batch, logit_offset=offset)
         if (i + 1) % 250 == 0 or i + 1 == steps:
             log(f"[prepare] {tag}: compact SFT step {i + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
     acc_compact = compact_accuracy(model, task, tokenizer, id_map, device)
-    log(f"[prepare] {tag}: compact-vocabulary accuracy {acc_compact:.3f}")
+    log(f"[prepare] {tag}: compact-model accuracy {acc_compact:.3f}")
 
     # expansion to the full Qwen3 vocabulary
     torch.manual_seed(seed + 1)
     full = Qwen3ForCausalLM(tiny_qwen3_config(arch, vocab_size=QWEN3_VOCAB)).to(device)
-    state = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
-    missing, unexpected = full.load_state_dict(state, strict=False)
+    state = {n: v for n, v in model.state_dict().items() if "embed_tokens" not in n and "lm_head" not in n}
+    _, unexpected = full.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     with torch.no_grad():
-        emb = full.get_input_embeddings().weight
-        emb[torch.tensor(vocab, device=device)] = model.get_input_embeddings().weight
+        small = model.get_input_embeddings().weight
+        emb = full.get_input_embeddings().weight  # tied: also the lm_head weight
+        is_task = torch.zeros(QWEN3_VOCAB, dtype=torch.bool, device=device)
+        is_task[torch.tensor(vocab, device=device)] = True
+        others = (~is_task).nonzero().squeeze(1)
+        emb[others] = small[k + torch.arange(others.numel(), device=device) % r]
+        emb[others] += 1e-3 * torch.randn(others.numel(), emb.shape[1], device=device)
+        emb[torch.tensor(vocab, device=device)] = small[:k]
     del model, opt
 
-    # calibration: full-vocabulary cross-entropy on answer positions, training only the embedding rows of
-    # the tokens the task never uses (the backbone and the task's rows stay as SFT left them)
-    calib_loss = calibrate(full, vocab, task, tokenizer, sft, rng, device)
-    log(f"[prepare] {tag}: {sft.calib_steps} full-vocabulary calibration steps, CE {calib_loss:.4f} "
-        f"({time.time() - t0:.0f}s)")
+    calib_loss = calibrate(full, task, tokenizer, sft, rng, device)
+    full_ce = full_vocab_ce(full, task, tokenizer, sft, random.Random(seed + 7), device)
+    log(f"[prepare] {tag}: expanded to {QWEN3_VOCAB} rows; full-vocabulary CE {full_ce:.4f} "
+        f"(compact {loss:.4f}) ({time.time() - t0:.0f}s)")
     full.generation_config.eos_token_id = tokenizer.eos_id
     full.generation_config.pad_token_id = tokenizer.pad_id
-    return full, {"compact_accuracy": acc_compact, "compact_loss": loss, "calib_loss": calib_loss,
+    return full, {"compact_accuracy": acc_compact, "compact_loss": loss, "full_vocab_ce": full_ce,
+                  "calib_loss": calib_loss,
                   "steps": steps, "seconds": time.time() - t0}
 
 
-def calibrate(full, vocab, task, tokenizer, sft, rng, device) -> float:
-    emb = full.get_input_embeddings().weight  # tied: also the lm_head weight
-    frozen = torch.tensor(vocab, device=device)
-    params = list(full.parameters())
-    for p in params:
-        p.requires_grad_(False)
-    emb.requires_grad_(True)
-    opt = torch.optim.Adam([emb], lr=sft.calib_lr, betas=(0.9, 0.98))
-    loss = torch.tensor(float("nan"))
+def calibrate(full, task, tokenizer, sft, rng, device) -> float:
+    """Optional: ``sft.calib_steps`` steps of full-vocabulary cross-entropy on answer positions (all weights)."""
+    if sft.calib_steps == 0:
+        return float("nan")
+    opt = _adamw(full.parameters(), sft.calib_lr, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    loss = float("nan")
     for _ in range(sft.calib_steps):
-        ids, mask, rows, cols, labels = sft_batch([task.train_example(rng) for _ in range(sft.calib_batch_size)],
-                                                  tokenizer, device)
-        with torch.no_grad():
-            h = full.model(input_ids=ids, attention_mask=mask).last_hidden_state[rows, cols]
-        loss = F.cross_entropy(h @ emb.T, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        emb.grad[frozen] = 0.0
-        opt.step()
-    for p in params:
-        p.requires_grad_(True)
-    return float(loss.detach())
+        batch = sft_batch([task.train_example(rng) for _ in range(sft.calib_batch_size)], tokenizer, device)
+        loss = _ce_step(full, opt, sched, batch)
+    return loss
+
+
+@torch.no_grad()
+def full_vocab_ce(full, task, tokenizer, sft, rng, device) -> float:
+    ids, mask, rows, cols, labels = sft_batch([task.train_example(rng) for _ in range(sft.calib_batch_size)],
+                                              tokenizer, device)
+    h = full.model(input_ids=ids, attention_mask=mask).last_hidden_state[rows, cols]
+    return float(F.cross_entropy(h @ lm_head_weight(full).T, labels))
 
 
 def cache_key(cfg) -> str:
