@@ -12,7 +12,7 @@ transformers generate() of N new tokens on the sharded student.
     # several GPUs:
     torchrun --nproc_per_node=8 train/throughput_fsdp.py --student qwen3-4b --teacher qwen3-14b
     # CPU smoke test (tiny models, gloo):
-    python train/throughput_fsdp.py --preset tiny --device cpu --steps 2 --warmup 1
+    python train/throughput_fsdp.py --tiny --device cpu --steps 2 --warmup 1 --out /tmp/tp_fsdp.json
 
 Per step (after ``--warmup`` steps): teacher forward, student forward + loss head (statistics, global
 selection, fused loss), backward, optimizer step; tokens/s counts response tokens of all ranks.
@@ -67,11 +67,29 @@ def build(name: str, dtype: torch.dtype, device: torch.device, seed: int, attn: 
     return model.to(dtype)
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _version(mod: str):
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", default="qwen3-1.7b")
     p.add_argument("--teacher", default="qwen3-4b")
     p.add_argument("--preset", choices=["tiny"], help="tiny student and teacher (CPU smoke test)")
+    p.add_argument("--tiny", action="store_true", help="same as --preset tiny (as in train/throughput.py)")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--response-len", type=int, default=768)
@@ -88,8 +106,10 @@ def main(argv=None):
     p.add_argument("--no-shard", action="store_true", help="plain modules, no process group (world size 1)")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="also time generate() of N tokens")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--json", default=None, help="write the summary here")
+    p.add_argument("--json", "--out", dest="json", default=None, help="write the summary here (JSON)")
     a = p.parse_args(argv)
+    if a.tiny:
+        a.preset = "tiny"
     if a.preset == "tiny":
         a.student, a.teacher = "tiny", "tiny-teacher"
         a.prompt_len, a.response_len, a.batch = min(a.prompt_len, 8), min(a.response_len, 24), min(a.batch, 2)
@@ -159,7 +179,10 @@ def main(argv=None):
         **{f"mean_{k}": sum(r[k] for r in rows) / max(len(rows), 1)
            for k in ("teacher_s", "student_and_head_s", "backward_s", "optimizer_s")},
         generate_s=gen_s, device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
+        git_commit=_git_commit(), torch=torch.__version__, transformers=_version("transformers"),
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     if ctx.is_main:
         print(json.dumps(summary, indent=1))
