@@ -11,9 +11,9 @@
 #   pytest   python -m pytest -m gpu
 #   sweep    python bench/vocab_sweep.py at Qwen scale (N=8192, D_s=2048, D_t=4096, bf16), all implementations
 #   cudabench  python bench/cuda_stats_bench.py            (if the file exists)
-#   throughput python train/throughput.py --out ...        (if the file exists)
+#   throughput python train/throughput.py --out $OUT/throughput.json   (if the file exists)
 # Outputs (at most 8 files): summary.txt, gpu_check.log (every step's output), vocab_sweep_gpu.{json,csv,md,png},
-# throughput.tar.gz (if that step wrote anything). GPU_CHECK_SKIP=install,pytest,... skips steps by name;
+# throughput.json. GPU_CHECK_SKIP=install,pytest,... skips steps by name;
 # SWEEP_REPEATS / SWEEP_WARMUP / SWEEP_ARGS tune the sweep.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -112,11 +112,7 @@ else
 fi
 
 if [[ -f train/throughput.py ]]; then
-  mkdir -p /tmp/throughput
-  step throughput 60 python3 train/throughput.py --out /tmp/throughput
-  if [[ -n "$(ls -A /tmp/throughput 2>/dev/null)" ]]; then
-    tar -czf "$OUT/throughput.tar.gz" -C /tmp throughput
-  fi
+  step throughput 60 python3 train/throughput.py --out "$OUT/throughput.json"
 else
   absent throughput "train/throughput.py does not exist"
 fi
