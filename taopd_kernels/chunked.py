@@ -30,7 +30,16 @@ from .stats import RowStats
 TileFn = Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]]
 
 DEFAULT_CHUNK_ROWS = 1024
-DEFAULT_CHUNK_VOCAB = 4096
+# Vocabulary tile width: about TILE_ELEMENTS logits per tile, so that few rows get wide tiles (per-op
+# overhead, paid ~20 times a tile, dominates small tiles on a CPU) and many rows stay within memory:
+# a handful of [rows, width] float32 temporaries are alive at once (~16 MB each at the target).
+TILE_ELEMENTS = 1 << 22
+MIN_CHUNK_VOCAB, MAX_CHUNK_VOCAB = 1024, 65536
+
+
+def default_chunk_vocab(rows: int) -> int:
+    width = TILE_ELEMENTS // max(rows, 1)
+    return max(MIN_CHUNK_VOCAB, min(MAX_CHUNK_VOCAB, width // MIN_CHUNK_VOCAB * MIN_CHUNK_VOCAB))
 _LOW_MASK = (1 << 32) - 1
 
 
@@ -281,7 +290,7 @@ def chunked_forward_stats(
 ) -> RowStats:
     """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (the API passes only valid rows)."""
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    chunk_vocab = chunk_vocab or default_chunk_vocab(min(chunk_rows, h_s.shape[0]))
     # Hidden states and weights are finite (checked by the API); only a bias can hold -inf.
     finite = all(b is None or bool(torch.isfinite(b[:vocab_size]).all()) for b in (b_s, b_t))
     parts = []
@@ -323,7 +332,7 @@ def chunked_backward_kept(
     dW [V_s, D_s], db [V_s] or None); rows of W beyond ``vocab_size`` get zero.
     """
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    chunk_vocab = chunk_vocab or default_chunk_vocab(min(chunk_rows, h_s.shape[0]))
     device = h_s.device
     d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=device)
     d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=device)

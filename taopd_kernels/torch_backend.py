@@ -13,10 +13,10 @@ import torch
 
 from .chunked import (
     DEFAULT_CHUNK_ROWS,
-    DEFAULT_CHUNK_VOCAB,
     chunked_backward_kept,
     chunked_forward_stats,
     concat_row_stats,
+    default_chunk_vocab,
     logit_grad_tile,
     logits_tile_fn,
     stream_row_stats,
@@ -55,7 +55,7 @@ def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: fl
         return kernels.logits_forward_stats(zs, zt, vocab_size=vocab_size, top_k=top_k, temperature=temperature,
                                             sampled_ids=sampled_ids, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    chunk_vocab = chunk_vocab or default_chunk_vocab(min(chunk_rows, zs.shape[0]))
     parts = []
     with torch.no_grad():
         for r0 in range(0, zs.shape[0], chunk_rows):
@@ -73,7 +73,7 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
                      lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
                      chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
     """d loss / d student logits for the kept rows given, float32 [R, V_s] (zero beyond vocab_size)."""
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    chunk_vocab = chunk_vocab or default_chunk_vocab(zs.shape[0])
     grad = torch.zeros(zs.shape, dtype=torch.float32, device=zs.device)
     need_teacher = estimator == "full"
     with torch.no_grad():
