@@ -41,8 +41,8 @@ def reference_row_stats(
     logp_s = torch.log_softmax(zs, dim=-1)
     logp_t = torch.log_softmax(zt, dim=-1)
     p_s, p_t = logp_s.exp(), logp_t.exp()
-    ids_s = torch.sort(zs, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    ids_t = torch.sort(zt, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    ids_s = torch.sort(zs, dim=-1, descending=True, stable=True).indices[:, :top_k].clone()  # frees [R, V]
+    ids_t = torch.sort(zt, dim=-1, descending=True, stable=True).indices[:, :top_k].clone()
     mass = p_t.gather(1, ids_s).sum(-1)
     in_union = torch.zeros_like(zs, dtype=torch.bool)
     in_union.scatter_(1, ids_s, True)
