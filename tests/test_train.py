@@ -108,7 +108,7 @@ def _tiny_cfg(tmp_path, *extra):
         "rollout.batch_size=6", "rollout.micro_batch_size=6", "rollout.max_new_tokens=4",
         "loss.keep_ratio=0.2", "data.eval_size=8", "eval.batch_size=8", "eval.max_new_tokens=4",
         f"logging.out_dir={tmp_path / 'out'}", "logging.tensorboard=false", "logging.progress_bar=false",
-        "logging.plot=false", "threads=2", *extra])
+        "logging.plot=false", "threads=2", "optim.freeze_embeddings=false", *extra])
 
 
 def _reference_loss(cfg, models, mbs, masks, normalizer):

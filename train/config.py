@@ -92,6 +92,7 @@ class LossConfig:
     backend: str = "auto"
     chunk_rows: Optional[int] = None
     chunk_vocab: Optional[int] = None
+    check_finite: bool = False  # reject NaN/inf hidden states and weights when scoring (a full pass over both lm_heads)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine | linear (after warmup)
     min_lr_ratio: float = 0.0  # cosine / linear floor, as a fraction of lr
     max_grad_norm: Optional[float] = 1.0  # null: no clipping
+    freeze_embeddings: bool = True  # train only the transformer blocks (the tied embedding / lm_head stays fixed)
 
 
 @dataclass
@@ -140,8 +142,11 @@ class SFTConfig:
     cache_dir: str = "~/.cache/taopd"
     batch_size: int = 64
     lr: float = 3e-3
-    teacher_steps: int = 1500
-    student_steps: int = 400
+    teacher_steps: int = 2000  # at most; stops early at teacher_target accuracy
+    student_steps: int = 1000  # at most; stops early at student_target accuracy (a weaker start for OPD)
+    teacher_target: float = 0.96
+    student_target: float = 0.30
+    eval_every: int = 50  # compact-model accuracy checks for the early stop
     calib_steps: int = 0  # optional full-vocabulary CE steps after the expansion
     calib_lr: float = 1e-4
     calib_batch_size: int = 32
@@ -198,6 +203,11 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -372,6 +382,9 @@ def validate(cfg: Config) -> None:
     for name in ("teacher_steps", "student_steps", "calib_steps"):
         _check(getattr(s, name) >= 0, f"sft.{name}", "must be >= 0", getattr(s, name))
     _check(s.lr > 0, "sft.lr", "must be > 0", s.lr)
+    _check(s.eval_every >= 1, "sft.eval_every", "must be >= 1", s.eval_every)
+    for name in ("teacher_target", "student_target"):
+        _check(0 < getattr(s, name) <= 1, f"sft.{name}", "must be in (0, 1]", getattr(s, name))
     _check(s.calib_lr > 0, "sft.calib_lr", "must be > 0", s.calib_lr)
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
            "must be auto, cpu, cuda or cuda:N", cfg.device)

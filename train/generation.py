@@ -64,7 +64,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         sp = sp.masked_fill(drop, 0.0)
         choice = torch.multinomial(sp, 1, generator=generator)
         return si.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: exact, and much faster than torch.multinomial over 151,936 columns on CPU
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .generation import generate
 from .models import QWEN3_VOCAB, lm_head_weight, tiny_qwen3_config
 
-PREP_VERSION = 2
+PREP_VERSION = 3
 DISTRACTORS = 64
 
 
@@ -120,7 +120,8 @@ def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float
     return correct / len(examples)
 
 
-def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model"):
+def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
+                  target: float = 1.0):
     """Compact SFT, expansion to the Qwen3 vocabulary, full-vocabulary calibration. Returns (model, info)."""
     vocab = task_token_ids(task, tokenizer)
     id_map = {t: i for i, t in enumerate(vocab)}
@@ -138,12 +139,18 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
     rng = random.Random(seed)
     t0 = time.time()
     loss = float("nan")
+    acc_compact, done = 0.0, 0
     for i in range(steps):
         batch = sft_batch([task.train_example(rng) for _ in range(sft.batch_size)], tokenizer, device, id_map)
         loss = _ce_step(model, opt, sched, batch, logit_offset=offset)
-        if (i + 1) % 250 == 0 or i + 1 == steps:
-            log(f"[prepare] {tag}: compact SFT step {i + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
-    acc_compact = compact_accuracy(model, task, tokenizer, id_map, device)
+        done = i + 1
+        if done % sft.eval_every == 0 or done == steps:
+            acc_compact = compact_accuracy(model, task, tokenizer, id_map, device)
+            if done % 250 == 0 or acc_compact >= target or done == steps:
+                log(f"[prepare] {tag}: compact SFT step {done}/{steps} loss {loss:.4f} accuracy {acc_compact:.3f} "
+                    f"({time.time() - t0:.0f}s)")
+            if acc_compact >= target:  # early stop: the teacher is good enough / the student weak enough
+                break
     log(f"[prepare] {tag}: compact-model accuracy {acc_compact:.3f}")
 
     # expansion to the full Qwen3 vocabulary
@@ -170,8 +177,7 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
     full.generation_config.eos_token_id = tokenizer.eos_id
     full.generation_config.pad_token_id = tokenizer.pad_id
     return full, {"compact_accuracy": acc_compact, "compact_loss": loss, "full_vocab_ce": full_ce,
-                  "calib_loss": calib_loss,
-                  "steps": steps, "seconds": time.time() - t0}
+                  "calib_loss": calib_loss, "steps": done, "seconds": time.time() - t0}
 
 
 def calibrate(full, task, tokenizer, sft, rng, device) -> float:
@@ -195,13 +201,16 @@ def full_vocab_ce(full, task, tokenizer, sft, rng, device) -> float:
     return float(F.cross_entropy(h @ lm_head_weight(full).T, labels))
 
 
-def cache_key(cfg) -> str:
+def cache_key(cfg, role: str) -> str:
+    """Everything that affects one prepared model (so changing the student's SFT keeps the cached teacher)."""
+    sft = dataclasses.asdict(cfg.sft)
     blob = json.dumps({
-        "v": PREP_VERSION, "student": dataclasses.asdict(cfg.student.tiny),
-        "teacher": dataclasses.asdict(cfg.teacher.tiny),
-        "sft": {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k != "cache_dir"},
+        "v": PREP_VERSION, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
+        "steps": sft[f"{role}_steps"], "target": sft[f"{role}_target"],
+        "sft": {k: v for k, v in sft.items() if k not in ("cache_dir", "teacher_steps", "student_steps",
+                                                          "teacher_target", "student_target")},
         "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size], "seed": cfg.seed,
-        "torch": torch.__version__.split("+")[0],
+        "distractors": DISTRACTORS, "torch": torch.__version__.split("+")[0],
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -210,20 +219,26 @@ def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
     """Directories of the built-in models the config asks for, training and caching them if needed."""
     if cfg.data.source != "arithmetic":
         raise ValueError("student.path/teacher.path=builtin need data.source=arithmetic (the built-in task)")
-    root = Path(cfg.sft.cache_dir).expanduser() / f"builtin-{cache_key(cfg)}"
+    root = Path(cfg.sft.cache_dir).expanduser()
     out = {}
-    for role, arch, steps, seed_off in (("teacher", cfg.teacher.tiny, cfg.sft.teacher_steps, 1),
-                                        ("student", cfg.student.tiny, cfg.sft.student_steps, 2)):
+    for role, arch, steps, target, seed_off in (
+            ("teacher", cfg.teacher.tiny, cfg.sft.teacher_steps, cfg.sft.teacher_target, 1),
+            ("student", cfg.student.tiny, cfg.sft.student_steps, cfg.sft.student_target, 2)):
         if getattr(cfg, role).path != "builtin":
             continue
-        final = root / role
+        final = root / f"{role}-{cache_key(cfg, role)}"
         if (final / "prepared.json").is_file():
             log(f"[prepare] {role}: cached at {final}")
         else:
             log(f"[prepare] {role}: SFT from scratch ({steps} compact steps), caching at {final}")
-            model, info = train_builtin(arch, steps, task, tokenizer, cfg.sft, seed=cfg.seed * 1000 + seed_off,
-                                        device=device, log=log, tag=role)
-            tmp = root / f".{role}.tmp-{time.time_ns()}"
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny tensors: one thread is faster and deterministic
+            try:
+                model, info = train_builtin(arch, steps, task, tokenizer, cfg.sft, seed=cfg.seed * 1000 + seed_off,
+                                            device=device, log=log, tag=role, target=target)
+            finally:
+                torch.set_num_threads(threads)
+            tmp = root / f".{final.name}.tmp-{time.time_ns()}"
             model.save_pretrained(tmp)
             (tmp / "prepared.json").write_text(json.dumps(info, indent=1))
             if final.exists():

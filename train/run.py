@@ -89,6 +89,9 @@ def build_models(cfg: Config, device: torch.device, student_path: Optional[str] 
 def build_optimizer(cfg: Config, student: torch.nn.Module):
     """AdamW (decay on matrices only) and a warmup + constant/cosine/linear schedule."""
     o = cfg.optim
+    if o.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
     decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -186,7 +189,8 @@ def score(cfg: Config, models: Models, mbs: List[MicroBatch]):
         h_t = final_hidden(models.teacher, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
         h_s = final_hidden(models.student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
         st = teachability_stats(h_s, w_s, h_t, w_t, student_bias=lm_head_bias(models.student),
-                                teacher_bias=lm_head_bias(models.teacher), **_loss_kwargs(cfg, models, mb))
+                                teacher_bias=lm_head_bias(models.teacher), check_finite=cfg.loss.check_finite,
+                                **_loss_kwargs(cfg, models, mb))
         stats.append(st)
         teacher_hidden.append(h_t)
     return stats, teacher_hidden
@@ -233,6 +237,7 @@ def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_hidden: t
         h_s, lm_head_weight(models.student), teacher_hidden, lm_head_weight(models.teacher),
         student_bias=lm_head_bias(models.student), teacher_bias=lm_head_bias(models.teacher),
         estimator=cfg.loss.estimator, seed=0, keep_mask=keep_mask, normalizer=normalizer, stats=stats,
+        check_finite=False,  # the same weights were checked by ``score`` when loss.check_finite is set
         **_loss_kwargs(cfg, models, mb))
     loss.backward()
     return float(loss.detach())
