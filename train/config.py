@@ -98,7 +98,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     steps: int = 60
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.0
     betas: Tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
