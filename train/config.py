@@ -97,7 +97,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    steps: int = 60
+    steps: int = 100
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: Tuple[float, float] = (0.9, 0.98)
