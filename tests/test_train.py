@@ -240,3 +240,13 @@ def test_default_run_closes_half_the_gap(default_run):
     _, summary = default_run
     t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
     assert a >= b + 0.5 * (t - b), summary
+
+
+def test_throughput_script_fails_cleanly_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    from train import throughput
+
+    assert throughput.main(["--out", str(tmp_path / "tp.json")]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "tp.json").exists()
