@@ -1,5 +1,8 @@
 """Multi-process training (train/distributed.py) on CPU with gloo: 2 processes == 1 process.
 
+Also the driver (train/run.py) under torchrun: its step functions on 2 ranks == 1 process on the same
+global rollout batch, and its DCP checkpoints resume at 2 ranks and in 1 process.
+
 The 2-process runs go through ``torchrun`` (python -m torch.distributed.run) with this file as the
 worker script; the 1-process runs happen in the test process, without a process group. Tiny Qwen3
 models (hidden 32, 2 layers, vocabulary 1000, tied student embeddings) in float32.
@@ -127,6 +130,8 @@ def _full_grads(D, model, rank) -> dict:
     """Full gradients by parameter name on rank 0 (collective for a sharded model)."""
     out = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # e.g. the driver's frozen embeddings
+            continue
         g = p.grad.full_tensor() if D.is_sharded(model) else p.grad
         out[name] = g.detach().cpu().clone()
     return out if rank == 0 else {}
@@ -455,13 +460,142 @@ def test_unit_helpers():
     assert not ctx.distributed and ctx.world_size == 1
 
 
+# --------------------------------------------------------------------------------------------------
+# The driver (train/run.py) under torchrun
+
+
+def _driver_args(tmp_path: Path) -> list:
+    from train.config import TinyArch
+    from train.models import tiny_qwen3_config
+
+    files = {}
+    for role, arch in (("student", TinyArch(32, 1, 2, 1, 64)), ("teacher", TinyArch(48, 1, 2, 1, 96))):
+        d = tmp_path / f"{role}_arch"
+        tiny_qwen3_config(arch).save_pretrained(d)
+        files[role] = str(d / "config.json")
+    return [f"student.random_init=true", f"student.config_file={files['student']}",
+            "teacher.random_init=true", f"teacher.config_file={files['teacher']}",
+            "rollout.batch_size=6", "rollout.micro_batch_size=2", "rollout.max_new_tokens=4", "loss.keep_ratio=0.2",
+            "data.eval_size=8", "eval.batch_size=8", "eval.max_new_tokens=4", "eval.at_start=false", "eval.every=0",
+            "logging.tensorboard=false", "logging.progress_bar=false", "logging.plot=false", "threads=1",
+            "optim.warmup_steps=1", "checkpoint.keep_last=0", "optim.steps=2"]
+
+
+def _run_driver(args: list, nproc: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    script = str(ROOT / "train" / "run.py")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), script, *args]
+    else:
+        cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _train_losses(out: Path) -> dict:
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == len({r["step"] for r in train}), "metrics written by more than one rank"
+    return {r["step"]: r for r in train}
+
+
+def test_driver_two_processes_checkpoint_resume(tmp_path):
+    """torchrun train/run.py: FSDP2 student, sharded teacher, DCP checkpoints; a 2-process run resumed
+    from its step-1 checkpoint (2 processes) reproduces step 2; 1 process resumes the same checkpoint."""
+    args = _driver_args(tmp_path)
+    _run_driver([*args, "checkpoint.every=1", f"logging.out_dir={tmp_path / 'two'}"], nproc=2)
+    full = _train_losses(tmp_path / "two")
+    assert sorted(full) == [1, 2] and all(r["num_kept"] > 0 for r in full.values())
+    assert all(r["num_valid"] > 0 and math.isfinite(r["loss"]) for r in full.values())
+    ckpt = tmp_path / "two" / "checkpoints" / "step_000001"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "trainer_state.pt").is_file()
+    assert (tmp_path / "two" / "checkpoints" / "step_000002" / "student" / "model.safetensors").is_file()
+
+    _run_driver([*args, f"checkpoint.resume={ckpt}", f"logging.out_dir={tmp_path / 'two_resumed'}"], nproc=2)
+    resumed = _train_losses(tmp_path / "two_resumed")
+    assert sorted(resumed) == [2]
+    assert math.isclose(resumed[2]["loss"], full[2]["loss"], rel_tol=1e-6, abs_tol=1e-9)
+    assert resumed[2]["num_kept"] == full[2]["num_kept"]
+
+    _run_driver([*args, f"checkpoint.resume={ckpt}", f"logging.out_dir={tmp_path / 'one_resumed'}"], nproc=1)
+    one = _train_losses(tmp_path / "one_resumed")
+    assert sorted(one) == [2] and math.isfinite(one[2]["loss"])
+
+
+def driver_step(out_path: Path, cfg_args: list) -> dict:
+    """One step of train/run.py's pieces (micro_batches -> score -> select -> loss_backward ->
+    optimizer_step) on a fixed global rollout batch, this rank's rows of it."""
+    from train import distributed as D
+    from train import run
+    from train.config import load_config
+    from train.generation import Rollout
+
+    ctx = D.init_distributed(device="cpu")
+    rank, world = ctx.rank, ctx.world_size
+    cfg = load_config(None, cfg_args)
+    models = run.build_models(cfg, torch.device("cpu"), log=lambda m: None)
+    run.wrap_models(cfg, models, ctx)
+    opt, sched = run.build_optimizer(cfg, models.student)
+    ids, attn, resp = global_batch(3)
+    mine = D.shard_range(SEQS, rank, world)
+    rows = slice(mine.start, mine.stop)
+    ro = Rollout(ids[rows], attn[rows], resp[rows], prompt_len=5)
+    mbs = run.micro_batches(cfg, ro, seq_offset=mine.start)
+    stats, teacher_out = run.score(cfg, models, mbs)
+    masks, normalizer, _ = run.select(cfg, stats, mbs, step=0)
+    loss = sum(run.loss_backward(cfg, models, mb, t, st, k, normalizer)
+               for mb, t, st, k in zip(mbs, teacher_out, stats, masks))
+    res = {"world": world, "normalizer": normalizer, "loss": float(D.all_reduce_sum(torch.tensor(loss)))}
+    res["kept"] = torch.cat(_gather_objects(torch.cat([m.reshape(-1) for m in masks]), world))
+    res["grads"] = _full_grads(D, models.student, rank)
+    res["grad_norm"] = run.optimizer_step(cfg, models.student, opt, sched)
+    res["weights"] = D.full_state_dict(models.student)
+    if rank == 0:
+        torch.save(res, out_path)
+    D.destroy_distributed(ctx)
+    return res
+
+
+def test_driver_step_two_processes_equal_one(tmp_path):
+    """train/run.py's step functions with an FSDP2 student and a sharded teacher on 2 ranks (3 + 2
+    sequences, one micro-batch each: every rank must run the same number of collective forwards) ==
+    the same functions in one process (two micro-batches of 3 + 2, gradient accumulation), with
+    gradient clipping."""
+    args = [*_driver_args(tmp_path), "rollout.micro_batch_size=3", "loss.estimator=sampled",
+            "optim.max_grad_norm=1e-3", "optim.warmup_steps=0"]
+    import json
+
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    _torchrun(tmp_path, "--out", str(tmp_path / "two.pt"), "--ckpt", str(tmp_path / "unused"), "--mode", "driver",
+              "--driver-args", str(tmp_path / "args.json"))
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    one = driver_step(tmp_path / "one.pt", args)
+    assert two["world"] == 2 and one["world"] == 1
+    assert one["normalizer"] == two["normalizer"] > 0
+    assert torch.equal(one["kept"], two["kept"])
+    assert math.isclose(one["loss"], two["loss"], rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(one["grad_norm"], two["grad_norm"], rel_tol=1e-4)
+    assert one["grad_norm"] > 1e-3  # clipping was active
+    _assert_grads_close(one["grads"], two["grads"], "driver step gradients")
+    _assert_weights_close(one["weights"], two["weights"], "driver step weights")
+
+
 def _main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--mode", default="train", choices=["train", "resume"])
+    p.add_argument("--mode", default="train", choices=["train", "resume", "driver"])
+    p.add_argument("--driver-args", default=None, help="JSON list of config overrides (mode driver)")
     a = p.parse_args()
-    run_steps(Path(a.out), Path(a.ckpt), a.mode)
+    if a.mode == "driver":
+        import json
+
+        driver_step(Path(a.out), json.loads(Path(a.driver_args).read_text()))
+    else:
+        run_steps(Path(a.out), Path(a.ckpt), a.mode)
 
 
 if __name__ == "__main__":

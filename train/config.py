@@ -78,6 +78,18 @@ class RolloutConfig:
     max_new_tokens: int = 6
     temperature: float = 1.0
     top_p: float = 1.0
+    engine: str = "hf"  # hf (the student's own forward, KV cache) | vllm (optional, synced after each step)
+    vllm_gpu_memory_utilization: float = 0.3  # the vLLM engine's share of each GPU
+
+
+@dataclass
+class DistributedConfig:
+    """Used when started by torchrun (docs/distributed.md); a plain ``python train/run.py`` ignores it."""
+
+    teacher: str = "shard"  # shard (FSDP2, no gradients) | replicate (a full copy per rank)
+    param_dtype: Optional[str] = None  # compute dtype of FSDP's all-gathered weights; null: the models' dtype
+    reduce_dtype: str = "float32"  # dtype of the student's gradient reduce-scatter
+    backend: Optional[str] = None  # process-group backend; null: nccl on CUDA, gloo on CPU
 
 
 @dataclass
@@ -164,6 +176,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch.set_num_threads on CPU
@@ -342,6 +355,15 @@ def validate(cfg: Config) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
     _check(r.temperature > 0 and math.isfinite(r.temperature), "rollout.temperature", "must be > 0", r.temperature)
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    _check(r.engine in ("hf", "vllm"), "rollout.engine", "must be hf or vllm", r.engine)
+    _check(0 < r.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization", "must be in (0, 1]",
+           r.vllm_gpu_memory_utilization)
+    dd = cfg.distributed
+    _check(dd.teacher in ("shard", "replicate"), "distributed.teacher", "must be shard or replicate", dd.teacher)
+    _check(dd.param_dtype is None or dd.param_dtype in DTYPES, "distributed.param_dtype",
+           f"must be one of {DTYPES} or null", dd.param_dtype)
+    _check(dd.reduce_dtype in DTYPES, "distributed.reduce_dtype", f"must be one of {DTYPES}", dd.reduce_dtype)
+    _check(dd.backend in (None, "nccl", "gloo"), "distributed.backend", "must be nccl, gloo or null", dd.backend)
     lo = cfg.loss
     _check(lo.strategy in STRATEGIES, "loss.strategy", f"must be one of {', '.join(STRATEGIES)}", lo.strategy)
     _check(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}", lo.estimator)

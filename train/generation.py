@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -73,7 +73,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
              greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             generator: Optional[torch.Generator] = None, vocab_limit: Optional[int] = None) -> Rollout:
+             generator: Optional[torch.Generator] = None, vocab_limit: Optional[int] = None,
+             all_done: Optional[Callable[[torch.Tensor], bool]] = None) -> Rollout:
+    """``all_done(done)``: when to stop (default: every local sequence is done). A sharded model passes
+    ``distributed.all_ranks_done``: every forward is collective, so all ranks step until all are done."""
     from transformers.cache_utils import DynamicCache
 
     device = next(model.parameters()).device
@@ -99,7 +102,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eo
         new_tokens.append(tok)
         new_mask.append((~done).long())
         done = done | torch.isin(tok, eos)
-        if bool(done.all()):
+        if all_done(done) if all_done is not None else bool(done.all()):
             break
         step_ids = tok[:, None]
         step_pos = step_pos[:, -1:] + 1

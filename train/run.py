@@ -11,7 +11,8 @@ One optimizer step, in order (each a small function below):
   the whole rollout batch: keep mask + normaliser) -> loss_backward (per micro-batch: student forward with
   grad, fused loss head over the kept positions only, normalised by the batch's kept count) ->
   optimizer_step (clip, AdamW, schedule). Evaluation, logging and checkpoints around it.
-A distributed driver can reuse every piece: only ``select`` needs the scores of all ranks.
+Under torchrun the same pieces run on every rank (docs/distributed.md): FSDP2 student, the loss head
+with the full lm_head weights, one selection over the positions of all ranks, DCP checkpoints.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ if __package__ in (None, ""):  # run as a script: make `train` and `taopd_kernel
 
 import torch
 
-from taopd_kernels import TeachabilityStats, fused_teachability_kl, select_positions, teachability_stats
+from taopd_kernels import TeachabilityStats
 
+from . import distributed as D
 from .config import Config, ConfigError, load_config, to_dict
 from .generation import Rollout, generate
-from .models import final_hidden, lm_head_bias, lm_head_weight, load_model, load_tokenizer
+from .models import DTYPES, final_hidden, lm_head_weight, load_model, load_tokenizer  # noqa: F401 (final_hidden: tests)
 from .task import build_task
 
 # ================================================================== set-up
@@ -84,6 +86,16 @@ def build_models(cfg: Config, device: torch.device, student_path: Optional[str] 
     teacher.eval().requires_grad_(False)
     student.train()
     return Models(student, teacher, tokenizer, task)
+
+
+def wrap_models(cfg: Config, models: Models, ctx: D.DistContext) -> None:
+    """Under torchrun: FSDP2 for the student, the teacher sharded or replicated (docs/distributed.md).
+    In one process the models stay as they are (the loss head is called the same way)."""
+    dc = cfg.distributed
+    param_dtype = DTYPES[dc.param_dtype] if dc.param_dtype else None
+    if ctx.distributed:
+        D.shard_model(models.student, param_dtype=param_dtype, reduce_dtype=DTYPES[dc.reduce_dtype])
+    D.prepare_teacher(models.teacher, dc.teacher if ctx.distributed else "replicate", param_dtype=param_dtype)
 
 
 def build_optimizer(cfg: Config, student: torch.nn.Module):
@@ -135,14 +147,45 @@ def vocab_limit(cfg: Config, models: Models) -> int:
     return cfg.loss.vocab_size or v
 
 
-def rollout(cfg: Config, models: Models, examples, step: int) -> Rollout:
-    """The student samples one response per prompt (temperature, KV cache, stop at EOS / max_new_tokens)."""
+def rollout(cfg: Config, models: Models, examples, step: int, engine=None) -> Rollout:
+    """The student samples one response per prompt (temperature, KV cache, stop at EOS / max_new_tokens).
+
+    Each rank samples its own prompts with its own stream (rank 0's is the single-process one); a
+    sharded student steps until every rank is done. ``engine``: a vLLM engine (rollout.engine=vllm)."""
     device = next(models.student.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 2))
-    return generate(models.student, encode_prompts(cfg, models.tokenizer, examples),
+    rank = D.rank_world()[0]
+    prompts = encode_prompts(cfg, models.tokenizer, examples)
+    if engine is not None:
+        resp = engine.generate(prompts, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                               top_p=cfg.rollout.top_p, seed=step_seed(cfg.seed, step, 2 + 1000 * rank))
+        return rollout_from_tokens(prompts, resp, models.tokenizer.pad_id, models.tokenizer.eos_ids, device)
+    gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 2 + 1000 * rank))
+    return generate(models.student, prompts,
                     max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
                     pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                    generator=gen, vocab_limit=vocab_limit(cfg, models))
+                    generator=gen, vocab_limit=vocab_limit(cfg, models), all_done=D.all_ranks_done)
+
+
+def rollout_from_tokens(prompts, responses, pad_id: int, eos_ids, device) -> Rollout:
+    """A ``Rollout`` from token lists (vLLM's output): prompts left-padded, responses right-padded,
+    each response cut after its first EOS."""
+    from .generation import left_pad
+
+    ids, mask = left_pad(prompts, pad_id, device)
+    eos = set(eos_ids)
+    cut = []
+    for r in responses:
+        end = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
+        cut.append(list(r[:end]))
+    width = max(1, max(len(r) for r in cut))
+    resp = torch.full((len(cut), width), pad_id, dtype=torch.long)
+    rmask = torch.zeros((len(cut), width), dtype=torch.long)
+    for i, r in enumerate(cut):
+        resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        rmask[i, :len(r)] = 1
+    resp, rmask = resp.to(device), rmask.to(device)
+    return Rollout(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1),
+                   torch.cat([torch.zeros_like(mask), rmask], 1), ids.shape[1])
 
 
 @dataclass
@@ -182,18 +225,22 @@ def _loss_kwargs(cfg: Config, models: Models, mb: MicroBatch) -> dict:
 def score(cfg: Config, models: Models, mbs: List[MicroBatch]):
     """Teacher and student forwards without grad; per-position statistics (SPEC section 2) per micro-batch.
 
-    Returns (stats per micro-batch, teacher hidden per micro-batch: reused by ``loss_backward``)."""
-    stats, teacher_hidden = [], []
-    w_s, w_t = lm_head_weight(models.student), lm_head_weight(models.teacher)
+    Returns (stats per micro-batch, teacher (hidden, lm_head weight, bias) per micro-batch: reused by
+    ``loss_backward``). Both lm_head weights are the full ones, also when FSDP shards them
+    (``distributed.call_with_full_head``); a sharded teacher's full weight is fetched once per step."""
+    stats, teacher_out = [], []
+    w_t = b_t = None
     for mb in mbs:
-        h_t = final_hidden(models.teacher, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
-        h_s = final_hidden(models.student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
-        st = teachability_stats(h_s, w_s, h_t, w_t, student_bias=lm_head_bias(models.student),
-                                teacher_bias=lm_head_bias(models.teacher), check_finite=cfg.loss.check_finite,
-                                **_loss_kwargs(cfg, models, mb))
+        h_t, w, b = D.teacher_forward(models.teacher, mb.input_ids, mb.attention_mask, position_ids=mb.position_ids)
+        if w_t is None:
+            w_t, b_t = w, b
+        h_t = h_t[:, :-1]
+        st = D.head_stats(models.student, mb.input_ids, mb.attention_mask, h_t, w_t, b_t,
+                          position_ids=mb.position_ids, check_finite=cfg.loss.check_finite,
+                          **_loss_kwargs(cfg, models, mb))
         stats.append(st)
-        teacher_hidden.append(h_t)
-    return stats, teacher_hidden
+        teacher_out.append((h_t, w_t, b_t))
+    return stats, teacher_out
 
 
 def concat_stats(stats: List[TeachabilityStats]) -> TeachabilityStats:
@@ -214,54 +261,60 @@ def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], s
     normaliser = the batch's kept count, the concatenated statistics with score/kept filled in)."""
     allstats = concat_stats(stats)
     seq = torch.cat([mb.sequence_ids.reshape(-1) for mb in mbs])
-    score_, kept = select_positions(allstats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
-                                    sequence_ids=seq, min_per_sequence=cfg.loss.min_per_sequence,
-                                    seed=step_seed(cfg.seed, step, 3))
-    allstats.score, allstats.kept = score_, kept
+    # Under torchrun: over the positions of all ranks, in rank order (distributed.global_select);
+    # sequence ids are global batch indices (micro_batches' seq_offset).
+    sel = D.global_select(allstats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
+                          sequence_ids=seq, min_per_sequence=cfg.loss.min_per_sequence,
+                          seed=step_seed(cfg.seed, step, 3), global_sequence_ids=True)
+    kept = sel.keep_mask
+    allstats.score, allstats.kept = sel.score, kept
     masks, start = [], 0
     for mb in mbs:
         n = mb.valid.numel()
         masks.append(kept[start:start + n].view(mb.valid.shape))
         start += n
-    return masks, float(kept.sum()), allstats
+    return masks, float(sel.num_kept), allstats
 
 
-def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_hidden: torch.Tensor,
+def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tuple,
                   stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float) -> float:
     """Student forward with grad, fused loss head on this micro-batch, backward. The micro-batch losses
-    of one step sum to the batch loss (each is divided by the batch's kept count)."""
+    of one step sum to the batch loss (each is divided by the batch's kept count; under torchrun by the
+    count over all ranks, and FSDP sums the ranks' gradients). ``teacher_out``: from ``score``."""
     if normalizer <= 0:
         return 0.0
-    h_s = final_hidden(models.student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
-    loss, _ = fused_teachability_kl(
-        h_s, lm_head_weight(models.student), teacher_hidden, lm_head_weight(models.teacher),
-        student_bias=lm_head_bias(models.student), teacher_bias=lm_head_bias(models.teacher),
-        estimator=cfg.loss.estimator, seed=0, keep_mask=keep_mask, normalizer=normalizer, stats=stats,
-        check_finite=False,  # the same weights were checked by ``score`` when loss.check_finite is set
-        **_loss_kwargs(cfg, models, mb))
+    h_t, w_t, b_t = teacher_out
+    loss, _ = D.head_loss(models.student, mb.input_ids, mb.attention_mask, h_t, w_t, b_t,
+                          position_ids=mb.position_ids, estimator=cfg.loss.estimator, seed=0, keep_mask=keep_mask,
+                          normalizer=normalizer, stats=stats,
+                          check_finite=False,  # the same weights were checked by ``score`` when loss.check_finite is set
+                          **_loss_kwargs(cfg, models, mb))
     loss.backward()
     return float(loss.detach())
 
 
 def optimizer_step(cfg: Config, student, opt, sched) -> float:
     params = [p for p in student.parameters() if p.grad is not None]
-    if cfg.optim.max_grad_norm is not None:
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-    else:
-        gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
+    # clip_grad_norm_ also handles FSDP's sharded (DTensor) gradients; its norm is then a DTensor.
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     return gnorm
 
 
-def train_step(cfg: Config, models: Models, opt, sched, step: int) -> Dict[str, float]:
-    """One OPD step over one rollout batch. Returns the step's metrics."""
+def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) -> Dict[str, float]:
+    """One OPD step over one rollout batch. Returns the step's metrics (over all ranks under torchrun:
+    each rank rolls out its contiguous block of the batch's prompts)."""
     t0 = time.perf_counter()
     examples = sample_prompts(cfg, models.task, step)
-    ro = rollout(cfg, models, examples, step)
+    rank, world = D.rank_world()
+    mine = D.shard_range(len(examples), rank, world)
+    ro = rollout(cfg, models, examples[mine.start:mine.stop], step, engine)
     t_roll = time.perf_counter()
-    mbs = micro_batches(cfg, ro)
+    mbs = micro_batches(cfg, ro, seq_offset=mine.start)
     stats, teacher_hidden = score(cfg, models, mbs)
     masks, normalizer, allstats = select(cfg, stats, mbs, step)
     loss = 0.0
@@ -269,10 +322,14 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int) -> Dict[str, 
         loss += loss_backward(cfg, models, mb, h_t, st, keep, normalizer)
     lr = sched.get_last_lr()[0]
     gnorm = optimizer_step(cfg, models.student, opt, sched)
+    if engine is not None:
+        engine.sync_weights(models.student)
     dt = time.perf_counter() - t0
-    s = allstats.summary()
-    resp_len = ro.response_mask.sum(1).float()
-    tokens = int(ro.attention_mask.sum())
+    s = D.global_summary(allstats)
+    device = ro.input_ids.device
+    loss, resp_total, tokens = D.all_reduce_sum(torch.tensor(
+        [loss, float(ro.response_mask.sum()), float(ro.attention_mask.sum())], dtype=torch.float64, device=device)).tolist()
+    resp_len = torch.tensor(resp_total / len(examples))
     return {
         "loss": loss, "kept_fraction": s["kept_fraction"], "num_kept": s["num_kept"], "num_valid": s["num_valid"],
         "kl/all": s["kl_reverse/all"], "kl/kept": s["kl_reverse/kept"],
@@ -297,7 +354,7 @@ def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) ->
         chunk = examples[s:s + cfg.eval.batch_size]
         ro = generate(model, encode_prompts(cfg, models.tokenizer, chunk), max_new_tokens=cfg.eval.max_new_tokens,
                       eos_ids=models.tokenizer.eos_ids, pad_id=models.tokenizer.pad_id, greedy=True,
-                      vocab_limit=vocab_limit(cfg, models))
+                      vocab_limit=vocab_limit(cfg, models), all_done=D.all_ranks_done)
         for ex, resp in zip(chunk, ro.response_ids):
             text = models.tokenizer.decode(resp)
             ok = models.task.check(text, ex.answer)
@@ -328,18 +385,34 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) / "checkpoints")
 
 
-def save_checkpoint(cfg: Config, models: Models, opt, sched, step: int, state: dict) -> Path:
-    """<root>/step_NNNNNN/{student/ (HF format), trainer_state.pt}; <root>/latest names the newest."""
+def save_checkpoint(cfg: Config, models: Models, opt, sched, step: int, state: dict, export: bool = True) -> Path:
+    """<root>/step_NNNNNN/{student/ (HF format), trainer_state.pt}; <root>/latest names the newest.
+
+    A sharded student (torchrun) is saved as a torch.distributed.checkpoint in ``dcp/`` (weights and
+    optimizer, written by every rank, resumable at any world size); ``student/`` is then exported only
+    when ``export`` (the final checkpoint), gathered on rank 0. Collective under torchrun."""
     root = checkpoint_root(cfg)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    models.student.save_pretrained(tmp / "student")
+    main = D.rank_world()[0] == 0
+    sharded = D.is_sharded(models.student)
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    if sharded:
+        D.save_checkpoint(tmp / "dcp", models.student, opt if cfg.checkpoint.save_optimizer else None, {"step": step})
+        if export:
+            D.export_hf(models.student, tmp / "student")
+    elif main:
+        models.student.save_pretrained(tmp / "student")
+    if not main:
+        D.barrier()
+        return final
     trainer = {"step": step, "rng": rng_state(), "scheduler": sched.state_dict(), "state": state,
                "config": to_dict(cfg)}
-    if cfg.checkpoint.save_optimizer:
+    if cfg.checkpoint.save_optimizer and not sharded:
         trainer["optimizer"] = opt.state_dict()
     torch.save(trainer, tmp / "trainer_state.pt")
     if final.exists():
@@ -349,6 +422,7 @@ def save_checkpoint(cfg: Config, models: Models, opt, sched, step: int, state: d
     if cfg.checkpoint.keep_last:
         for old in sorted(root.glob("step_*"))[:-cfg.checkpoint.keep_last]:
             shutil.rmtree(old)
+    D.barrier()
     return final
 
 
@@ -367,8 +441,9 @@ def find_checkpoint(cfg: Config) -> Optional[Path]:
     return p
 
 
-def load_checkpoint(ckpt: Path, opt, sched) -> dict:
-    trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+def load_checkpoint(ckpt: Path, opt, sched, trainer: Optional[dict] = None) -> dict:
+    if trainer is None:
+        trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     if "optimizer" in trainer:
         opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
@@ -436,6 +511,17 @@ class Logger:
         self.jsonl.close()
 
 
+class _SilentLogger:
+    """Ranks other than 0 log nothing."""
+
+    bar = None
+
+    def log(self, *a, **k):
+        pass
+
+    progress = write = close = log
+
+
 def plot_curves(history: dict, path: Path, teacher_acc: Optional[float] = None) -> None:
     import matplotlib
 
@@ -466,26 +552,56 @@ def train(cfg: Config, log=None) -> dict:
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg)
+    # Under torchrun: one process per rank (docs/distributed.md); otherwise no process group.
+    ctx = D.init_distributed(device=None if cfg.device == "auto" else cfg.device, backend=cfg.distributed.backend) \
+        if D.launched_by_torchrun() else D.DistContext(device=pick_device(cfg))
+    device = ctx.device
+    if cfg.rollout.batch_size % ctx.world_size:
+        raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size}: must be divisible by the number of "
+                          f"ranks ({ctx.world_size}), so that every rank runs the same number of micro-batches")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = Path(cfg.logging.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda m: print(m, flush=True))
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    say = (log or (lambda m: print(m, flush=True))) if ctx.is_main else (lambda m: None)
 
     ckpt = find_checkpoint(cfg)
-    models = build_models(cfg, device, student_path=str(ckpt / "student") if ckpt else None, log=say)
+    dcp_dir = ckpt / "dcp" if ckpt is not None and D.is_dcp_checkpoint(ckpt / "dcp") else None
+    hf_dir = str(ckpt / "student") if ckpt is not None and dcp_dir is None else None
+    if ctx.distributed and not ctx.is_main:
+        D.barrier()  # rank 0 first: it prepares (and caches on disk) the built-in models if needed
+    models = build_models(cfg, device, student_path=hf_dir, log=say)
+    if ctx.distributed and ctx.is_main:
+        D.barrier()
+    wrap_models(cfg, models, ctx)
     opt, sched = build_optimizer(cfg, models.student)
     state = {"history": {"train": [], "eval": []}, "teacher_accuracy": None, "student_before": None}
     start = 0
     if ckpt is not None:
-        trainer = load_checkpoint(ckpt, opt, sched)
+        if dcp_dir is not None:  # written by a sharded run: reshards to this world size (one process too)
+            D.load_checkpoint(dcp_dir, models.student, opt)
+        trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if "optimizer" in trainer and ctx.distributed:
+            say("[resume] warning: the optimizer state of a single-process checkpoint is not loaded into a "
+                "sharded run (its moments start from zero); the weights are")
+            trainer.pop("optimizer")
+        trainer = load_checkpoint(ckpt, opt, sched, trainer)
         start, state = trainer["step"], trainer["state"]
         say(f"[resume] from {ckpt} at step {start}")
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    engine = None
+    if cfg.rollout.engine != "hf":
+        path = hf_dir or cfg.student.path
+        if path == "builtin" or cfg.student.random_init and hf_dir is None:
+            raise ConfigError("rollout.engine=vllm: the student must be a HF checkpoint directory (student.path)")
+        engine = D.make_rollout_engine(cfg.rollout.engine, model_path=path, seed=cfg.seed,
+                                       gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+        engine.sync_weights(models.student)
+    if ctx.is_main:
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     t_prep = time.time() - t_start
 
-    logger = Logger(cfg, total=cfg.optim.steps, initial=start)
+    logger = Logger(cfg, total=cfg.optim.steps, initial=start) if ctx.is_main else _SilentLogger()
     if logger.bar is None or log is not None:
         logger.write = say
     if state["teacher_accuracy"] is None and cfg.eval.at_start:
@@ -501,7 +617,7 @@ def train(cfg: Config, log=None) -> dict:
 
     t_loop = time.time()
     for step in range(start, cfg.optim.steps):
-        metrics = train_step(cfg, models, opt, sched, step)
+        metrics = train_step(cfg, models, opt, sched, step, engine)
         done = step + 1
         state["history"]["train"].append((done, metrics["loss"]))
         if done % cfg.logging.every == 0 or done == cfg.optim.steps:
@@ -513,7 +629,7 @@ def train(cfg: Config, log=None) -> dict:
             logger.log(done, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
             logger.write(f"[eval] step {done}: student accuracy {ev['accuracy']:.3f}")
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.optim.steps:
-            save_checkpoint(cfg, models, opt, sched, done, state)
+            save_checkpoint(cfg, models, opt, sched, done, state, export=False)
     train_time = time.time() - t_loop
 
     final = evaluate(cfg, models.student, models)
@@ -522,7 +638,7 @@ def train(cfg: Config, log=None) -> dict:
         state["history"]["eval"].append((end_step, final["accuracy"]))
     logger.log(end_step, {"accuracy": final["accuracy"], "samples": final["samples"]}, kind="eval")
     ckpt_path = save_checkpoint(cfg, models, opt, sched, end_step, state)
-    if cfg.logging.plot:
+    if cfg.logging.plot and ctx.is_main:
         plot_curves(state["history"], out_dir / "curves.png", state["teacher_accuracy"])
     summary = {"teacher_accuracy": state["teacher_accuracy"], "student_before": state["student_before"],
                "student_after": final["accuracy"], "steps": end_step, "strategy": cfg.loss.strategy,
@@ -533,10 +649,13 @@ def train(cfg: Config, log=None) -> dict:
         summary["gap_closed"] = (a - b) / (t - b)
     logger.log(end_step, summary, kind="summary")
     logger.close()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if ctx.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     gap = f" | gap closed {summary['gap_closed'] * 100:.0f}%" if "gap_closed" in summary else ""
     say(f"[done] teacher {t if t is None else f'{t:.3f}'} | student before {b if b is None else f'{b:.3f}'} | "
         f"student after {a:.3f}{gap} | {summary['total_s']:.0f}s total ({t_prep:.0f}s preparation)")
+    if ctx.initialized_here:
+        D.destroy_distributed(ctx)
     return summary
 
 
