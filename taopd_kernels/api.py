@@ -99,13 +99,17 @@ def select_positions(
 
 
 def _select(stats, pos: _Positions, *, strategy, keep_ratio, min_per_sequence, seed, keep_mask):
+    if keep_mask is not None:
+        # The kept set was chosen elsewhere (e.g. globally across ranks): local scores would be
+        # misleading, so stats.score stays whatever the caller put there (None for fresh statistics).
+        kept = check_position_tensor("keep_mask", keep_mask, pos.leading, pos.valid.device, kind="mask")
+        kept = kept.reshape(-1) & pos.valid
+        stats.kept = kept.view(pos.leading)
+        return kept
     score = strategy_scores(strategy, entropy=stats.entropy_student.reshape(-1),
                             disagreement=stats.disagreement.reshape(-1),
                             teacher_mass=stats.teacher_mass.reshape(-1), valid=pos.valid, seed=seed)
-    if keep_mask is not None:
-        kept = check_position_tensor("keep_mask", keep_mask, pos.leading, pos.valid.device, kind="mask")
-        kept = kept.reshape(-1) & pos.valid
-    elif strategy == "all":
+    if strategy == "all":
         kept = pos.valid.clone()
     else:
         kept = select_top(score, pos.valid, keep_ratio=keep_ratio, sequence_ids=pos.sequence_ids,
@@ -360,7 +364,8 @@ def fused_teachability_kl(
         strategy: one of ``STRATEGIES`` (SPEC section 3). estimator: "full" or "sampled" (section 4).
         temperature: tau, dividing both logit rows. vocab_size: columns that exist (default min(V_s, V_t)).
         min_per_sequence: kept positions every sequence gets at least. seed: for strategy "random".
-        keep_mask: bool [...]; use this kept set instead of selecting (e.g. a global selection).
+        keep_mask: bool [...]; use this kept set instead of selecting (e.g. a global selection); then no
+            local score is computed and ``stats.score`` is left as given (None for fresh statistics).
         normalizer: divide by this instead of the local kept count (global count, accumulation).
         stats: statistics already computed for these inputs (``teachability_stats``); skips the forward.
         backend: "auto" (triton on CUDA when available, else torch), "torch", "triton" or "cuda".
