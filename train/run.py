@@ -668,10 +668,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    except FileNotFoundError as e:  # a model or data path that is not there: the message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
