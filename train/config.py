@@ -73,8 +73,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    batch_size: int = 64  # prompts per optimizer step (one selection over all of them)
-    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation over the rest)
+    batch_size: int = 128  # prompts per optimizer step (one selection over all of them)
+    micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation over the rest)
     max_new_tokens: int = 6
     temperature: float = 1.0
     top_p: float = 1.0
