@@ -77,7 +77,16 @@ def main() -> int:
         print(f"chunked / reference: memory {chunked['peak_extra_mb'] / ref['peak_extra_mb']:.3f}, "
               f"time {chunked['fwd_bwd_s'] / ref['fwd_bwd_s']:.3f}; losses {chunked['loss']:.6f} vs {ref['loss']:.6f}")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows}, indent=1))
+        import datetime
+        import platform
+
+        import torch
+
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        meta = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
+                "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0 if len(rows) == 2 else 1
 
 
