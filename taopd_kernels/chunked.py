@@ -333,10 +333,7 @@ def chunked_backward_kept(
     """
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
     chunk_vocab = chunk_vocab or default_chunk_vocab(min(chunk_rows, h_s.shape[0]))
-    device = h_s.device
-    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=device)
-    d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=device)
-    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=device) if need_bias_grad else None
+    d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
     need_teacher = estimator == "full"
     with torch.no_grad():
         for r0 in range(0, h_s.shape[0], chunk_rows):
@@ -355,9 +352,21 @@ def chunked_backward_kept(
                     sampled_ids=None if sampled_ids is None else sampled_ids[sl],
                     sampled_weight=None if sampled_weight is None else sampled_weight[sl],
                 )
-                w_tile = w_s[v0:v1].float()
-                d_h[sl] += g @ w_tile
-                d_w[v0:v1] += g.T @ hs
-                if d_b is not None:
-                    d_b[v0:v1] += g.sum(0)
+                accumulate_head_grads(g, hs, w_s, v0, v1, d_h[sl], d_w, d_b)
     return d_h, d_w, d_b
+
+
+def head_grad_buffers(h_s, w_s, need_bias_grad: bool):
+    """Zeroed float32 (dh [R, D_s], dW [V_s, D_s], db [V_s] or None)."""
+    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device)
+    d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=h_s.device)
+    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=h_s.device) if need_bias_grad else None
+    return d_h, d_w, d_b
+
+
+def accumulate_head_grads(g, hs32, w_s, v0: int, v1: int, d_h_rows, d_w, d_b) -> None:
+    """Fold the logit gradient g [R, v1-v0] of one vocabulary tile into dh (rows), dW and db, in float32."""
+    d_h_rows += g @ w_s[v0:v1].float()
+    d_w[v0:v1] += g.T @ hs32
+    if d_b is not None:
+        d_b[v0:v1] += g.sum(0)

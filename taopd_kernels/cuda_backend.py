@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .chunked import accumulate_head_grads, head_grad_buffers
 from .stats import RowStats
 
 BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
@@ -262,10 +263,7 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     _require(h_s.device)
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
     chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
-    device = h_s.device
-    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=device)
-    d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=device)
-    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=device) if need_bias_grad else None
+    d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
     sampled = estimator == "sampled"
     with torch.no_grad():
         for r0 in range(0, h_s.shape[0], chunk_rows):
@@ -282,10 +280,6 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             hs32 = hs.float()
             for v0 in range(0, vocab_size, chunk_vocab):
                 v1 = min(v0 + chunk_vocab, vocab_size)
-                g_tile = g[:, v0:v1]
-                d_h[sl] += g_tile @ w_s[v0:v1].float()
-                d_w[v0:v1] += g_tile.t() @ hs32
-                if d_b is not None:
-                    d_b[v0:v1] += g_tile.sum(0)
+                accumulate_head_grads(g[:, v0:v1], hs32, w_s, v0, v1, d_h[sl], d_w, d_b)
             del g
     return d_h, d_w, d_b
