@@ -182,6 +182,18 @@ def test_train_step_metrics(tmp_path):
     assert 0 < m["kept_fraction"] < 1
 
 
+@pytest.mark.parametrize("strategy", ["teachability", "incompatible", "divergence", "entropy", "tip", "compat",
+                                      "teachability_entropy", "random", "all"])
+def test_every_strategy_runs_from_the_same_config(tmp_path, strategy):
+    cfg = _tiny_cfg(tmp_path, f"loss.strategy={strategy}")
+    models = run.build_models(cfg, torch.device("cpu"))
+    opt, sched = run.build_optimizer(cfg, models.student)
+    m = run.train_step(cfg, models, opt, sched, step=0)
+    assert math.isfinite(m["loss"]) and 0 < m["kept_fraction"] <= 1
+    if strategy == "all":
+        assert m["kept_fraction"] == 1
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = ["optim.steps=3", "eval.at_start=false", "eval.every=0", "checkpoint.keep_last=0",
               "optim.warmup_steps=1", "optim.schedule=cosine"]
