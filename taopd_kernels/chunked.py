@@ -32,8 +32,8 @@ TileFn = Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_CHUNK_ROWS = 1024
 # Vocabulary tile width: about TILE_ELEMENTS logits per tile, so that few rows get wide tiles (per-op
 # overhead, paid ~20 times a tile, dominates small tiles on a CPU) and many rows stay within memory:
-# a handful of [rows, width] float32 temporaries are alive at once (~16 MB each at the target).
-TILE_ELEMENTS = 1 << 22
+# a handful of [rows, width] float32 temporaries are alive at once (~8 MB each at the target).
+TILE_ELEMENTS = 1 << 21
 MIN_CHUNK_VOCAB, MAX_CHUNK_VOCAB = 1024, 65536
 
 
