@@ -239,7 +239,7 @@ def test_default_run_raises_student_accuracy(default_run):
     out, summary = default_run
     t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
     assert t > b + 0.2, summary  # a strong teacher, a weaker student
-    assert a >= b + 0.10, summary  # OPD with TA-OPD selection raises held-out accuracy (measured: +0.25)
+    assert a >= b + 0.10, summary  # OPD with TA-OPD selection raises held-out accuracy (measured: +0.24)
     assert (out / "curves.png").is_file() and (out / "metrics.jsonl").is_file()
     assert any((out / "tensorboard").iterdir())
     assert (out / "checkpoints" / "latest").is_file()
@@ -247,7 +247,7 @@ def test_default_run_raises_student_accuracy(default_run):
 
 @pytest.mark.slow
 def test_default_run_closes_half_the_gap(default_run):
-    """The issue's goal (measured: 0.520 -> 0.773 with teacher 0.941, 60% of the gap)."""
+    """The issue's goal (measured: 0.520 -> 0.762 with teacher 0.941, 57% of the gap)."""
     _, summary = default_run
     t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
     assert a >= b + 0.5 * (t - b), summary
