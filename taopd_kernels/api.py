@@ -37,14 +37,11 @@ class _Positions:
     valid: torch.Tensor  # bool [N]
     sequence_ids: Optional[torch.Tensor]  # int64 [N] or None
     sampled_ids: Optional[torch.Tensor]  # int64 [N] or None
-
-    @property
-    def valid_idx(self) -> torch.Tensor:
-        return self.valid.nonzero().squeeze(1)
+    valid_idx: torch.Tensor  # int64 [|I|]: found once (one host sync), reused for gathers and scatters
 
     @property
     def all_valid(self) -> bool:
-        return bool(self.valid.all())
+        return self.valid_idx.numel() == self.valid.numel()
 
 
 def _positions(leading, device, valid_mask, sequence_ids, sampled_ids, vocab_size, estimator) -> _Positions:
@@ -63,7 +60,7 @@ def _positions(leading, device, valid_mask, sequence_ids, sampled_ids, vocab_siz
         check_sampled_ids(ids, valid, vocab_size)
     elif estimator == "sampled":
         raise ValueError("estimator='sampled' needs sampled_ids (the sampled token at every position)")
-    return _Positions(tuple(leading), valid, seq, ids)
+    return _Positions(tuple(leading), valid, seq, ids, valid.nonzero().squeeze(1))
 
 
 def _rows(x: torch.Tensor, pos: _Positions) -> torch.Tensor:
@@ -291,7 +288,7 @@ def _hidden_stats(h_s, w_s, b_s, h_t, w_t, b_t, pos: _Positions, backend, *, voc
             vocab_size=vocab_size, top_k=top_k, temperature=float(temperature),
             sampled_ids=None if pos.sampled_ids is None else _rows(pos.sampled_ids, pos),
             chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
-    return scatter_rows(rows, pos.valid, pos.leading, top_k)
+    return scatter_rows(rows, pos.valid, pos.valid_idx, pos.leading, top_k)
 
 
 def teachability_stats(
@@ -470,7 +467,7 @@ def teachability_kl_from_logits(
             temperature=float(temperature),
             sampled_ids=None if pos.sampled_ids is None else _rows(pos.sampled_ids, pos),
             chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
-    stats = scatter_rows(rows, pos.valid, leading, top_k)
+    stats = scatter_rows(rows, pos.valid, pos.valid_idx, leading, top_k)
     kept = _select(stats, pos, strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                    seed=seed, keep_mask=keep_mask)
     norm = _check_normalizer(normalizer, kept)

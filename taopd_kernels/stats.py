@@ -87,11 +87,11 @@ class TeachabilityStats:
         return TeachabilityStats(**kwargs)
 
 
-def scatter_rows(rows: RowStats, valid_flat: torch.Tensor, leading: tuple, top_k: int) -> TeachabilityStats:
-    """Place backend rows (computed for the valid positions only) into full-size tensors."""
+def scatter_rows(rows: RowStats, valid_flat: torch.Tensor, idx: torch.Tensor, leading: tuple,
+                 top_k: int) -> TeachabilityStats:
+    """Place backend rows (computed for the valid positions ``idx`` of ``valid_flat``) into full-size tensors."""
     n = valid_flat.numel()
     device = valid_flat.device
-    idx = valid_flat.nonzero().squeeze(1)
 
     def fill_float(x):
         if x is None:
