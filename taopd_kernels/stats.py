@@ -10,9 +10,17 @@ over the wrong positions shows up as NaN instead of a plausible number.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
+
+# The per-position statistics both containers carry, in one list (fields, summaries, concatenation).
+FLOAT_FIELDS = ("lse_student", "lse_teacher", "entropy_student", "kl_reverse", "kl_forward",
+                "teacher_mass", "disagreement")
+ID_FIELDS = ("topk_ids_student", "topk_ids_teacher")
+SAMPLED_FIELDS = ("logp_student_sampled", "logp_teacher_sampled")
+# The statistics ``summary()`` averages (over all valid and over kept positions).
+SUMMARY_FIELDS = ("entropy_student", "kl_reverse", "kl_forward", "teacher_mass", "disagreement")
 
 
 @dataclass
@@ -56,6 +64,7 @@ class TeachabilityStats:
     kept: Optional[torch.Tensor] = None
     logp_student_sampled: Optional[torch.Tensor] = None
     logp_teacher_sampled: Optional[torch.Tensor] = None
+    backend: Optional[str] = None  # the backend that computed the statistics ("torch", "triton", "cuda")
 
     @property
     def num_valid(self) -> int:
@@ -65,19 +74,50 @@ class TeachabilityStats:
     def num_kept(self) -> int:
         return 0 if self.kept is None else int(self.kept.sum())
 
-    def summary(self) -> dict:
-        """Means for logging: every statistic over valid positions and over kept positions."""
-        out = {"num_valid": self.num_valid, "num_kept": self.num_kept}
-        out["kept_fraction"] = out["num_kept"] / max(out["num_valid"], 1)
-        groups = {"all": self.valid}
+    def summary(self, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+        """Means for logging: every statistic over valid positions and over kept positions.
+
+        ``all_reduce``: sums a float64 tensor over processes (e.g. a distributed all-reduce), so the
+        means are over the positions of every rank. All sums and counts travel in one tensor, and the
+        host reads it once.
+        """
+        groups = {"all": self.valid.bool()}
         if self.kept is not None:
-            groups["kept"] = self.kept
-        for name in ("entropy_student", "kl_reverse", "kl_forward", "teacher_mass", "disagreement"):
-            value = getattr(self, name)
-            for group, mask in groups.items():
-                sel = value[mask]
-                out[f"{name}/{group}"] = float(sel.double().mean()) if sel.numel() else float("nan")
+            groups["kept"] = self.kept.bool()
+        parts = []
+        for name in SUMMARY_FIELDS:
+            value = getattr(self, name).double()
+            for mask in groups.values():
+                parts += [torch.where(mask, value, 0.0).sum(), mask.sum().double()]
+        parts += [groups["all"].sum().double(),
+                  groups["kept"].sum().double() if "kept" in groups else self.valid.new_zeros((), dtype=torch.float64)]
+        totals = torch.stack(parts)
+        if all_reduce is not None:
+            totals = all_reduce(totals)
+        totals = totals.tolist()
+        out = {"num_valid": int(totals[-2]), "num_kept": int(totals[-1])}
+        out["kept_fraction"] = out["num_kept"] / max(out["num_valid"], 1)
+        i = 0
+        for name in SUMMARY_FIELDS:
+            for group in groups:
+                total, count = totals[i], totals[i + 1]
+                out[f"{name}/{group}"] = total / count if count else float("nan")
+                i += 2
         return out
+
+    @classmethod
+    def concat(cls, parts: List["TeachabilityStats"]) -> "TeachabilityStats":
+        """Flatten each part's positions and concatenate them into one [N] batch (e.g. the micro-batches
+        of a rollout batch, for one selection over all of them)."""
+        kwargs = {}
+        lead = parts[0].valid.dim()
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if any(not isinstance(v, torch.Tensor) for v in values):
+                kwargs[f.name] = values[0] if all(v == values[0] for v in values) else None
+                continue
+            kwargs[f.name] = torch.cat([v.reshape(-1, *v.shape[lead:]) for v in values])
+        return cls(**kwargs)
 
     def to(self, device) -> "TeachabilityStats":
         kwargs = {}
