@@ -5,7 +5,7 @@
 //             logp_s_y, logp_t_y)        (the last two are empty [0] tensors without sampled_ids)
 //     torch.ops.taopd.teachability_logit_grad(zs, zt?, vocab_size, temperature, sampled_estimator,
 //         lse_s, lse_t?, kl_rev?, row_coef, sampled_ids?, sampled_weight?) -> float32 [R, zs.size(1)]
-// Fake (meta) implementations are registered from Python (taopd_kernels/cuda_backend.py).
+// Fake (meta) implementations are registered from Python (taopd_kernels/backends/cuda.py).
 // Host compiler only: no device code here, so the kernels build with nvcc alone (see taopd_launch.h).
 #include <cmath>
 #include <optional>

@@ -15,7 +15,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Largest top-K the statistics kernel supports (per-warp lists live in shared memory).
 constexpr int kMaxTopK = 64;
 
-// Statistics of SPEC section 2 for `rows` rows; one thread block per row.
+// Statistics of docs/math.md, Per-position statistics for `rows` rows; one thread block per row.
 struct StatsParams {
   const void* zs = nullptr;  // student logits, row r at zs + r * stride_s (elements), columns unit-stride
   const void* zt = nullptr;  // teacher logits, same dtype
@@ -41,7 +41,7 @@ struct StatsParams {
   float* logp_t_y = nullptr;
 };
 
-// d loss / d student logits (SPEC section 4) for the rows given, float32 [rows, out_cols] contiguous.
+// d loss / d student logits (docs/math.md, Loss and gradients) for the rows given, float32 [rows, out_cols] contiguous.
 struct GradParams {
   const void* zs = nullptr;
   const void* zt = nullptr;  // nullptr for the sampled estimator

@@ -1,5 +1,5 @@
-// d loss / d student logits for the kept rows (SPEC section 4), the same formula as
-// chunked.logit_grad_tile, on logits x = z * inv_tau (row_coef already holds grad_out / normalizer / tau):
+// d loss / d student logits for the kept rows (docs/math.md, Loss and gradients), the same formula as
+// backends/pytorch.py logit_grad_tile, on logits x = z * inv_tau (row_coef already holds grad_out / normalizer / tau):
 //     full:    g = (p_s * (log p_s - log p_t - KL_rev)) * coef      (0 where p_s == 0)
 //     sampled: g = (1[v == y] - p_s) * (coef * w),  w = logp_s(y) - logp_t(y)
 // Columns >= vocab (up to out_cols) get 0. Grid: x = row, y = column blocks; 16-byte loads where aligned.

@@ -1,6 +1,6 @@
-// Statistics of SPEC section 2 from logits: one thread block per row, each logit read once.
+// Statistics of docs/math.md, Per-position statistics from logits: one thread block per row, each logit read once.
 //
-// Per thread: online softmax accumulators with max-rescaling, the same as chunked.py _OnlineSoftmax
+// Per thread: online softmax accumulators with max-rescaling, the same as backends/pytorch.py _OnlineSoftmax
 // (reference point m = running max):
 //     S0 = sum e^(x - m),  S1 = sum e^(x - m) (x - m),  Q = sum e^(x - m) (x - other)
 // -> lse = m + log S0, H = log S0 - S1 / S0, KL_rev = Q_s / S0_s - lse_s + lse_t (KL_fwd likewise).

@@ -4,7 +4,7 @@
     loss, stats = fused_teachability_kl(h_student, W_student, h_teacher, W_teacher, valid_mask=mask)
     loss.backward()
 
-The math contract is SPEC.md (shipped alongside the project); README.md lists the choices it leaves open.
+docs/math.md in the repository is the math contract: what every number means.
 """
 
 from .api import (
@@ -14,10 +14,10 @@ from .api import (
     teachability_stats,
 )
 from .backends import available as backend_available
-from .selection import STRATEGIES, batch_normalize, num_to_keep, select_top, strategy_scores
+from .options import BACKENDS, ESTIMATORS, STRATEGIES
+from .selection import batch_normalize, num_to_keep, select_top, strategy_scores
 from .stats import TeachabilityStats
 
-ESTIMATORS = ("full", "sampled")
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "TeachabilityStats",
     "STRATEGIES",
     "ESTIMATORS",
+    "BACKENDS",
     "batch_normalize",
     "strategy_scores",
     "select_top",

@@ -1,4 +1,4 @@
-"""The obvious implementation: materialise float32 logits for both models, then SPEC sections 2-4.
+"""The obvious implementation: materialise float32 logits for both models, then docs/math.md (Per-position statistics; Scores and selection; Loss and gradients).
 
 Only for tests and tiny inputs: it holds several [N, V] float32 tensors. Gradients come from
 autograd, so they are an independent check of the analytic backward of the other backends.
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .selection import select_top, strategy_scores
+from .selection import default_sequence_ids, score_and_select
 from .stats import RowStats
 
 
@@ -37,7 +37,7 @@ def reference_row_stats(
     top_k: int,
     sampled_ids: Optional[torch.Tensor] = None,
 ) -> RowStats:
-    """SPEC section 2 from scaled logits [R, V] of both models, computed in their dtype."""
+    """docs/math.md, Per-position statistics from scaled logits [R, V] of both models, computed in their dtype."""
     logp_s = torch.log_softmax(zs, dim=-1)
     logp_t = torch.log_softmax(zt, dim=-1)
     p_s, p_t = logp_s.exp(), logp_t.exp()
@@ -100,28 +100,19 @@ def reference_teachability_kl(
         vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
     n = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
     valid = torch.ones(n, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).bool()
-    if sequence_ids is None and student_hidden.dim() > 2:
-        sequence_ids = torch.arange(n).div(student_hidden.shape[-2], rounding_mode="floor")
+    if sequence_ids is None:
+        sequence_ids = default_sequence_ids(student_hidden.shape[:-1], student_hidden.device)
     seq = None if sequence_ids is None else sequence_ids.reshape(-1)
 
     zs = reference_logits(student_hidden, student_weight, student_bias, vocab_size, temperature, dtype)
     with torch.no_grad():
         zt = reference_logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size, temperature, dtype)
         rows = reference_row_stats(zs.detach(), zt, top_k, sampled_ids)
-    score = strategy_scores(
-        strategy,
-        entropy=rows.entropy_student,
-        disagreement=rows.disagreement,
-        teacher_mass=rows.teacher_mass,
-        valid=valid,
-        seed=seed,
-    )
+    score, kept = score_and_select(strategy, entropy=rows.entropy_student, disagreement=rows.disagreement,
+                                   teacher_mass=rows.teacher_mass, valid=valid, keep_ratio=keep_ratio,
+                                   sequence_ids=seq, min_per_sequence=min_per_sequence, seed=seed)
     if keep_mask is not None:
         kept = keep_mask.reshape(-1).bool() & valid
-    elif strategy == "all":
-        kept = valid.clone()
-    else:
-        kept = select_top(score, valid, keep_ratio=keep_ratio, sequence_ids=seq, min_per_sequence=min_per_sequence)
     m = kept.to(dtype)
     denom = m.sum().clamp_min(1.0)
     logp_s = torch.log_softmax(zs, -1)

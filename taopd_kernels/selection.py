@@ -1,10 +1,10 @@
-"""Scores and selection of SPEC section 3 (TA-OPD and the baselines it is compared with).
+"""Scores and selection of docs/math.md, Scores and selection (TA-OPD and the baselines it is compared with).
 
 Everything here works on small [N] tensors (one value per position), so it is plain PyTorch for
 every backend. In a multi-process run the same functions run on the positions gathered from all
 ranks, which is what makes the selection global.
 
-Choices where SPEC is silent (also in the README):
+Choices where the math contract is silent (also in the README):
 - Norm() ignores non-finite values when taking the quantiles; +inf normalises to 1, -inf to 0 and
   NaN to 0 (NaN never wins a place).
 - n = max(1, ceil(keep_ratio * |I|)) is computed with the product rounded to 9 decimals first, so
@@ -20,17 +20,7 @@ from typing import Optional
 
 import torch
 
-STRATEGIES = (
-    "teachability",
-    "incompatible",
-    "divergence",
-    "entropy",
-    "tip",
-    "compat",
-    "teachability_entropy",
-    "random",
-    "all",
-)
+from .options import STRATEGIES
 
 QUANTILE_LOW = 0.05
 QUANTILE_HIGH = 0.95
@@ -66,7 +56,7 @@ def strategy_scores(
     valid: torch.Tensor,
     seed: int = 0,
 ) -> torch.Tensor:
-    """The per-position score of one strategy (SPEC section 3 table). NaN where not valid."""
+    """The per-position score of one strategy (docs/math.md, Scores and selection table). NaN where not valid."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     flat_valid = valid.reshape(-1)
@@ -100,6 +90,39 @@ def strategy_scores(
             score = h + s - h * s
     score = torch.where(flat_valid, score, torch.full_like(score, float("nan")))
     return score.view(valid.shape)
+
+
+def default_sequence_ids(shape, device) -> Optional[torch.Tensor]:
+    """The default grouping for ``min_per_sequence``: for [B, T] (or [B, ..., T]) positions every row of
+    the last dimension is one sequence; for flat [N] positions there is none."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return None
+    n = math.prod(shape)
+    return torch.arange(n, device=device).div(shape[-1], rounding_mode="floor").view(shape)
+
+
+def score_and_select(
+    strategy: str,
+    *,
+    entropy: torch.Tensor,
+    disagreement: torch.Tensor,
+    teacher_mass: torch.Tensor,
+    valid: torch.Tensor,
+    keep_ratio: float,
+    sequence_ids: Optional[torch.Tensor],
+    min_per_sequence: int,
+    seed: int = 0,
+):
+    """(score, kept) of one strategy over one batch of positions: the score table, then the global top-n
+    with the per-sequence top-up; ``"all"`` keeps every valid position (plain OPD, keep_ratio unused)."""
+    score = strategy_scores(strategy, entropy=entropy, disagreement=disagreement, teacher_mass=teacher_mass,
+                            valid=valid, seed=seed)
+    if strategy == "all":
+        return score, valid.bool().clone()
+    kept = select_top(score, valid, keep_ratio=keep_ratio, sequence_ids=sequence_ids,
+                      min_per_sequence=min_per_sequence)
+    return score, kept
 
 
 def num_to_keep(keep_ratio: float, num_valid: int) -> int:

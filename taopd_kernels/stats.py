@@ -1,4 +1,4 @@
-"""Plain-data containers for the per-position statistics of SPEC section 2.
+"""Plain-data containers for the per-position statistics of docs/math.md, Per-position statistics.
 
 ``RowStats`` is the contract between the API and every backend (torch, triton, cuda): tensors over the
 rows a backend was given, flattened to [R]. ``TeachabilityStats`` is what users get back: the same
@@ -24,8 +24,8 @@ SUMMARY_FIELDS = ("entropy_student", "kl_reverse", "kl_forward", "teacher_mass",
 
 
 @dataclass
-class RowStats:
-    """Per-row statistics as a backend returns them (float32 [R], int64 [R, K])."""
+class _PositionStats:
+    """The per-position statistics of docs/math.md, Per-position statistics (float32, int64 ids)."""
 
     lse_student: torch.Tensor
     lse_teacher: torch.Tensor
@@ -36,12 +36,29 @@ class RowStats:
     topk_ids_teacher: torch.Tensor
     teacher_mass: torch.Tensor  # C: sum of p_t over the student's top-K ids
     disagreement: torch.Tensor  # D: forward KL of the renormalised p_t, p_s on the union of top-K
-    logp_student_sampled: Optional[torch.Tensor] = None
-    logp_teacher_sampled: Optional[torch.Tensor] = None
 
 
 @dataclass
-class TeachabilityStats:
+class RowStats(_PositionStats):
+    """Per-row statistics as a backend returns them (float32 [R], int64 [R, K])."""
+
+    logp_student_sampled: Optional[torch.Tensor] = None
+    logp_teacher_sampled: Optional[torch.Tensor] = None
+
+    @classmethod
+    def concat(cls, parts: List["RowStats"], device, top_k: int, with_sampled: bool) -> "RowStats":
+        """The rows of ``parts`` (e.g. row chunks) in order; empty [0] / [0, K] tensors for no part."""
+        if not parts:
+            empty = torch.zeros(0, device=device)
+            ids = torch.zeros((0, top_k), dtype=torch.long, device=device)
+            sampled = empty if with_sampled else None
+            return cls(*(empty,) * 5, ids, ids, empty, empty, sampled, sampled)
+        return cls(**{f.name: None if getattr(parts[0], f.name) is None
+                      else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+
+@dataclass
+class TeachabilityStats(_PositionStats):
     """Detached per-position statistics, shaped like the caller's leading dimensions.
 
     Float fields are float32 and NaN at positions that are not valid; id fields are int64 [..., K] and
@@ -50,15 +67,6 @@ class TeachabilityStats:
     positions that carry loss, ``valid`` the positions that were scored.
     """
 
-    lse_student: torch.Tensor
-    lse_teacher: torch.Tensor
-    entropy_student: torch.Tensor
-    kl_reverse: torch.Tensor
-    kl_forward: torch.Tensor
-    topk_ids_student: torch.Tensor
-    topk_ids_teacher: torch.Tensor
-    teacher_mass: torch.Tensor
-    disagreement: torch.Tensor
     valid: torch.Tensor
     score: Optional[torch.Tensor] = None
     kept: Optional[torch.Tensor] = None
@@ -145,17 +153,6 @@ def scatter_rows(rows: RowStats, valid_flat: torch.Tensor, idx: torch.Tensor, le
         out[idx] = x.long()
         return out.view(*leading, top_k)
 
-    return TeachabilityStats(
-        lse_student=fill_float(rows.lse_student),
-        lse_teacher=fill_float(rows.lse_teacher),
-        entropy_student=fill_float(rows.entropy_student),
-        kl_reverse=fill_float(rows.kl_reverse),
-        kl_forward=fill_float(rows.kl_forward),
-        topk_ids_student=fill_ids(rows.topk_ids_student),
-        topk_ids_teacher=fill_ids(rows.topk_ids_teacher),
-        teacher_mass=fill_float(rows.teacher_mass),
-        disagreement=fill_float(rows.disagreement),
-        valid=valid_flat.view(leading),
-        logp_student_sampled=fill_float(rows.logp_student_sampled),
-        logp_teacher_sampled=fill_float(rows.logp_teacher_sampled),
-    )
+    filled = {name: fill_float(getattr(rows, name)) for name in FLOAT_FIELDS + SAMPLED_FIELDS}
+    filled.update({name: fill_ids(getattr(rows, name)) for name in ID_FIELDS})
+    return TeachabilityStats(valid=valid_flat.view(leading), **filled)

@@ -1,4 +1,4 @@
-"""The torch backend and the public API against the float64 reference (SPEC sections 2-4)."""
+"""The torch backend and the public API against the float64 reference (docs/math.md (Per-position statistics; Scores and selection; Loss and gradients))."""
 
 import math
 
@@ -15,7 +15,7 @@ from taopd_kernels import (
     teachability_kl_from_logits,
     teachability_stats,
 )
-from taopd_kernels.chunked import keys_to_ids, keys_to_values, ordered_keys
+from taopd_kernels.backends._tiles import keys_to_ids, keys_to_values, ordered_keys
 from taopd_kernels.reference import reference_logits, reference_teachability_kl
 
 SMALL_TILES = dict(chunk_rows=17, chunk_vocab=100)  # several row chunks and an odd vocabulary tail
@@ -33,7 +33,7 @@ def student_params(inputs, bias=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics (SPEC section 2)
+# Statistics (docs/math.md, Per-position statistics)
 
 
 @pytest.mark.parametrize("top_k", [1, 4, 16])
@@ -173,7 +173,7 @@ def test_logits_path_matches_hidden_path():
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss and gradients (SPEC section 4)
+# Loss and gradients (docs/math.md, Loss and gradients)
 
 
 @pytest.mark.parametrize("estimator", ["full", "sampled"])

@@ -1,4 +1,4 @@
-"""The CUDA C++ extension (csrc/, taopd_kernels.cuda_backend).
+"""The CUDA C++ extension (csrc/, taopd_kernels.backends.cuda).
 
 CPU machines: the kernels are compiled with nvcc (compile only) for sm_80 and sm_90a, the torch
 binding is syntax-checked with the host compiler, and the backend's error messages are checked.
@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import taopd_kernels as tk
-from taopd_kernels import backends, cuda_backend
-from taopd_kernels import torch_backend
+from taopd_kernels import backends
+from taopd_kernels.backends import cuda as cuda_backend
+from taopd_kernels.backends import pytorch as torch_backend
 from taopd_kernels.reference import reference_row_stats, reference_teachability_kl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""SPEC section 3: batch normalisation, strategy scores, global top-n, ties, minimum per sequence."""
+"""docs/math.md, Scores and selection: batch normalisation, strategy scores, global top-n, ties, minimum per sequence."""
 
 import math
 

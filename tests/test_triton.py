@@ -1,4 +1,4 @@
-"""The triton backend against the float64 reference (SPEC sections 2 and 4).
+"""The triton backend against the float64 reference (docs/math.md (Per-position statistics; Loss and gradients)).
 
 Without a GPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes
 here are small; the tests marked ``gpu`` run the real sizes and check that no [N, V] buffer appears.
@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from taopd_kernels import fused_teachability_kl, teachability_stats
-from taopd_kernels import torch_backend
+from taopd_kernels.backends import pytorch as torch_backend
 from taopd_kernels.reference import reference_row_stats, reference_teachability_kl
 
 triton = pytest.importorskip("triton")
-from taopd_kernels import triton_backend  # noqa: E402
-from taopd_kernels.triton_kernels import kept_backward, stats_forward  # noqa: E402
+from taopd_kernels.backends import triton as triton_backend  # noqa: E402
+from taopd_kernels.backends.triton import kept_backward, stats_forward  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FLOAT_FIELDS = ("lse_student", "lse_teacher", "entropy_student", "kl_reverse", "kl_forward",
@@ -75,11 +75,9 @@ def test_is_available():
 
 def test_package_imports_without_triton():
     code = ("import sys; import taopd_kernels; assert 'triton' not in sys.modules, 'imported triton'; "
-            "sys.modules['triton'] = None; from taopd_kernels import triton_backend; "
+            "sys.modules['triton'] = None; from taopd_kernels.backends import triton as triton_backend; "
             "ok, why = triton_backend.is_available('cpu'); assert not ok and 'triton' in why, why; print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
@@ -319,7 +317,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from taopd_kernels.triton_kernels import MASKED_ID, NO_ID, PLACEHOLDER_ID, kept_backward, stats_forward
+from taopd_kernels.backends.triton import kept_backward, stats_forward
+from taopd_kernels.backends.triton._common import MASKED_ID, NO_ID, PLACEHOLDER_ID
 
 def compile_kernel(fn, consts, ptr_types, floats, cap, warps, stages):
     sig = {}
@@ -365,8 +364,6 @@ def test_kernels_compile_for_hopper_and_ampere():
     if not os.path.exists(ptxas):
         pytest.skip("triton's bundled ptxas is not available")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
 

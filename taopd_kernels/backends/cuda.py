@@ -2,7 +2,7 @@
 
 Logits path (``logits_forward_stats``, ``logits_grad_kept``): one kernel reads each student and teacher
 logit row once (bf16, fp16 or fp32; any row stride, unit column stride) and writes every statistic of
-SPEC section 2 with float32 accumulation; top-K (K <= 64) is exact with ties to the lower id. The
+docs/math.md, Per-position statistics with float32 accumulation; top-K (K <= 64) is exact with ties to the lower id. The
 gradient kernel writes d loss / d student logits for the rows given (the kept ones).
 
 Hidden-state path (``forward_stats``, ``backward_kept``): per chunk of ``chunk_rows`` rows the logits
@@ -25,12 +25,12 @@ from typing import Optional
 
 import torch
 
-from .chunked import accumulate_head_grads, head_grad_buffers
-from .stats import RowStats
+from ..stats import RowStats
+from ._tiles import accumulate_head_grads, head_grad_buffers, row_chunks, vocab_tiles
 
 BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
               "(needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST picks the GPU architectures), "
-              "or call taopd_kernels.cuda_backend.build_jit()")
+              "or call taopd_kernels.backends.cuda.build_jit()")
 MAX_TOP_K = 64
 DEFAULT_CHUNK_ROWS = 1024
 DEFAULT_CHUNK_VOCAB = 16384  # W rows upcast at a time where a float32 GEMM is needed
@@ -89,7 +89,7 @@ def build_jit(verbose: bool = False, extra_cuda_cflags=None):
         return _ext
     from torch.utils.cpp_extension import load
 
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
     sources = [os.path.join(csrc, f) for f in ("bindings.cpp", "teachability_stats.cu", "teachability_grad.cu")]
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
@@ -114,10 +114,21 @@ def is_available(device) -> tuple[bool, str]:
     return (not problems), "; ".join(problems)
 
 
-def _require(device) -> None:
+def supports(top_k: int) -> tuple[bool, str]:
+    """Whether the kernels cover this call's options (their top-K lists hold at most MAX_TOP_K ids)."""
+    if top_k > MAX_TOP_K:
+        return False, f"the CUDA kernels support top_k <= {MAX_TOP_K}, got top_k={top_k}"
+    return True, ""
+
+
+def _require(device, top_k: Optional[int] = None) -> None:
     ok, reason = is_available(device)
     if not ok:
         raise RuntimeError(f"the taopd CUDA kernels cannot run: {reason}")
+    if top_k is not None:
+        ok, reason = supports(top_k)
+        if not ok:
+            raise ValueError(f"backend='cuda': {reason}; use backend='torch', 'triton' or 'auto'")
 
 
 # ---- logits path ---------------------------------------------------------------------------------
@@ -155,15 +166,10 @@ def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: fl
     """RowStats for every row of zs [R, V_s], zt [R, V_t]; only the first ``vocab_size`` columns are used.
 
     One kernel launch over all rows (the outputs are [R] and [R, K]; no temporaries), so ``chunk_rows``
-    and ``chunk_vocab`` are accepted for interface compatibility and ignored. ``top_k`` > 64 falls back
-    to the torch backend.
+    and ``chunk_vocab`` are accepted for interface compatibility and ignored. ``top_k`` > 64 is a
+    ValueError (``backend="auto"`` picks another backend for it).
     """
-    if top_k > MAX_TOP_K:
-        from . import torch_backend
-        return torch_backend.logits_forward_stats(zs, zt, vocab_size=vocab_size, top_k=top_k,
-                                                  temperature=temperature, sampled_ids=sampled_ids,
-                                                  chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
-    _require(zs.device)
+    _require(zs.device, top_k)
     with torch.no_grad():
         zs, zt = _prepare_logits(zs.detach(), zt.detach())
         return _stats_op(zs, zt, vocab_size, top_k, temperature, sampled_ids)
@@ -218,8 +224,7 @@ def _logits_f32(h, w, b, vocab_size: int, chunk_vocab: int) -> torch.Tensor:
             z = hf @ w.t()
         else:
             z = torch.empty((h.shape[0], vocab_size), dtype=torch.float32, device=h.device)
-            for v0 in range(0, vocab_size, chunk_vocab):
-                v1 = min(v0 + chunk_vocab, vocab_size)
+            for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 torch.mm(hf, w[v0:v1].float().t(), out=z[:, v0:v1])
     if b is not None:
         z += b[:vocab_size].float()
@@ -230,25 +235,18 @@ def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, 
                   sampled_ids: Optional[torch.Tensor] = None,
                   chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
     """RowStats for every row of h_s [R, D_s], h_t [R, D_t]: per row chunk, GEMM logits then the stats kernel."""
-    if top_k > MAX_TOP_K:
-        from . import torch_backend
-        return torch_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, top_k=top_k,
-                                           temperature=temperature, sampled_ids=sampled_ids,
-                                           chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
-    _require(h_s.device)
-    from .chunked import concat_row_stats
+    _require(h_s.device, top_k)
     chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
     chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
     parts = []
     with torch.no_grad():
-        for r0 in range(0, h_s.shape[0], chunk_rows):
-            r1 = min(r0 + chunk_rows, h_s.shape[0])
-            zs = _logits_f32(h_s[r0:r1], w_s, b_s, vocab_size, chunk_vocab)
-            zt = _logits_f32(h_t[r0:r1], w_t, b_t, vocab_size, chunk_vocab)
-            y = None if sampled_ids is None else sampled_ids[r0:r1]
+        for sl in row_chunks(h_s.shape[0], chunk_rows):
+            zs = _logits_f32(h_s[sl], w_s, b_s, vocab_size, chunk_vocab)
+            zt = _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab)
+            y = None if sampled_ids is None else sampled_ids[sl]
             parts.append(_stats_op(zs, zt, vocab_size, top_k, temperature, y))
             del zs, zt
-    return concat_row_stats(parts, h_s.device, top_k, sampled_ids is not None)
+    return RowStats.concat(parts, h_s.device, top_k, sampled_ids is not None)
 
 
 def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
@@ -266,9 +264,7 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
     sampled = estimator == "sampled"
     with torch.no_grad():
-        for r0 in range(0, h_s.shape[0], chunk_rows):
-            r1 = min(r0 + chunk_rows, h_s.shape[0])
-            sl = slice(r0, r1)
+        for sl in row_chunks(h_s.shape[0], chunk_rows):
             hs = h_s[sl]
             zs = _logits_f32(hs, w_s, b_s, vocab_size, chunk_vocab)
             zt = None if sampled else _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab)
@@ -278,8 +274,7 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
                                  sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
             del zs, zt
             hs32 = hs.float()
-            for v0 in range(0, vocab_size, chunk_vocab):
-                v1 = min(v0 + chunk_vocab, vocab_size)
+            for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 accumulate_head_grads(g[:, v0:v1], hs32, w_s, v0, v1, d_h[sl], d_w, d_b)
             del g
     return d_h, d_w, d_b

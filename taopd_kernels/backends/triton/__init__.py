@@ -1,21 +1,22 @@
 """The Triton backend: fused kernels for the hidden-state path (``backend="triton"``, the "auto" pick
 on CUDA).
 
-Forward (``triton_kernels.stats_forward``): one kernel computes both models' logits tile by tile with
-``tl.dot`` and folds them at once into the statistics of SPEC section 2 (both log-sum-exps, the
+Forward (``stats_forward.py``): one kernel computes both models' logits tile by tile with
+``tl.dot`` and folds them at once into the statistics of docs/math.md, Per-position statistics (both log-sum-exps, the
 student's entropy, both KLs, each model's running top-K with the other model's logit carried, the
 sampled-token logits). Rows x vocabulary splits make the grid; the splits' partial states are merged
 on the host on [R, K]-sized tensors. Nothing of size positions x vocabulary is ever allocated.
 
-Backward (``triton_kernels.kept_backward``): for the kept rows only, a kernel recomputes the logit
-tiles and writes the logit gradient of SPEC section 4 into a workspace of [R_kept, chunk] columns;
+Backward (``kept_backward.py``): for the kept rows only, a kernel recomputes the logit
+tiles and writes the logit gradient of docs/math.md, Loss and gradients into a workspace of [R_kept, chunk] columns;
 cuBLAS matmuls reduce each chunk into dh (float32), dW (float32, each row written once) and the kernel
 also reduces db. The workspace is bounded (``WORKSPACE_BYTES``), never [N, V].
 
 ``chunk_vocab`` sets the forward's vocabulary split size and the backward's column chunk (tests use it
 to exercise the multi-split / multi-chunk paths); ``chunk_rows`` bounds the backward's row chunk; both
 default to sizes chosen from the GPU and the workspace budget. The logits path
-(``teachability_kl_from_logits``) is not implemented here; "auto" falls back to torch for it.
+(``teachability_kl_from_logits``) is not implemented here: ``backend="triton"`` there is an error,
+``"auto"`` picks another backend.
 
 Triton is imported lazily: ``taopd_kernels`` imports without it, and ``is_available`` reports why not.
 """
@@ -27,8 +28,7 @@ from typing import Optional
 
 import torch
 
-from .chunked import concat_row_stats
-from .stats import RowStats
+from ...stats import RowStats
 
 
 def is_available(device: torch.device):
@@ -49,11 +49,11 @@ def is_available(device: torch.device):
 def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, temperature: float,
                   sampled_ids: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None,
                   chunk_vocab: Optional[int] = None) -> RowStats:
-    """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (SPEC section 2). ``chunk_rows`` is unused."""
-    from .triton_kernels.stats_forward import launch_stats_forward, merge_partials
+    """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (docs/math.md, Per-position statistics). ``chunk_rows`` is unused."""
+    from .stats_forward import launch_stats_forward, merge_partials
 
     if h_s.shape[0] == 0:
-        return concat_row_stats([], h_s.device, top_k, sampled_ids is not None)
+        return RowStats.concat([], h_s.device, top_k, sampled_ids is not None)
     with torch.no_grad():
         partial = launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, top_k=top_k,
                                        temperature=temperature, sampled_ids=sampled_ids, split_size=chunk_vocab)
@@ -70,7 +70,7 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     ``row_coef`` = grad_output / normalizer / tau per row; estimator "sampled" needs ``sampled_ids`` and
     ``sampled_weight`` (= logp_s(y) - logp_t(y)) and ignores the teacher (h_t may be None).
     """
-    from .triton_kernels.kept_backward import kept_backward
+    from .kept_backward import kept_backward
 
     with torch.no_grad():
         return kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,

@@ -1,4 +1,5 @@
-"""Chunked PyTorch backend: SPEC sections 2 and 4 without an [N, V] tensor for either model.
+"""The PyTorch backend (``backend="torch"``): docs/math.md (Per-position statistics, Loss and gradients)
+without an [N, V] tensor for either model. Runs everywhere and never calls the CUDA or Triton kernels.
 
 Forward. Positions are taken ``chunk_rows`` at a time and the vocabulary ``chunk_vocab`` columns at a
 time. For each tile the scaled float32 logits z_s, z_t of shape [R, BV] are formed (a matmul for the
@@ -14,7 +15,7 @@ Top-K is kept per row as int64 keys (order-preserving float bits << 32 | (2^32 -
 is distinct, so ``torch.topk`` on keys is exact and sends ties to the lower id. Each model's top-K
 entry carries the other model's logit, so C and D need no second pass.
 
-Backward. Only kept rows are recomputed, tile by tile; the logit gradient of SPEC section 4 is formed
+Backward. Only kept rows are recomputed, tile by tile; the logit gradient of docs/math.md, Loss and gradients is formed
 per tile and reduced straight into dh (float32 [R, D]), dW (float32 [V_s, D], cast once by the
 caller) and db. Memory held: a few [R, BV] float32 tiles plus the accumulators; never [N, V].
 """
@@ -25,7 +26,18 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .stats import RowStats
+from ..stats import RowStats
+from ._tiles import (
+    accumulate_head_grads,
+    head_grad_buffers,
+    keys_to_ids,
+    keys_to_values,
+    ordered_keys,
+    row_chunks,
+    safe_weighted,
+    union_disagreement,
+    vocab_tiles,
+)
 
 TileFn = Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,32 +52,6 @@ MIN_CHUNK_VOCAB, MAX_CHUNK_VOCAB = 1024, 65536
 def default_chunk_vocab(rows: int) -> int:
     width = TILE_ELEMENTS // max(rows, 1)
     return max(MIN_CHUNK_VOCAB, min(MAX_CHUNK_VOCAB, width // MIN_CHUNK_VOCAB * MIN_CHUNK_VOCAB))
-_LOW_MASK = (1 << 32) - 1
-
-
-def ordered_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is (value descending, id ascending); values float32, ids int64."""
-    v = values.float() + 0.0  # -0.0 -> +0.0 so that equal floats give equal keys
-    bits = v.view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value, as signed int32
-    return (ordered.long() << 32) | (_LOW_MASK - ids)
-
-
-def keys_to_ids(keys: torch.Tensor) -> torch.Tensor:
-    return _LOW_MASK - (keys & _LOW_MASK)
-
-
-def keys_to_values(keys: torch.Tensor) -> torch.Tensor:
-    ordered = (keys >> 32).to(torch.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return bits.view(torch.float32)
-
-
-def _safe_weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """weight * value with 0 where weight == 0 (so e^-inf * inf never makes NaN)."""
-    return torch.where(weight > 0, weight * value, torch.zeros_like(weight))
-
-
 class _OnlineSoftmax:
     """Running (max, S0, S1, Q) of one model's logits; Q is taken against ``gap`` = z - other."""
 
@@ -88,9 +74,9 @@ class _OnlineSoftmax:
             s1_tile = torch.linalg.vecdot(e, centred)
             q_tile = torch.linalg.vecdot(e, gap)
         else:  # e == 0 where z == -inf; keep 0 * inf out of the sums
-            s1_tile = _safe_weighted(e, centred).sum(1)
-            q_tile = _safe_weighted(e, gap).sum(1)
-        self.s1 = scale * (self.s1 + _safe_weighted(self.s0, shift)) + s1_tile
+            s1_tile = safe_weighted(e, centred).sum(1)
+            q_tile = safe_weighted(e, gap).sum(1)
+        self.s1 = scale * (self.s1 + safe_weighted(self.s0, shift)) + s1_tile
         self.s0 = scale * self.s0 + e.sum(1)
         self.q = scale * self.q + q_tile
         self.m = m_new
@@ -150,20 +136,6 @@ class _RunningTopK:
         return keys_to_values(self.keys)
 
 
-def union_disagreement(
-    ids_s: torch.Tensor, zs_at_s: torch.Tensor, zt_at_s: torch.Tensor,
-    ids_t: torch.Tensor, zs_at_t: torch.Tensor, zt_at_t: torch.Tensor,
-) -> torch.Tensor:
-    """D: forward KL of p_t, p_s renormalised on U = S_s union S_t, from the carried logits [R, K]."""
-    dup = (ids_t[:, :, None] == ids_s[:, None, :]).any(-1)  # teacher ids already in S_s
-    neg_inf = torch.full_like(zs_at_t, -torch.inf)
-    zs_u = torch.cat([zs_at_s, torch.where(dup, neg_inf, zs_at_t)], 1).float()
-    zt_u = torch.cat([zt_at_s, torch.where(dup, neg_inf, zt_at_t)], 1).float()
-    logpb_s = torch.log_softmax(zs_u, 1)
-    logpb_t = torch.log_softmax(zt_u, 1)
-    return _safe_weighted(logpb_t.exp(), logpb_t - logpb_s).sum(1)
-
-
 def stream_row_stats(
     tile_fn: TileFn,
     rows: int,
@@ -184,8 +156,7 @@ def stream_row_stats(
         y = sampled_ids.long()
         zs_y = torch.full((rows,), float("nan"), device=device)
         zt_y = torch.full((rows,), float("nan"), device=device)
-    for v0 in range(0, vocab_size, chunk_vocab):
-        v1 = min(v0 + chunk_vocab, vocab_size)
+    for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
         zs, zt = tile_fn(v0, v1)
         gap = zs - zt
         soft_s.update(zs, gap, finite)
@@ -231,7 +202,7 @@ def logit_grad_tile(
     sampled_ids: Optional[torch.Tensor],
     sampled_weight: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """d loss / d z_s for one tile of scaled logits (SPEC section 4), the 1/tau included in row_coef.
+    """d loss / d z_s for one tile of scaled logits (docs/math.md, Loss and gradients), the 1/tau included in row_coef.
 
     full:    coef * p_s * (log p_s - log p_t - KL_rev)
     sampled: coef * w * (1[v = y] - p_s), with w = logp_s(y) - logp_t(y) = -A
@@ -240,7 +211,7 @@ def logit_grad_tile(
     p_s = logp_s.exp()
     if estimator == "full":
         logp_t = zt - lse_t[:, None]
-        g = _safe_weighted(p_s, logp_s - logp_t - kl_rev[:, None])
+        g = safe_weighted(p_s, logp_s - logp_t - kl_rev[:, None])
         return g * row_coef[:, None]
     ids = torch.arange(v0, v0 + zs.shape[1], device=zs.device)
     onehot = (ids[None, :] == sampled_ids[:, None]).float()
@@ -282,42 +253,64 @@ def logits_tile_fn(zs_rows, zt_rows, temperature: float, need_teacher: bool = Tr
     return tile
 
 
-def chunked_forward_stats(
+def is_available(device: torch.device):
+    return True, ""
+
+
+def _chunk_sizes(rows: int, chunk_rows: Optional[int], chunk_vocab: Optional[int]) -> Tuple[int, int]:
+    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    return chunk_rows, chunk_vocab or default_chunk_vocab(min(chunk_rows, max(rows, 1)))
+
+
+def _forward(tile_fns, rows: int, *, vocab_size: int, top_k: int, sampled_ids, chunk_rows: int,
+             chunk_vocab: int, finite, device) -> RowStats:
+    """RowStats over row chunks: ``tile_fns(rows_slice)`` gives the chunk's TileFn, ``finite(rows_slice)``
+    whether the chunk's logits hold no -inf."""
+    parts = []
+    with torch.no_grad():
+        for sl in row_chunks(rows, chunk_rows):
+            y = None if sampled_ids is None else sampled_ids[sl]
+            parts.append(stream_row_stats(tile_fns(sl), sl.stop - sl.start, vocab_size, top_k, chunk_vocab,
+                                          device, y, finite=finite(sl)))
+    return RowStats.concat(parts, device, top_k, sampled_ids is not None)
+
+
+def forward_stats(
     h_s, w_s, b_s, h_t, w_t, b_t, *,
     vocab_size: int, top_k: int, temperature: float,
     sampled_ids: Optional[torch.Tensor] = None,
     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
 ) -> RowStats:
     """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (the API passes only valid rows)."""
-    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
-    chunk_vocab = chunk_vocab or default_chunk_vocab(min(chunk_rows, h_s.shape[0]))
+    chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
     # Hidden states and weights are finite (checked by the API); only a bias can hold -inf.
     finite = all(b is None or bool(torch.isfinite(b[:vocab_size]).all()) for b in (b_s, b_t))
-    parts = []
-    with torch.no_grad():
-        for r0 in range(0, h_s.shape[0], chunk_rows):
-            r1 = min(r0 + chunk_rows, h_s.shape[0])
-            tile_fn = hidden_tile_fn(h_s[r0:r1], w_s, b_s, h_t[r0:r1], w_t, b_t, temperature)
-            y = None if sampled_ids is None else sampled_ids[r0:r1]
-            parts.append(stream_row_stats(tile_fn, r1 - r0, vocab_size, top_k, chunk_vocab, h_s.device, y,
-                                          finite=finite))
-    return concat_row_stats(parts, h_s.device, top_k, sampled_ids is not None)
+    return _forward(lambda sl: hidden_tile_fn(h_s[sl], w_s, b_s, h_t[sl], w_t, b_t, temperature), h_s.shape[0],
+                    vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids, chunk_rows=chunk_rows,
+                    chunk_vocab=chunk_vocab, finite=lambda sl: finite, device=h_s.device)
 
 
-def concat_row_stats(parts, device, top_k: int, with_sampled: bool) -> RowStats:
-    if not parts:
-        empty = torch.zeros(0, device=device)
-        ids = torch.zeros((0, top_k), dtype=torch.long, device=device)
-        return RowStats(empty, empty, empty, empty, empty, ids, ids, empty, empty,
-                        empty if with_sampled else None, empty if with_sampled else None)
-    fields = RowStats.__dataclass_fields__
-    return RowStats(**{
-        name: (None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts]))
-        for name in fields
-    })
+def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: float,
+                         sampled_ids: Optional[torch.Tensor] = None,
+                         chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
+    """RowStats for every row of logits zs [R, V_s], zt [R, V_t]; only the first ``vocab_size`` columns."""
+    chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
+
+    def finite(sl):
+        return bool(torch.isfinite(zs[sl, :vocab_size]).all() and torch.isfinite(zt[sl, :vocab_size]).all())
+
+    return _forward(lambda sl: logits_tile_fn(zs[sl, :vocab_size], zt[sl, :vocab_size], temperature), zs.shape[0],
+                    vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids, chunk_rows=chunk_rows,
+                    chunk_vocab=chunk_vocab, finite=finite, device=zs.device)
 
 
-def chunked_backward_kept(
+def _row_grad_kwargs(sl, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids, sampled_weight) -> dict:
+    pick = lambda x: None if x is None else x[sl]  # noqa: E731
+    return dict(estimator=estimator, lse_s=lse_s[sl], lse_t=pick(lse_t), kl_rev=pick(kl_rev),
+                row_coef=row_coef[sl], sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
+
+
+def backward_kept(
     h_s, w_s, b_s, h_t, w_t, b_t, *,
     vocab_size: int, temperature: float, estimator: str,
     lse_s: torch.Tensor, lse_t: torch.Tensor, kl_rev: torch.Tensor,
@@ -331,42 +324,33 @@ def chunked_backward_kept(
     ``row_coef`` = grad_output * m_t / sum(m) / tau per row. Returns float32 (dh [R, D_s],
     dW [V_s, D_s], db [V_s] or None); rows of W beyond ``vocab_size`` get zero.
     """
-    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
-    chunk_vocab = chunk_vocab or default_chunk_vocab(min(chunk_rows, h_s.shape[0]))
+    chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
     d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
     need_teacher = estimator == "full"
     with torch.no_grad():
-        for r0 in range(0, h_s.shape[0], chunk_rows):
-            r1 = min(r0 + chunk_rows, h_s.shape[0])
-            hs = h_s[r0:r1].float()
-            tile_fn = hidden_tile_fn(hs, w_s, b_s, h_t[r0:r1] if need_teacher else None, w_t, b_t,
+        for sl in row_chunks(h_s.shape[0], chunk_rows):
+            hs = h_s[sl].float()
+            tile_fn = hidden_tile_fn(hs, w_s, b_s, h_t[sl] if need_teacher else None, w_t, b_t,
                                      temperature, need_teacher)
-            sl = slice(r0, r1)
-            for v0 in range(0, vocab_size, chunk_vocab):
-                v1 = min(v0 + chunk_vocab, vocab_size)
+            per_row = _row_grad_kwargs(sl, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids, sampled_weight)
+            for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 zs, zt = tile_fn(v0, v1)
-                g = logit_grad_tile(
-                    zs, zt, v0, estimator=estimator, lse_s=lse_s[sl],
-                    lse_t=None if lse_t is None else lse_t[sl],
-                    kl_rev=None if kl_rev is None else kl_rev[sl], row_coef=row_coef[sl],
-                    sampled_ids=None if sampled_ids is None else sampled_ids[sl],
-                    sampled_weight=None if sampled_weight is None else sampled_weight[sl],
-                )
-                accumulate_head_grads(g, hs, w_s, v0, v1, d_h[sl], d_w, d_b)
+                accumulate_head_grads(logit_grad_tile(zs, zt, v0, **per_row), hs, w_s, v0, v1, d_h[sl], d_w, d_b)
     return d_h, d_w, d_b
 
 
-def head_grad_buffers(h_s, w_s, need_bias_grad: bool):
-    """Zeroed float32 (dh [R, D_s], dW [V_s, D_s], db [V_s] or None)."""
-    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device)
-    d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=h_s.device)
-    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=h_s.device) if need_bias_grad else None
-    return d_h, d_w, d_b
-
-
-def accumulate_head_grads(g, hs32, w_s, v0: int, v1: int, d_h_rows, d_w, d_b) -> None:
-    """Fold the logit gradient g [R, v1-v0] of one vocabulary tile into dh (rows), dW and db, in float32."""
-    d_h_rows += g @ w_s[v0:v1].float()
-    d_w[v0:v1] += g.T @ hs32
-    if d_b is not None:
-        d_b[v0:v1] += g.sum(0)
+def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
+                     lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+    """d loss / d student logits for the kept rows given, float32 [R, V_s] (zero beyond vocab_size)."""
+    chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
+    grad = torch.zeros(zs.shape, dtype=torch.float32, device=zs.device)
+    need_teacher = estimator == "full"
+    with torch.no_grad():
+        for sl in row_chunks(zs.shape[0], chunk_rows):
+            tile_fn = logits_tile_fn(zs[sl], zt[sl] if need_teacher else None, temperature, need_teacher)
+            per_row = _row_grad_kwargs(sl, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids, sampled_weight)
+            for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
+                tile_s, tile_t = tile_fn(v0, v1)
+                grad[sl, v0:v1] = logit_grad_tile(tile_s, tile_t, v0, **per_row)
+    return grad

@@ -2,15 +2,15 @@
 
 Two kernels, one per file, each with its launcher:
 
-- ``stats_forward``: SPEC section 2 for every row in one pass over the vocabulary (GEMM tiles of both
+- ``stats_forward``: docs/math.md, Per-position statistics for every row in one pass over the vocabulary (GEMM tiles of both
   models folded at once into online-softmax and running top-K state), vocabulary split across programs
   when the rows alone cannot fill the GPU, partial states merged on the host in a small second step;
-- ``kept_backward``: the logit gradient of SPEC section 4 for the kept rows, recomputed tile by tile
+- ``kept_backward``: the logit gradient of docs/math.md, Loss and gradients for the kept rows, recomputed tile by tile
   into a bounded workspace, reduced into dh, dW, db by cuBLAS matmuls.
 
 This module holds the shared ``logits_tile`` (the GEMM tile of one model) and the small host-side
 choices both launchers make: interpreter or GPU, the dtype and precision of ``tl.dot``, the SM count.
-It imports triton, so it is only imported by ``taopd_kernels.triton_backend`` (lazily).
+It imports triton, so the backend module (``__init__.py``) imports it lazily.
 """
 
 from __future__ import annotations

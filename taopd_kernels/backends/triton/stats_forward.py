@@ -1,4 +1,4 @@
-"""Forward statistics kernel: SPEC section 2 from (h_s, W_s, h_t, W_t) in one pass over the vocabulary.
+"""Forward statistics kernel: docs/math.md, Per-position statistics from (h_s, W_s, h_t, W_t) in one pass over the vocabulary.
 
 Grid: (row blocks of BLOCK_M positions) x (vocabulary splits). A program owns BLOCK_M rows and one
 split [v_lo, v_hi) and walks it BLOCK_V columns at a time. For each tile it forms both models' scaled
@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunked import keys_to_ids, keys_to_values, ordered_keys, union_disagreement
-from ..stats import RowStats
-from . import (
+from ...stats import RowStats
+from .._tiles import keys_to_ids, keys_to_values, ordered_keys, union_disagreement
+from ._common import (
     MASKED_ID,
     NO_ID,
     PLACEHOLDER_ID,

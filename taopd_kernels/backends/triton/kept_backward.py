@@ -1,4 +1,4 @@
-"""Kept-row backward kernel: the logit gradient of SPEC section 4, recomputed tile by tile.
+"""Kept-row backward kernel: the logit gradient of docs/math.md, Loss and gradients, recomputed tile by tile.
 
 For the R kept rows and one chunk of columns [v0, v0 + n) the kernel recomputes the scaled logits
 z_s (and z_t for the "full" estimator) with ``tl.dot`` and writes, without the per-row factor c_r,
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket
+from ._common import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket
 
 WORKSPACE_BYTES = 128 << 20
 # The row block is fixed (not tuned) so the db partial buffer has a known number of rows.

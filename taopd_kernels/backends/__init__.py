@@ -1,0 +1,102 @@
+"""The backends and the one place that chooses between them.
+
+A backend is a module of this package with:
+
+- ``is_available(device) -> (bool, reason)``; optionally ``supports(top_k) -> (bool, reason)``;
+- hidden-state path: ``forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size, top_k, temperature,
+  sampled_ids, chunk_rows, chunk_vocab) -> RowStats`` for every row given, and ``backward_kept(h_s, w_s,
+  b_s, h_t, w_t, b_t, *, vocab_size, temperature, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids,
+  sampled_weight, need_bias_grad, chunk_rows, chunk_vocab) -> (dh [R, D_s], dW [V_s, D_s], db [V_s] |
+  None)`` (float32) for the kept rows given;
+- logits path (optional): ``logits_forward_stats(zs, zt, ...) -> RowStats`` and ``logits_grad_kept(zs, zt,
+  ...) -> float32 [R, V]``.
+
+The math contract for all of them: docs/math.md (Per-position statistics, Loss and gradients).
+
+| name | module | runs on |
+| --- | --- | --- |
+| ``torch`` | ``pytorch.py`` | everywhere |
+| ``triton`` | ``triton/`` | CUDA; the CPU with ``TRITON_INTERPRET=1`` |
+| ``cuda`` | ``cuda.py`` (extension ``taopd_kernels._C``) | CUDA with the extension built; top_k <= 64 |
+
+A backend name means that backend: it runs, or the call fails with the reason. Only ``"auto"``
+chooses (``resolve``), and it is the only fallback: on a CUDA device triton, then cuda, then torch,
+the first that is available and supports the call; on any other device torch. ``TAOPD_BACKEND=<name>``
+puts one name first in that order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from ..options import BACKENDS
+
+_MODULES = {
+    "torch": "taopd_kernels.backends.pytorch",
+    "triton": "taopd_kernels.backends.triton",
+    "cuda": "taopd_kernels.backends.cuda",
+}
+assert set(_MODULES) == set(BACKENDS) - {"auto"}
+
+_PATHS = {"hidden": ("forward_stats", "backward_kept"), "logits": ("logits_forward_stats", "logits_grad_kept")}
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def available(name: str, device) -> tuple[bool, str]:
+    """(True, "") when backend ``name`` can run on ``device``, else (False, the reason)."""
+    try:
+        mod = module(name)
+    except ImportError as exc:
+        return False, f"the {name} backend could not be imported ({exc})"
+    return mod.is_available(torch.device(device))
+
+
+def _usable(name: str, device, path: str, top_k: int) -> tuple[bool, str]:
+    ok, reason = available(name, device)
+    if not ok:
+        return False, reason
+    mod = module(name)
+    missing = [fn for fn in _PATHS[path] if not hasattr(mod, fn)]
+    if missing:
+        what = "logits" if path == "logits" else "hidden-state"
+        return False, f"the {name} backend has no {what} path ({', '.join(missing)})"
+    if hasattr(mod, "supports"):
+        return mod.supports(top_k)
+    return True, ""
+
+
+def auto_order(device) -> list[str]:
+    """The order in which ``"auto"`` tries the backends on ``device``."""
+    order = ["triton", "cuda", "torch"] if torch.device(device).type == "cuda" else ["torch"]
+    first = os.environ.get("TAOPD_BACKEND")
+    if first:
+        if first not in _MODULES:
+            raise ValueError(f"TAOPD_BACKEND={first!r}: must be one of {tuple(_MODULES)}")
+        order = [first] + [n for n in order if n != first]
+    return order
+
+
+def resolve(name: str, device, *, path: str = "hidden", top_k: int = 16) -> tuple[str, ModuleType]:
+    """(backend name, module) for a call on ``device``; ``path`` is "hidden" or "logits"."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        ok, reason = _usable(name, device, path, top_k)
+        if not ok:
+            error = RuntimeError if not available(name, device)[0] else ValueError
+            raise error(f"backend={name!r} cannot run this call on {torch.device(device)}: {reason}")
+        return name, module(name)
+    reasons = []
+    for candidate in auto_order(device):
+        ok, reason = _usable(candidate, device, path, top_k)
+        if ok:
+            return candidate, module(candidate)
+        reasons.append(f"{candidate}: {reason}")
+    raise RuntimeError("no backend can run this call: " + "; ".join(reasons))

@@ -1,0 +1,77 @@
+"""Pieces every backend shares: ordered top-K keys, the union disagreement from carried logits, the
+row-chunk and vocabulary-tile loops, and the float32 accumulation of a logit-gradient tile into the
+head's gradients. Plain PyTorch on small tensors ([R, K] or one tile at a time)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import torch
+
+_LOW_MASK = (1 << 32) - 1
+
+
+def ordered_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is (value descending, id ascending); values float32, ids int64."""
+    v = values.float() + 0.0  # -0.0 -> +0.0 so that equal floats give equal keys
+    bits = v.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value, as signed int32
+    return (ordered.long() << 32) | (_LOW_MASK - ids)
+
+
+def keys_to_ids(keys: torch.Tensor) -> torch.Tensor:
+    return _LOW_MASK - (keys & _LOW_MASK)
+
+
+def keys_to_values(keys: torch.Tensor) -> torch.Tensor:
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32)
+
+
+def safe_weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """weight * value with 0 where weight == 0 (so e^-inf * inf never makes NaN)."""
+    return torch.where(weight > 0, weight * value, torch.zeros_like(weight))
+
+
+
+def row_chunks(rows: int, chunk_rows: int) -> Iterator[slice]:
+    """Consecutive row slices of at most ``chunk_rows`` rows covering ``range(rows)``."""
+    for r0 in range(0, rows, chunk_rows):
+        yield slice(r0, min(r0 + chunk_rows, rows))
+
+
+def vocab_tiles(vocab_size: int, chunk_vocab: int) -> Iterator[Tuple[int, int]]:
+    """(v0, v1) column ranges of at most ``chunk_vocab`` columns covering ``range(vocab_size)``."""
+    for v0 in range(0, vocab_size, chunk_vocab):
+        yield v0, min(v0 + chunk_vocab, vocab_size)
+
+
+def union_disagreement(
+    ids_s: torch.Tensor, zs_at_s: torch.Tensor, zt_at_s: torch.Tensor,
+    ids_t: torch.Tensor, zs_at_t: torch.Tensor, zt_at_t: torch.Tensor,
+) -> torch.Tensor:
+    """D: forward KL of p_t, p_s renormalised on U = S_s union S_t, from the carried logits [R, K]."""
+    dup = (ids_t[:, :, None] == ids_s[:, None, :]).any(-1)  # teacher ids already in S_s
+    neg_inf = torch.full_like(zs_at_t, -torch.inf)
+    zs_u = torch.cat([zs_at_s, torch.where(dup, neg_inf, zs_at_t)], 1).float()
+    zt_u = torch.cat([zt_at_s, torch.where(dup, neg_inf, zt_at_t)], 1).float()
+    logpb_s = torch.log_softmax(zs_u, 1)
+    logpb_t = torch.log_softmax(zt_u, 1)
+    return safe_weighted(logpb_t.exp(), logpb_t - logpb_s).sum(1)
+
+
+def head_grad_buffers(h_s, w_s, need_bias_grad: bool):
+    """Zeroed float32 (dh [R, D_s], dW [V_s, D_s], db [V_s] or None)."""
+    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device)
+    d_w = torch.zeros(w_s.shape, dtype=torch.float32, device=h_s.device)
+    d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=h_s.device) if need_bias_grad else None
+    return d_h, d_w, d_b
+
+
+def accumulate_head_grads(g, hs32, w_s, v0: int, v1: int, d_h_rows, d_w, d_b) -> None:
+    """Fold the logit gradient g [R, v1-v0] of one vocabulary tile into dh (rows), dW and db, in float32."""
+    d_h_rows += g @ w_s[v0:v1].float()
+    d_w[v0:v1] += g.T @ hs32
+    if d_b is not None:
+        d_b[v0:v1] += g.sum(0)

@@ -1,0 +1,176 @@
+"""The option names (strategies, estimators, backends), defined once, and the argument checks shared by
+the public entry points: cheap, before any heavy work, naming the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# docs/math.md, Scores and selection.
+STRATEGIES = (
+    "teachability",
+    "incompatible",
+    "divergence",
+    "entropy",
+    "tip",
+    "compat",
+    "teachability_entropy",
+    "random",
+    "all",
+)
+# docs/math.md, Loss and gradients.
+ESTIMATORS = ("full", "sampled")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def check_tensor(name: str, x, *, dims: Optional[int] = None, min_dims: Optional[int] = None, floating=True):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    if min_dims is not None and x.dim() < min_dims:
+        raise ValueError(f"{name} must have at least {min_dims} dimensions ([..., D]), got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_finite(name: str, x: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
+    if allow_neg_inf:
+        bad = torch.isnan(x).any() | (x == math.inf).any()
+        what = "NaN or +inf"
+    else:
+        bad = ~torch.isfinite(x).all()
+        what = "NaN or inf"
+    if bool(bad):
+        raise ValueError(f"{name} contains {what} values")
+
+
+def check_same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        if dev != first:
+            listing = ", ".join(f"{n}: {d}" for n, d in devices.items())
+            raise ValueError(f"all tensors must be on one device; got {listing}")
+    return first
+
+
+def as_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` as a Python int: ints, numpy integers and 0-d integer tensors are accepted (bool is not)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
+    return value
+
+
+def as_float(name: str, value, *, positive: bool = False, finite: bool = True) -> float:
+    """``value`` as a Python float: ints, floats, numpy scalars and 0-d real tensors are accepted."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if (finite and not math.isfinite(value)) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number{' > 0' if positive else ''}, "
+                         f"got {value!r}")
+    return value
+
+
+# Seeds feed torch.Generator.manual_seed, which takes [-2**63, 2**64).
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+# 1/tau must stay a finite float32 (it scales float32 logits), and tau itself too.
+MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    strategy: Optional[str]  # None: statistics only, no selection
+    keep_ratio: float
+    min_per_sequence: int
+    seed: int
+
+
+def check_selection_options(*, strategy, keep_ratio, min_per_sequence, seed, allow_none=False) -> SelectionOptions:
+    if not (allow_none and strategy is None) and (not isinstance(strategy, str) or strategy not in STRATEGIES):
+        raise ValueError(f"strategy must be one of {STRATEGIES}{' or None' if allow_none else ''}, got {strategy!r}")
+    keep_ratio = as_float("keep_ratio", keep_ratio)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    min_per_sequence = as_int("min_per_sequence", min_per_sequence, low=0)
+    seed = as_int("seed", seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
+    return SelectionOptions(strategy, keep_ratio, min_per_sequence, seed)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    top_k: int
+    estimator: str
+    temperature: float
+    vocab_size: int
+    backend: str
+    chunk_rows: Optional[int]
+    chunk_vocab: Optional[int]
+
+
+def check_head_options(*, top_k, estimator, temperature, vocab_size, max_vocab, backend,
+                       chunk_rows=None, chunk_vocab=None) -> HeadOptions:
+    """The loss head's options; ``vocab_size`` None means ``max_vocab`` (the smaller vocabulary)."""
+    vocab_size = max_vocab if vocab_size is None else as_int("vocab_size", vocab_size)
+    if not 1 <= vocab_size <= max_vocab:
+        raise ValueError(
+            f"vocab_size must be in [1, {max_vocab}] (the smaller of the two vocabularies), got {vocab_size}")
+    top_k = as_int("top_k", top_k)
+    if not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    temperature = as_float("temperature", temperature, positive=True)
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:.3g}, {MAX_TEMPERATURE:.3g}] (its "
+                         f"reciprocal must be a finite float32), got {temperature!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chunks = [None if v is None else as_int(name, v, low=1)
+              for name, v in (("chunk_rows", chunk_rows), ("chunk_vocab", chunk_vocab))]
+    return HeadOptions(top_k, estimator, temperature, vocab_size, backend, *chunks)
+
+
+def check_position_tensor(name: str, x, leading: tuple, device, *, kind: str):
+    """A per-position tensor (mask, sequence ids, sampled ids) of the caller's leading shape."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {leading}, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(leading):
+        raise ValueError(f"{name} must have shape {tuple(leading)} (the hidden states' leading dims), "
+                         f"got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the hidden states are on {device}")
+    if kind == "mask":
+        if x.dtype != torch.bool and (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"{name} must be bool (or integer 0/1), got {x.dtype}")
+        if x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        return x.bool()
+    if x.is_floating_point() or x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    return x.long()
+
+
+def check_sampled_ids(sampled_ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> None:
+    ids = sampled_ids[valid]
+    if ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise ValueError(f"sampled_ids must be in [0, vocab_size={vocab_size}) at valid positions; found {bad}")
