@@ -2,9 +2,9 @@
 // launch on the current stream, and the torch.library ops
 //     torch.ops.taopd.teachability_stats(zs, zt, vocab_size, top_k, temperature, sampled_ids?)
 //         -> (lse_s, lse_t, entropy_s, kl_rev, kl_fwd, ids_s, ids_t, teacher_mass, disagreement,
-//             logp_s_y, logp_t_y)        (the last two are empty [0] tensors without sampled_ids)
+//             expected_gap, logp_s_y, logp_t_y)   (the last two are empty [0] tensors without sampled_ids)
 //     torch.ops.taopd.teachability_logit_grad(zs, zt?, vocab_size, temperature, sampled_estimator,
-//         lse_s, lse_t?, kl_rev?, row_coef, sampled_ids?, sampled_weight?) -> float32 [R, zs.size(1)]
+//         lse_s, expected_gap?, row_coef, sampled_ids?, sampled_weight?) -> float32 [R, zs.size(1)]
 // Fake (meta) implementations are registered from Python (taopd_kernels/backends/cuda.py).
 // Host compiler only: no device code here, so the kernels build with nvcc alone (see taopd_launch.h).
 #include <cmath>
@@ -77,7 +77,7 @@ void check_launch(cudaError_t err, const char* what) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 teachability_stats_cuda(const at::Tensor& zs, const at::Tensor& zt, int64_t vocab_size, int64_t top_k,
                         double temperature, const std::optional<at::Tensor>& sampled_ids) {
   check_vocab(vocab_size);
@@ -99,7 +99,7 @@ teachability_stats_cuda(const at::Tensor& zs, const at::Tensor& zt, int64_t voca
   at::Tensor lse_s = at::empty({rows}, f32), lse_t = at::empty({rows}, f32), ent = at::empty({rows}, f32);
   at::Tensor kl_rev = at::empty({rows}, f32), kl_fwd = at::empty({rows}, f32);
   at::Tensor ids_s = at::empty({rows, top_k}, i64), ids_t = at::empty({rows, top_k}, i64);
-  at::Tensor mass = at::empty({rows}, f32), dis = at::empty({rows}, f32);
+  at::Tensor mass = at::empty({rows}, f32), dis = at::empty({rows}, f32), gap = at::empty({rows}, f32);
   at::Tensor lp_s = at::empty({with_y ? rows : 0}, f32), lp_t = at::empty({with_y ? rows : 0}, f32);
   if (rows > 0) {
     StatsParams p;
@@ -118,6 +118,7 @@ teachability_stats_cuda(const at::Tensor& zs, const at::Tensor& zt, int64_t voca
     p.entropy_s = ent.data_ptr<float>();
     p.kl_rev = kl_rev.data_ptr<float>();
     p.kl_fwd = kl_fwd.data_ptr<float>();
+    p.expected_gap = gap.data_ptr<float>();
     p.teacher_mass = mass.data_ptr<float>();
     p.disagreement = dis.data_ptr<float>();
     p.ids_s = ids_s.data_ptr<int64_t>();
@@ -126,13 +127,13 @@ teachability_stats_cuda(const at::Tensor& zs, const at::Tensor& zt, int64_t voca
     p.logp_t_y = with_y ? lp_t.data_ptr<float>() : nullptr;
     check_launch(launch_teachability_stats(p, c10::cuda::getCurrentCUDAStream().stream()), "teachability_stats");
   }
-  return {lse_s, lse_t, ent, kl_rev, kl_fwd, ids_s, ids_t, mass, dis, lp_s, lp_t};
+  return {lse_s, lse_t, ent, kl_rev, kl_fwd, ids_s, ids_t, mass, dis, gap, lp_s, lp_t};
 }
 
 at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optional<at::Tensor>& zt,
                                         int64_t vocab_size, double temperature, bool sampled_estimator,
-                                        const at::Tensor& lse_s, const std::optional<at::Tensor>& lse_t,
-                                        const std::optional<at::Tensor>& kl_rev, const at::Tensor& row_coef,
+                                        const at::Tensor& lse_s, const std::optional<at::Tensor>& expected_gap,
+                                        const at::Tensor& row_coef,
                                         const std::optional<at::Tensor>& sampled_ids,
                                         const std::optional<at::Tensor>& sampled_weight) {
   check_vocab(vocab_size);
@@ -150,11 +151,10 @@ at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optiona
     check_row_vector("sampled_ids", *sampled_ids, zs, at::kLong);
     check_row_vector("sampled_weight", *sampled_weight, zs, at::kFloat);
   } else {
-    TORCH_CHECK(has(zt) && has(lse_t) && has(kl_rev),
-                "taopd: the full estimator needs the teacher logits (zt), lse_t and kl_rev");
+    TORCH_CHECK(has(zt) && has(expected_gap),
+                "taopd: the full estimator needs the teacher logits (zt) and expected_gap");
     check_logits("teacher logits (zt)", *zt, zs, vocab_size);
-    check_row_vector("lse_t", *lse_t, zs, at::kFloat);
-    check_row_vector("kl_rev", *kl_rev, zs, at::kFloat);
+    check_row_vector("expected_gap", *expected_gap, zs, at::kFloat);
   }
 
   const c10::cuda::CUDAGuard guard(zs.device());
@@ -172,8 +172,7 @@ at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optiona
     p.inv_tau = inv_tau;
     p.sampled_estimator = sampled_estimator;
     p.lse_s = lse_s.data_ptr<float>();
-    p.lse_t = sampled_estimator ? nullptr : lse_t->data_ptr<float>();
-    p.kl_rev = sampled_estimator ? nullptr : kl_rev->data_ptr<float>();
+    p.expected_gap = sampled_estimator ? nullptr : expected_gap->data_ptr<float>();
     p.row_coef = row_coef.data_ptr<float>();
     p.sampled = sampled_estimator ? sampled_ids->data_ptr<int64_t>() : nullptr;
     p.sampled_weight = sampled_estimator ? sampled_weight->data_ptr<float>() : nullptr;
@@ -189,10 +188,10 @@ at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optiona
 TORCH_LIBRARY(taopd, m) {
   m.def(
       "teachability_stats(Tensor zs, Tensor zt, int vocab_size, int top_k, float temperature, Tensor? sampled_ids)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "teachability_logit_grad(Tensor zs, Tensor? zt, int vocab_size, float temperature, bool sampled_estimator, "
-      "Tensor lse_s, Tensor? lse_t, Tensor? kl_rev, Tensor row_coef, Tensor? sampled_ids, Tensor? sampled_weight)"
+      "Tensor lse_s, Tensor? expected_gap, Tensor row_coef, Tensor? sampled_ids, Tensor? sampled_weight)"
       " -> Tensor");
 }
 

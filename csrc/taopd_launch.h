@@ -33,6 +33,7 @@ struct StatsParams {
   float* entropy_s = nullptr;
   float* kl_rev = nullptr;
   float* kl_fwd = nullptr;
+  float* expected_gap = nullptr;  // E_ps[x_s - x_t] (scaled logits): the backward's cancellation-free term
   float* teacher_mass = nullptr;  // C
   float* disagreement = nullptr;  // D
   int64_t* ids_s = nullptr;       // [rows, k], value descending, ties to the lower id
@@ -54,8 +55,7 @@ struct GradParams {
   float inv_tau = 1.f;
   bool sampled_estimator = false;
   const float* lse_s = nullptr;     // [rows]
-  const float* lse_t = nullptr;     // [rows], full estimator
-  const float* kl_rev = nullptr;    // [rows], full estimator
+  const float* expected_gap = nullptr;  // [rows], E_ps[x_s - x_t], full estimator
   const float* row_coef = nullptr;  // [rows], grad_out * m_t / sum(m) / tau
   const int64_t* sampled = nullptr;         // [rows], sampled estimator
   const float* sampled_weight = nullptr;    // [rows], logp_s(y) - logp_t(y), sampled estimator

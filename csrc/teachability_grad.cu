@@ -1,6 +1,6 @@
 // d loss / d student logits for the kept rows (docs/math.md, Loss and gradients), the same formula as
 // backends/pytorch.py logit_grad_tile, on logits x = z * inv_tau (row_coef already holds grad_out / normalizer / tau):
-//     full:    g = (p_s * (log p_s - log p_t - KL_rev)) * coef      (0 where p_s == 0)
+//     full:    g = (p_s * ((x_s - x_t) - E_ps[x_s - x_t])) * coef   (0 where p_s == 0; cancellation-free)
 //     sampled: g = (1[v == y] - p_s) * (coef * w),  w = logp_s(y) - logp_t(y)
 // Columns >= vocab (up to out_cols) get 0. Grid: x = row, y = column blocks; 16-byte loads where aligned.
 #include "common.cuh"
@@ -24,14 +24,13 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const GradParams p, cons
   const float inv_tau = p.inv_tau;
   const float lse_s = p.lse_s[row];
   const float coef = p.row_coef[row];
-  float lse_t = 0.f, kl = 0.f, cw = 0.f;
+  float eg = 0.f, cw = 0.f;
   int64_t y = -1;
   if (p.sampled_estimator) {
     y = p.sampled[row];
     cw = coef * p.sampled_weight[row];
   } else {
-    lse_t = p.lse_t[row];
-    kl = p.kl_rev[row];
+    eg = p.expected_gap[row];
   }
   const int step = gridDim.y * kThreads * E;
   for (int col = (blockIdx.y * kThreads + threadIdx.x) * E; col < p.out_cols; col += step) {
@@ -42,14 +41,14 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const GradParams p, cons
       if (!p.sampled_estimator) load_pack(vector, zt, col, vocab, pt);
 #pragma unroll
       for (int j = 0; j < E; ++j) {
-        const float logp_s = Tr::to_float(ps.v[j]) * inv_tau - lse_s;
-        const float prob = expf(logp_s);
+        const float xs = Tr::to_float(ps.v[j]) * inv_tau;
+        const float prob = expf(xs - lse_s);
         float v;
         if (p.sampled_estimator) {
           v = ((static_cast<int64_t>(col + j) == y ? 1.f : 0.f) - prob) * cw;
         } else {
-          const float logp_t = Tr::to_float(pt.v[j]) * inv_tau - lse_t;
-          v = (prob > 0.f ? prob * (logp_s - logp_t - kl) : 0.f) * coef;
+          const float xt = Tr::to_float(pt.v[j]) * inv_tau;
+          v = (prob > 0.f ? prob * ((xs - xt) - eg) : 0.f) * coef;
         }
         g[j] = (col + j < vocab) ? v : 0.f;
       }

@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const StatsParams p,
 
   // C = sum over the student's top-K of p_t (the teacher logit is carried with each entry)
   float c_part = 0.f;
-  for (int r = lane; r < K; r += 32) c_part += expf(sm.fother[0][r] - lse_t);
+  for (int r = lane; r < K; r += 32) c_part += expf((sm.fother[0][r] - ft.m) - log_s0t);
   const float mass = warp_sum(c_part);
 
   // D on U = S_s union S_t: teacher entries whose id is already in S_s are left out
@@ -359,16 +359,19 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const StatsParams p,
     p.lse_s[row] = lse_s;
     p.lse_t[row] = lse_t;
     p.entropy_s[row] = log_s0s - fs.s1 / fs.s0;
-    p.kl_rev[row] = fs.q / fs.s0 - lse_s + lse_t;
-    p.kl_fwd[row] = ft.q / ft.s0 - lse_t + lse_s;
+    // Cancellation-free: logit differences against the row maxima first, then the small log-sums.
+    const float max_gap = fs.m - ft.m;
+    p.expected_gap[row] = fs.q / fs.s0;
+    p.kl_rev[row] = (fs.q / fs.s0 - max_gap) - (log_s0s - log_s0t);
+    p.kl_fwd[row] = (ft.q / ft.s0 + max_gap) - (log_s0t - log_s0s);
     p.teacher_mass[row] = mass;
     p.disagreement[row] = disagreement;
     if (p.sampled != nullptr) {
       const int64_t y = p.sampled[row];
       float lp_s = __int_as_float(0x7fc00000), lp_t = __int_as_float(0x7fc00000);  // NaN if out of range
       if (y >= 0 && y < vocab) {
-        lp_s = Tr::to_float(zs[y]) * inv_tau - lse_s;
-        lp_t = Tr::to_float(zt[y]) * inv_tau - lse_t;
+        lp_s = (Tr::to_float(zs[y]) * inv_tau - fs.m) - log_s0s;
+        lp_t = (Tr::to_float(zt[y]) * inv_tau - ft.m) - log_s0t;
       }
       p.logp_s_y[row] = lp_s;
       p.logp_t_y[row] = lp_t;

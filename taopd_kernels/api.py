@@ -16,14 +16,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+
 from typing import Optional
 
 import torch
 
 from . import backends
 from .options import (
+    DeferredChecks,
     HeadOptions,
     SelectionOptions,
+    as_float,
     check_finite,
     check_head_options,
     check_position_tensor,
@@ -44,21 +47,25 @@ class _Positions:
     valid: torch.Tensor  # bool [N]
     sequence_ids: Optional[torch.Tensor]  # int64 [N] or None
     sampled_ids: Optional[torch.Tensor]  # int64 [N] or None
-    valid_idx: torch.Tensor  # int64 [|I|]: found once (one host sync), reused for gathers and scatters
-
-    @property
-    def all_valid(self) -> bool:
-        return self.valid_idx.numel() == self.valid.numel()
+    valid_idx: Optional[torch.Tensor] = None  # int64 [|I|], once the count is known
+    num_valid: Optional[int] = None
 
     def rows(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The valid rows of a per-position [N, ...] tensor."""
-        if x is None or self.all_valid:
+        if x is None or self.num_valid == self.valid.numel():
             return x
         return x.index_select(0, self.valid_idx)
 
 
-def _positions(leading, device, valid_mask, sequence_ids, sampled_ids, vocab_size, estimator) -> _Positions:
-    valid = check_position_tensor("valid_mask", valid_mask, leading, device, kind="mask")
+def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` True entries of a bool [N] mask, ascending: ``mask.nonzero()`` without the
+    host sync, since the count is already known (a stable sort puts the True entries first)."""
+    return torch.sort((~mask).to(torch.int8), stable=True).indices[:count]
+
+
+def _positions(leading, device, valid_mask, sequence_ids, sampled_ids, vocab_size, estimator,
+               checks: DeferredChecks) -> _Positions:
+    valid = check_position_tensor("valid_mask", valid_mask, leading, device, kind="mask", checks=checks)
     seq = check_position_tensor("sequence_ids", sequence_ids, leading, device, kind="ids")
     ids = check_position_tensor("sampled_ids", sampled_ids, leading, device, kind="ids")
     n = math.prod(leading)
@@ -66,11 +73,15 @@ def _positions(leading, device, valid_mask, sequence_ids, sampled_ids, vocab_siz
     seq = default_sequence_ids(leading, device) if seq is None else seq
     if ids is not None:
         ids = ids.reshape(n)
-        check_sampled_ids(ids, valid, vocab_size)
+        check_sampled_ids(checks, ids, valid, vocab_size)
     elif estimator == "sampled":
         raise ValueError("estimator='sampled' needs sampled_ids (the sampled token at every position)")
-    return _Positions(tuple(leading), valid, None if seq is None else seq.reshape(n), ids,
-                      valid.nonzero().squeeze(1))
+    return _Positions(tuple(leading), valid, None if seq is None else seq.reshape(n), ids)
+
+
+def _signature(**tensors) -> dict:
+    return {name: (tuple(t.shape), str(t.dtype).replace("torch.", ""), str(t.device))
+            for name, t in tensors.items() if t is not None}
 
 
 # ---------------------------------------------------------------------------- the two input kinds
@@ -84,10 +95,9 @@ class _HiddenHead:
     def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t):
         self.leading = tuple(h_s.shape[:-1])
         self.h_s = h_s.reshape(-1, h_s.shape[-1])
-        self.h_t = h_t.reshape(-1, h_t.shape[-1]).detach()
         self.w_s, self.b_s = w_s, b_s
-        self.w_t = w_t.detach()
-        self.b_t = None if b_t is None else b_t.detach()
+        self.h_t = h_t.reshape(-1, h_t.shape[-1])
+        self.w_t, self.b_t = w_t, b_t
         self.max_vocab = min(w_s.shape[0], w_t.shape[0])
 
     @property
@@ -95,18 +105,30 @@ class _HiddenHead:
         """The differentiable inputs, in the order the autograd Function takes them."""
         return self.h_s, self.w_s, self.b_s
 
-    def row_stats(self, impl, pos: _Positions, opts: HeadOptions) -> RowStats:
-        b_s = None if self.b_s is None else self.b_s.detach()
-        return impl.forward_stats(pos.rows(self.h_s.detach()), self.w_s.detach(), b_s, pos.rows(self.h_t), self.w_t,
-                                  self.b_t, vocab_size=opts.vocab_size, top_k=opts.top_k,
-                                  temperature=opts.temperature, sampled_ids=pos.rows(pos.sampled_ids),
-                                  chunk_rows=opts.chunk_rows, chunk_vocab=opts.chunk_vocab)
+    @property
+    def teacher(self) -> tuple:
+        """Inputs the backward reads but never differentiates (saved, so in-place changes are caught)."""
+        return self.h_t.detach(), self.w_t.detach(), None if self.b_t is None else self.b_t.detach()
 
-    def kept_grads(self, plan: "_BackwardPlan", saved: tuple, needs: tuple, row_args: dict) -> tuple:
-        h_s, w_s, b_s = saved
+    def signature(self) -> dict:
+        return _signature(student_hidden=self.h_s, student_weight=self.w_s, student_bias=self.b_s,
+                          teacher_hidden=self.h_t, teacher_weight=self.w_t, teacher_bias=self.b_t)
+
+    def row_stats(self, impl, pos: _Positions, opts: HeadOptions) -> RowStats:
+        h_t, w_t, b_t = self.teacher
+        b_s = None if self.b_s is None else self.b_s.detach()
+        return impl.forward_stats(pos.rows(self.h_s.detach()), self.w_s.detach(), b_s, pos.rows(h_t), w_t, b_t,
+                                  vocab_size=opts.vocab_size, top_k=opts.top_k, temperature=opts.temperature,
+                                  sampled_ids=pos.rows(pos.sampled_ids), chunk_rows=opts.chunk_rows,
+                                  chunk_vocab=opts.chunk_vocab)
+
+    @staticmethod
+    def kept_grads(plan: "_BackwardPlan", student: tuple, teacher: tuple, needs: tuple, row_args: dict) -> tuple:
+        h_s, w_s, b_s = student
+        h_t, w_t, b_t = teacher
         idx = plan.kept_idx
         dh_rows, dw, db = plan.backend.backward_kept(
-            h_s.index_select(0, idx), w_s, b_s, self.h_t.index_select(0, idx), self.w_t, self.b_t,
+            h_s.index_select(0, idx), w_s, b_s, h_t.index_select(0, idx), w_t, b_t,
             need_bias_grad=b_s is not None and needs[2], **row_args)
         d_h = d_w = d_b = None
         if needs[0]:
@@ -127,24 +149,32 @@ class _LogitsHead:
     def __init__(self, zs, zt):
         self.leading = tuple(zs.shape[:-1])
         self.zs = zs.reshape(-1, zs.shape[-1])
-        self.zt = zt.reshape(-1, zt.shape[-1]).detach()
+        self.zt = zt.reshape(-1, zt.shape[-1])
         self.max_vocab = min(zs.shape[-1], zt.shape[-1])
 
     @property
     def student(self) -> tuple:
         return (self.zs,)
 
+    @property
+    def teacher(self) -> tuple:
+        return (self.zt.detach(),)
+
+    def signature(self) -> dict:
+        return _signature(student_logits=self.zs, teacher_logits=self.zt)
+
     def row_stats(self, impl, pos: _Positions, opts: HeadOptions) -> RowStats:
-        return impl.logits_forward_stats(pos.rows(self.zs.detach()), pos.rows(self.zt), vocab_size=opts.vocab_size,
-                                         top_k=opts.top_k, temperature=opts.temperature,
+        return impl.logits_forward_stats(pos.rows(self.zs.detach()), pos.rows(self.teacher[0]),
+                                         vocab_size=opts.vocab_size, top_k=opts.top_k, temperature=opts.temperature,
                                          sampled_ids=pos.rows(pos.sampled_ids), chunk_rows=opts.chunk_rows,
                                          chunk_vocab=opts.chunk_vocab)
 
-    def kept_grads(self, plan: "_BackwardPlan", saved: tuple, needs: tuple, row_args: dict) -> tuple:
-        (zs,) = saved
+    @staticmethod
+    def kept_grads(plan: "_BackwardPlan", student: tuple, teacher: tuple, needs: tuple, row_args: dict) -> tuple:
+        (zs,), (zt,) = student, teacher
         idx = plan.kept_idx
-        zt = None if plan.estimator == "sampled" else self.zt.index_select(0, idx)
-        rows = plan.backend.logits_grad_kept(zs.index_select(0, idx), zt, **row_args)
+        rows = plan.backend.logits_grad_kept(
+            zs.index_select(0, idx), None if plan.estimator == "sampled" else zt.index_select(0, idx), **row_args)
         grad = torch.zeros_like(zs)
         grad.index_copy_(0, idx, rows.to(zs.dtype))
         return (grad,)
@@ -155,19 +185,19 @@ class _LogitsHead:
 
 @dataclass
 class _BackwardPlan:
-    """What the backward needs besides the differentiable inputs."""
+    """What the backward needs besides the saved inputs."""
 
     head: object
     backend: object
     kept_idx: torch.Tensor
-    normalizer: float
+    normalizer: object  # float, or a device scalar the caller passed
     estimator: str
     opts: HeadOptions
     lse_s: torch.Tensor
-    lse_t: torch.Tensor
-    kl_rev: torch.Tensor
+    expected_gap: torch.Tensor
     sampled_ids: Optional[torch.Tensor]
     sampled_weight: Optional[torch.Tensor]
+    num_student: int
 
     def row_args(self, grad_output: torch.Tensor) -> dict:
         """Per-kept-row inputs of a backend's kept-row gradient, and its options."""
@@ -175,7 +205,7 @@ class _BackwardPlan:
         pick = lambda x: None if x is None else x.reshape(-1)[i]  # noqa: E731
         scale = grad_output.float() / (self.normalizer * self.opts.temperature)
         return dict(vocab_size=self.opts.vocab_size, temperature=self.opts.temperature, estimator=self.estimator,
-                    lse_s=pick(self.lse_s), lse_t=pick(self.lse_t), kl_rev=pick(self.kl_rev),
+                    lse_s=pick(self.lse_s), expected_gap=None if self.estimator == "sampled" else pick(self.expected_gap),
                     row_coef=scale.expand(i.numel()).contiguous(), sampled_ids=pick(self.sampled_ids),
                     sampled_weight=pick(self.sampled_weight), chunk_rows=self.opts.chunk_rows,
                     chunk_vocab=self.opts.chunk_vocab)
@@ -186,106 +216,155 @@ class _TeachabilityKLFunction(torch.autograd.Function):
 
     The statistics are computed before (no autograd needed for them); forward only returns the loss
     value, backward asks the backend for the kept rows' gradients (docs/math.md, Loss and gradients).
+    The teacher's tensors are saved too, so an in-place change between forward and backward is an
+    error, as for the student's. The backward is not itself differentiable (double backward raises).
     """
 
     @staticmethod
-    def forward(ctx, loss_value, plan: _BackwardPlan, *student):
+    def forward(ctx, loss_value, plan: _BackwardPlan, *inputs):
         ctx.plan = plan
-        ctx.save_for_backward(*student)
+        ctx.save_for_backward(*inputs)
         return loss_value.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the analytic backward has no graph of its own
+            raise RuntimeError("fused_teachability_kl does not support second-order gradients "
+                               "(create_graph=True / double backward)")
         plan: _BackwardPlan = ctx.plan
-        needs = ctx.needs_input_grad[2:]
-        if plan.kept_idx.numel() == 0 or plan.normalizer == 0:
-            grads = tuple(torch.zeros_like(x) if (want and x is not None) else None for x, want in zip(saved, needs))
+        saved = ctx.saved_tensors
+        student, teacher = saved[:plan.num_student], saved[plan.num_student:]
+        needs = ctx.needs_input_grad[2:2 + plan.num_student]
+        if plan.kept_idx.numel() == 0:
+            grads = tuple(torch.zeros_like(x) if (want and x is not None) else None for x, want in zip(student, needs))
         else:
-            grads = plan.head.kept_grads(plan, saved, needs, plan.row_args(grad_output))
-        return (None, None, *grads)
+            grads = plan.head.kept_grads(plan, student, teacher, needs, plan.row_args(grad_output))
+        return (None, None, *grads, *(None,) * len(teacher))
 
 
-def _loss_value(stats: TeachabilityStats, kept: torch.Tensor, estimator: str, normalizer: float) -> torch.Tensor:
-    if normalizer == 0:
-        return torch.zeros((), dtype=torch.float32, device=kept.device)
+def _per_row_loss(stats: TeachabilityStats, estimator: str) -> torch.Tensor:
+    """The loss of each position before the mask and the normaliser (docs/math.md, Loss and gradients)."""
     if estimator == "full":
-        per_row = stats.kl_reverse.reshape(-1)
-    else:
-        lp_s = stats.logp_student_sampled.reshape(-1)
-        per_row = (lp_s - stats.logp_teacher_sampled.reshape(-1)) * lp_s  # -A * logp_s(y)
-    return (per_row[kept].double().sum() / normalizer).float()
+        return stats.kl_reverse.reshape(-1)
+    lp_s = stats.logp_student_sampled.reshape(-1)
+    return (lp_s - stats.logp_teacher_sampled.reshape(-1)) * lp_s  # -A * logp_s(y)
 
 
-def _check_normalizer(normalizer, kept: torch.Tensor) -> float:
+def _normalizer(normalizer, checks: DeferredChecks):
+    """None (the kept count), a Python number > 0, or a device scalar (checked with the call's sync)."""
     if normalizer is None:
-        return float(kept.sum())
-    if isinstance(normalizer, torch.Tensor) and normalizer.dim() == 0:
-        normalizer = normalizer.item()
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) \
-            or not math.isfinite(normalizer) or normalizer <= 0:
-        raise ValueError(f"normalizer must be a finite number > 0 (e.g. the global kept count), got {normalizer!r}")
-    return float(normalizer)
+        return None
+    if isinstance(normalizer, torch.Tensor) and normalizer.dim() == 0 and normalizer.is_floating_point():
+        value = normalizer.detach().double()
+        checks.add(~(torch.isfinite(value) & (value > 0)), lambda: ValueError(
+            f"normalizer must be a finite number > 0 (e.g. the global kept count), got {normalizer!r}"))
+        return value
+    return as_float("normalizer", normalizer, positive=True)
 
 
-def _check_stats(stats, leading, top_k, estimator):
+def _check_reuse(stats, computed_from: dict, pos: _Positions, checks: DeferredChecks, estimator: str):
+    """Statistics passed back in (``stats=``) must come from this call's options and inputs."""
     if not isinstance(stats, TeachabilityStats):
         raise TypeError(f"stats must be a TeachabilityStats, got {type(stats).__name__}")
-    if tuple(stats.valid.shape) != tuple(leading):
+    if stats.computed_from is None:
+        raise ValueError("stats do not say what they were computed from (made by hand or by an older version); "
+                         "pass the TeachabilityStats that teachability_stats returned")
+    if tuple(stats.valid.shape) != tuple(pos.leading):
         raise ValueError(f"stats were computed for positions {tuple(stats.valid.shape)}, "
-                         f"but the inputs have {tuple(leading)}")
-    if stats.topk_ids_student.shape[-1] != top_k:
-        raise ValueError(f"stats hold top-{stats.topk_ids_student.shape[-1]} ids, but top_k={top_k}")
+                         f"but the inputs have {tuple(pos.leading)}")
+    before = stats.computed_from
+    for key in computed_from:
+        if before.get(key) != computed_from[key]:
+            raise ValueError(f"stats were computed with {key}={before.get(key)!r}, but this call has "
+                             f"{key}={computed_from[key]!r}; recompute them (teachability_stats) with the same options")
     if estimator == "sampled" and stats.logp_student_sampled is None:
         raise ValueError("stats were computed without sampled_ids, which estimator='sampled' needs")
+    given = stats.valid.reshape(-1) | (stats.dropped.reshape(-1) if stats.dropped is not None else False)
+    checks.add((given != pos.valid).any(), lambda: ValueError(
+        "stats were computed with a different valid_mask than this call's"))
+    if pos.sampled_ids is not None:
+        same = torch.where(pos.valid, stats.sampled_ids.reshape(-1) == pos.sampled_ids, True)
+        checks.add(~same.all(), lambda: ValueError("stats were computed with different sampled_ids than this call's"))
 
 
 # ---------------------------------------------------------------------------- the pipeline
 
 
 def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select: SelectionOptions,
-         keep_mask=None, normalizer=None, stats=None, want_loss: bool = True):
-    """(loss or None, TeachabilityStats) for one call of any entry point."""
+         checks: DeferredChecks, keep_mask=None, normalizer=None, stats=None, want_loss: bool = True):
+    """(loss or None, TeachabilityStats) for one call of any entry point.
+
+    Host syncs: one to learn how many positions are valid (with every input check read at the same
+    time), one to learn how many are kept (with the checks on the statistics); none per tile, none in
+    the backward. A call that reuses statistics skips the first.
+    """
     opts = check_head_options(max_vocab=head.max_vocab, **head_opts)
     device = head.student[0].device
-    pos = _positions(head.leading, device, valid_mask, sequence_ids, sampled_ids, opts.vocab_size, opts.estimator)
+    pos = _positions(head.leading, device, valid_mask, sequence_ids, sampled_ids, opts.vocab_size, opts.estimator,
+                     checks)
     name, impl = backends.resolve(opts.backend, device, path=head.path, top_k=opts.top_k)
+    computed_from = dict(temperature=opts.temperature, vocab_size=opts.vocab_size, top_k=opts.top_k,
+                         sampled_ids=pos.sampled_ids is not None, inputs=head.signature())
     if stats is None:
+        (pos.num_valid,) = checks.read(pos.valid.sum())  # host sync 1: before any heavy work
+        pos.valid_idx = _first_true(pos.valid, pos.num_valid)
         with torch.no_grad():
             rows = head.row_stats(impl, pos, opts)
         stats = scatter_rows(rows, pos.valid, pos.valid_idx, pos.leading, opts.top_k)
-        stats.backend = name
+        lse_s, lse_t = stats.lse_student.reshape(-1), stats.lse_teacher.reshape(-1)
+        # No finite logit in the used vocabulary for a model: not a valid position (docs/math.md, Conventions).
+        empty_row = pos.valid & ((lse_s == -math.inf) | (lse_t == -math.inf))
+        overflow = pos.valid & ~empty_row & ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
+        checks.add(overflow.any(), lambda: ValueError(
+            "the logits are NaN or overflow float32 (log-sum-exp not finite) at some valid positions: the "
+            "hidden states or weights are too large for float32 logits, or hold NaN"))
+        stats.valid, stats.dropped = (pos.valid & ~empty_row).view(pos.leading), empty_row.view(pos.leading)
+        stats.backend, stats.computed_from = name, computed_from
+        if pos.sampled_ids is not None:
+            stats.sampled_ids = torch.where(pos.valid, pos.sampled_ids, -1).view(pos.leading)
     else:
-        _check_stats(stats, pos.leading, opts.top_k, opts.estimator)
+        _check_reuse(stats, computed_from, pos, checks, opts.estimator)
         stats = dataclasses.replace(stats)  # the caller's object is never changed
+    valid = stats.valid.reshape(-1)
 
     if keep_mask is not None:
         # The kept set was chosen elsewhere (e.g. globally across ranks): stats.score stays as given.
-        kept = check_position_tensor("keep_mask", keep_mask, pos.leading, device, kind="mask").reshape(-1) & pos.valid
+        kept = check_position_tensor("keep_mask", keep_mask, pos.leading, device, kind="mask",
+                                     checks=checks).reshape(-1) & valid
         stats.kept = kept.view(pos.leading)
     elif select.strategy is not None:
         score, kept = score_and_select(
             select.strategy, entropy=stats.entropy_student.reshape(-1), disagreement=stats.disagreement.reshape(-1),
-            teacher_mass=stats.teacher_mass.reshape(-1), valid=pos.valid, keep_ratio=select.keep_ratio,
+            teacher_mass=stats.teacher_mass.reshape(-1), valid=valid, keep_ratio=select.keep_ratio,
             sequence_ids=pos.sequence_ids, min_per_sequence=select.min_per_sequence, seed=select.seed)
         stats.score, stats.kept = score.view(pos.leading), kept.view(pos.leading)
     if not want_loss:
+        checks.read()  # host sync 2: the checks on the statistics
         return None, stats
 
-    norm = _check_normalizer(normalizer, kept)
+    per_row = _per_row_loss(stats, opts.estimator)
+    checks.add((kept & ~torch.isfinite(per_row)).any(), lambda: ValueError(
+        "the loss is infinite at kept positions: the teacher gives probability 0 (a -inf logit) to tokens the "
+        "student can emit (reverse KL = inf), or a sampled token has probability 0 under a model"))
+    norm = _normalizer(normalizer, checks)
+    (num_kept,) = checks.read(kept.sum())  # host sync 2
+    norm = float(num_kept) if norm is None else norm
+    kept_idx = _first_true(kept, num_kept)
+    loss_value = torch.where(kept, per_row.double(), 0.0).sum() / norm if num_kept else \
+        torch.zeros((), dtype=torch.float64, device=device)
     sampled_weight = None
     if opts.estimator == "sampled":
         sampled_weight = (stats.logp_student_sampled - stats.logp_teacher_sampled).reshape(-1)
-    plan = _BackwardPlan(head=head, backend=impl, kept_idx=kept.nonzero().squeeze(1), normalizer=norm,
-                         estimator=opts.estimator, opts=opts, lse_s=stats.lse_student.reshape(-1),
-                         lse_t=stats.lse_teacher.reshape(-1), kl_rev=stats.kl_reverse.reshape(-1),
-                         sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight)
-    loss = _TeachabilityKLFunction.apply(_loss_value(stats, kept, opts.estimator, norm), plan, *head.student)
+    plan = _BackwardPlan(head=head, backend=impl, kept_idx=kept_idx, normalizer=norm, estimator=opts.estimator,
+                         opts=opts, lse_s=stats.lse_student.reshape(-1), expected_gap=stats.expected_gap.reshape(-1),
+                         sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight,
+                         num_student=len(head.student))
+    loss = _TeachabilityKLFunction.apply(loss_value.float(), plan, *head.student, *head.teacher)
     return loss, stats
 
 
 def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                         student_bias, teacher_bias, do_check_finite):
+                         student_bias, teacher_bias, do_check_finite, checks: DeferredChecks):
     check_tensor("student_hidden", student_hidden, min_dims=2)
     check_tensor("teacher_hidden", teacher_hidden, min_dims=2)
     check_tensor("student_weight", student_weight, dims=2)
@@ -297,6 +376,8 @@ def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher
         if h.shape[-1] != w.shape[1]:
             raise ValueError(f"{who}_hidden has hidden size {h.shape[-1]} but {who}_weight is "
                              f"{tuple(w.shape)}; expected [V, {h.shape[-1]}]")
+        if h.shape[-1] == 0:
+            raise ValueError(f"{who}_hidden has hidden size 0; expected at least 1")
     for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
         if b is not None:
             check_tensor(f"{who}_bias", b, dims=1)
@@ -309,10 +390,10 @@ def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher
     if do_check_finite:
         for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                         ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-            check_finite(name, x)
+            check_finite(checks, name, x)
         for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
             if b is not None:
-                check_finite(name, b, allow_neg_inf=True)
+                check_finite(checks, name, b, allow_neg_inf=True)
     return _HiddenHead(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
 
 
@@ -332,9 +413,10 @@ def teachability_stats(
     stay None), for a caller that selects over a larger batch itself (``select_positions``)."""
     select = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                                      seed=seed, allow_none=True)
+    checks = DeferredChecks()
     head = _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                student_bias, teacher_bias, check_finite)
-    _, stats = _run(head, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
+                                student_bias, teacher_bias, check_finite, checks)
+    _, stats = _run(head, checks=checks, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
                     head_opts=dict(top_k=top_k, estimator="full", temperature=temperature, vocab_size=vocab_size,
                                    backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),
                     select=select, want_loss=False)
@@ -429,9 +511,10 @@ def fused_teachability_kl(
     """
     select = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                                      seed=seed)
+    checks = DeferredChecks()
     head = _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                student_bias, teacher_bias, check_finite)
-    return _run(head, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
+                                student_bias, teacher_bias, check_finite, checks)
+    return _run(head, checks=checks, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
                 head_opts=dict(top_k=top_k, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
                                backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),
                 select=select, keep_mask=keep_mask, normalizer=normalizer, stats=stats)
@@ -472,9 +555,10 @@ def teachability_kl_from_logits(
         raise ValueError("student_logits and teacher_logits must cover the same positions: got leading shapes "
                          f"{tuple(student_logits.shape[:-1])} and {tuple(teacher_logits.shape[:-1])}")
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    check_finite("student_logits", student_logits, allow_neg_inf=True)
-    check_finite("teacher_logits", teacher_logits, allow_neg_inf=True)
-    return _run(_LogitsHead(student_logits, teacher_logits), valid_mask=valid_mask, sequence_ids=sequence_ids,
+    checks = DeferredChecks()
+    check_finite(checks, "student_logits", student_logits, allow_neg_inf=True)
+    check_finite(checks, "teacher_logits", teacher_logits, allow_neg_inf=True)
+    return _run(_LogitsHead(student_logits, teacher_logits), checks=checks, valid_mask=valid_mask, sequence_ids=sequence_ids,
                 sampled_ids=sampled_ids,
                 head_opts=dict(top_k=top_k, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
                                backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ ESTIMATORS = ("full", "sampled")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def check_tensor(name: str, x, *, dims: Optional[int] = None, min_dims: Optional[int] = None, floating=True):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -34,19 +37,44 @@ def check_tensor(name: str, x, *, dims: Optional[int] = None, min_dims: Optional
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
     if min_dims is not None and x.dim() < min_dims:
         raise ValueError(f"{name} must have at least {min_dims} dimensions ([..., D]), got shape {tuple(x.shape)}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+                        f"got dtype {x.dtype}")
 
 
-def check_finite(name: str, x: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
+class DeferredChecks:
+    """Checks whose outcome is a flag on the device. The host reads every pending flag together with the
+    counts it needs anyway, in one transfer (one host sync), and raises the first failed check's error."""
+
+    def __init__(self):
+        self._flags: list = []
+        self._errors: list = []
+
+    def add(self, bad: torch.Tensor, error: Callable[[], Exception]) -> None:
+        self._flags.append(bad.reshape(()))
+        self._errors.append(error)
+
+    def read(self, *counts: torch.Tensor) -> list:
+        """The integer values of ``counts`` (device scalars); raises if a pending check failed."""
+        parts = [c.reshape(()).long() for c in counts] + [f.long() for f in self._flags]
+        values = torch.stack(parts).tolist() if parts else []  # the one host read
+        flags, errors = values[len(counts):], self._errors
+        self._flags, self._errors = [], []
+        for bad, error in zip(flags, errors):
+            if bad:
+                raise error()
+        return values[:len(counts)]
+
+
+def nonfinite_flag(x: torch.Tensor, *, allow_neg_inf: bool = False) -> torch.Tensor:
     if allow_neg_inf:
-        bad = torch.isnan(x).any() | (x == math.inf).any()
-        what = "NaN or +inf"
-    else:
-        bad = ~torch.isfinite(x).all()
-        what = "NaN or inf"
-    if bool(bad):
-        raise ValueError(f"{name} contains {what} values")
+        return (torch.isnan(x) | (x == math.inf)).any()
+    return ~torch.isfinite(x).all()
+
+
+def check_finite(checks: DeferredChecks, name: str, x: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
+    what = "NaN or +inf" if allow_neg_inf else "NaN or inf"
+    checks.add(nonfinite_flag(x, allow_neg_inf=allow_neg_inf), lambda: ValueError(f"{name} contains {what} values"))
 
 
 def check_same_device(**tensors) -> torch.device:
@@ -147,30 +175,41 @@ def check_head_options(*, top_k, estimator, temperature, vocab_size, max_vocab, 
     return HeadOptions(top_k, estimator, temperature, vocab_size, backend, *chunks)
 
 
-def check_position_tensor(name: str, x, leading: tuple, device, *, kind: str):
-    """A per-position tensor (mask, sequence ids, sampled ids) of the caller's leading shape."""
+def check_position_tensor(name: str, x, leading: tuple, device, *, kind: str,
+                          checks: Optional[DeferredChecks] = None):
+    """A per-position tensor (mask, sequence ids, sampled ids) of the caller's leading shape. Value checks
+    (a mask of 0/1 only) go to ``checks`` when given (read later with the call's one sync)."""
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {leading}, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(leading)}, got {type(x).__name__}")
     if tuple(x.shape) != tuple(leading):
-        raise ValueError(f"{name} must have shape {tuple(leading)} (the hidden states' leading dims), "
+        raise ValueError(f"{name} must have shape {tuple(leading)} (the inputs' leading dims), "
                          f"got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the hidden states are on {device}")
+        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
     if kind == "mask":
         if x.dtype != torch.bool and (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{name} must be bool (or integer 0/1), got {x.dtype}")
-        if x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
-            raise ValueError(f"{name} must hold only 0 and 1")
+        if x.dtype != torch.bool:
+            bad = ((x != 0) & (x != 1)).any()
+            error = lambda: ValueError(f"{name} must hold only 0 and 1")  # noqa: E731
+            if checks is None:
+                if bool(bad):
+                    raise error()
+            else:
+                checks.add(bad, error)
         return x.bool()
     if x.is_floating_point() or x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
     return x.long()
 
 
-def check_sampled_ids(sampled_ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> None:
-    ids = sampled_ids[valid]
-    if ids.numel() and bool(((ids < 0) | (ids >= vocab_size)).any()):
-        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
-        raise ValueError(f"sampled_ids must be in [0, vocab_size={vocab_size}) at valid positions; found {bad}")
+def check_sampled_ids(checks: DeferredChecks, sampled_ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> None:
+    out_of_range = valid & ((sampled_ids < 0) | (sampled_ids >= vocab_size))
+
+    def error():
+        bad = sampled_ids[out_of_range][0].item()
+        return ValueError(f"sampled_ids must be in [0, vocab_size={vocab_size}) at valid positions; found {bad}")
+
+    checks.add(out_of_range.any(), error)

@@ -61,6 +61,7 @@ def reference_row_stats(
         topk_ids_teacher=ids_t,
         teacher_mass=mass.float(),
         disagreement=disagreement.float(),
+        expected_gap=_plogq(p_s, zs - zt).sum(-1).float(),
     )
     if sampled_ids is not None:
         y = sampled_ids.reshape(-1, 1).long().clamp(0, zs.shape[-1] - 1)

@@ -27,24 +27,44 @@ QUANTILE_HIGH = 0.95
 _DEGENERATE_RANGE = 1e-12
 
 
+def _linear_quantiles(x: torch.Tensor, keep: torch.Tensor, qs) -> tuple:
+    """Linearly interpolated quantiles (torch.quantile's "linear") of x[keep], without a host sync:
+    the kept values are sorted to the front, and the order statistics are gathered at tensor indices.
+    Returns (quantiles [len(qs)], number of kept values) as device tensors."""
+    count = keep.sum()
+    ordered = torch.sort(torch.where(keep, x, torch.full_like(x, math.inf))).values
+    last = (count - 1).clamp(min=0).to(x.dtype)
+    out = []
+    top = max(x.numel() - 1, 0)
+    for q in qs:
+        pos = last * q
+        lo = pos.floor()
+        frac = pos - lo
+        lo_i = lo.long()
+        hi_i = torch.minimum(lo_i + 1, (count - 1).clamp(min=0))
+        # 1-element index tensors: indexing with a 0-d tensor would read it on the host.
+        v_lo, v_hi = ordered.index_select(0, torch.stack([lo_i, hi_i]).clamp(max=top))
+        out.append(v_lo + (v_hi - v_lo) * frac)
+    return torch.stack(out), count
+
+
 def batch_normalize(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Norm(z) = clip((z - Q05) / (Q95 - Q05), 0, 1) over the valid positions (float64 inside).
 
-    Quantiles are linearly interpolated over the finite valid values. Invalid positions get 0.
+    Quantiles are linearly interpolated over the finite valid values. Invalid positions get 0, and so
+    does every position when there is no finite valid value or the range is degenerate. No host sync.
     """
-    x = values.double()
-    finite = valid & torch.isfinite(x)
-    out = torch.zeros_like(x)
-    if not bool(finite.any()):
-        return out.float()
-    pool = x[finite]
-    q = torch.quantile(pool, torch.tensor([QUANTILE_LOW, QUANTILE_HIGH], dtype=torch.float64, device=x.device))
+    x = values.reshape(-1).double()
+    v = valid.reshape(-1).bool()
+    if x.numel() == 0:
+        return torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+    finite = v & torch.isfinite(x)
+    q, count = _linear_quantiles(x, finite, (QUANTILE_LOW, QUANTILE_HIGH))
     span = q[1] - q[0]
-    if float(span) < _DEGENERATE_RANGE:
-        return out.float()
-    normed = ((x - q[0]) / span).clamp(0.0, 1.0)
+    usable = (count > 0) & (span >= _DEGENERATE_RANGE)
+    normed = ((x - q[0]) / torch.where(usable, span, torch.ones_like(span))).clamp(0.0, 1.0)
     normed = torch.nan_to_num(normed, nan=0.0)
-    return torch.where(valid, normed, out).float()
+    return torch.where(v & usable, normed, torch.zeros_like(x)).float().view(values.shape)
 
 
 def strategy_scores(
@@ -132,9 +152,19 @@ def num_to_keep(keep_ratio: float, num_valid: int) -> int:
     return max(1, math.ceil(round(keep_ratio * num_valid, 9)))
 
 
-def _descending_order(score: torch.Tensor) -> torch.Tensor:
-    """Indices by descending score, ties to the earlier position (a stable sort)."""
-    return torch.sort(score, descending=True, stable=True).indices
+def _num_to_keep_tensor(keep_ratio: float, num_valid: torch.Tensor) -> torch.Tensor:
+    """``num_to_keep`` on a device count (no host sync), with the same rounding to 9 decimals."""
+    prod = torch.round(num_valid.double() * keep_ratio * 1e9) / 1e9
+    n = torch.ceil(prod).long().clamp(min=1)
+    return torch.where(num_valid > 0, n, torch.zeros_like(n))
+
+
+def _descending_order(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Indices of the valid positions by descending score, ties to the earlier position, then the
+    invalid ones (two stable sorts: no host sync)."""
+    ranked = torch.where(valid, torch.nan_to_num(score, nan=-math.inf), torch.full_like(score, -math.inf))
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    return order[torch.sort((~valid[order]).to(torch.int8), stable=True).indices]
 
 
 def select_top(
@@ -147,34 +177,29 @@ def select_top(
 ) -> torch.Tensor:
     """Keep the global top-n valid positions by score, then top up every sequence to its minimum.
 
-    ``score``, ``valid`` and ``sequence_ids`` share a shape; returns a bool mask of that shape.
+    ``score``, ``valid`` and ``sequence_ids`` share a shape; returns a bool mask of that shape. Runs on
+    the device without a host sync (sorts and gathers only).
     """
     shape = valid.shape
     s = score.reshape(-1).double()
     v = valid.reshape(-1).bool()
+    if v.numel() == 0:
+        return v.clone().view(shape)
+    n = _num_to_keep_tensor(keep_ratio, v.sum())
+    order = _descending_order(s, v)
+    rank = torch.arange(v.numel(), device=v.device)
     kept = torch.zeros_like(v)
-    n_valid = int(v.sum())
-    n = num_to_keep(keep_ratio, n_valid)
-    if n == 0:
-        return kept.view(shape)
-    # Invalid positions sort last; NaN scores of valid positions rank below every real score.
-    ranked = torch.where(v, torch.nan_to_num(s, nan=-math.inf), torch.full_like(s, -math.inf))
-    order = _descending_order(ranked)
-    order = order[v[order]]  # drop invalid positions, keep the order of the rest
-    kept[order[:n]] = True
+    kept[order] = (rank < n) & v[order]
     if sequence_ids is not None and min_per_sequence > 0:
-        seq = sequence_ids.reshape(-1).long()
-        # For each sequence, the rank of each of its valid positions within the sequence.
-        seq_of_order = seq[order]
-        _, inverse = torch.unique(seq_of_order, return_inverse=True)
-        # rank within group along the global order: stable sort by group keeps the global order.
-        group_sorted = torch.sort(inverse, stable=True)
-        grp = group_sorted.values
+        # Rank of each position within its sequence along the global order: a stable sort by sequence
+        # keeps the global order inside each group (valid positions first: they lead the order).
+        seq_of_order = sequence_ids.reshape(-1).long()[order]
+        by_seq = torch.sort(seq_of_order, stable=True)
+        grp = by_seq.values
         starts = torch.ones_like(grp, dtype=torch.bool)
         starts[1:] = grp[1:] != grp[:-1]
         pos = torch.arange(grp.numel(), device=grp.device)
         first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 0).values
-        rank_in_group = pos - first
-        need = order[group_sorted.indices[rank_in_group < min_per_sequence]]
-        kept[need] = True
+        need = ((pos - first) < min_per_sequence) & v[order[by_seq.indices]]
+        kept[order[by_seq.indices]] |= need
     return kept.view(shape)

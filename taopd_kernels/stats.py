@@ -16,7 +16,7 @@ import torch
 
 # The per-position statistics both containers carry, in one list (fields, summaries, concatenation).
 FLOAT_FIELDS = ("lse_student", "lse_teacher", "entropy_student", "kl_reverse", "kl_forward",
-                "teacher_mass", "disagreement")
+                "teacher_mass", "disagreement", "expected_gap")
 ID_FIELDS = ("topk_ids_student", "topk_ids_teacher")
 SAMPLED_FIELDS = ("logp_student_sampled", "logp_teacher_sampled")
 # The statistics ``summary()`` averages (over all valid and over kept positions).
@@ -36,6 +36,9 @@ class _PositionStats:
     topk_ids_teacher: torch.Tensor
     teacher_mass: torch.Tensor  # C: sum of p_t over the student's top-K ids
     disagreement: torch.Tensor  # D: forward KL of the renormalised p_t, p_s on the union of top-K
+    # E_ps[(z_s - z_t) / tau]: the backward's cancellation-free full-estimator gradient needs it
+    # (p_s * (g - E_ps[g]) instead of p_s * (log p_s - log p_t - KL_rev)).
+    expected_gap: torch.Tensor
 
 
 @dataclass
@@ -52,7 +55,7 @@ class RowStats(_PositionStats):
             empty = torch.zeros(0, device=device)
             ids = torch.zeros((0, top_k), dtype=torch.long, device=device)
             sampled = empty if with_sampled else None
-            return cls(*(empty,) * 5, ids, ids, empty, empty, sampled, sampled)
+            return cls(*(empty,) * 5, ids, ids, empty, empty, empty, sampled, sampled)
         return cls(**{f.name: None if getattr(parts[0], f.name) is None
                       else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
@@ -64,7 +67,8 @@ class TeachabilityStats(_PositionStats):
     Float fields are float32 and NaN at positions that are not valid; id fields are int64 [..., K] and
     -1 there. ``lse_*`` are log-sum-exps of the temperature-scaled logits (log p = z / tau - lse).
     ``score`` is the selection score of the chosen strategy (NaN where not valid), ``kept`` the
-    positions that carry loss, ``valid`` the positions that were scored.
+    positions that carry loss, ``valid`` the positions that were scored, ``dropped`` the positions given
+    as valid that had no finite logit (so they are not valid).
     """
 
     valid: torch.Tensor
@@ -73,6 +77,13 @@ class TeachabilityStats(_PositionStats):
     logp_student_sampled: Optional[torch.Tensor] = None
     logp_teacher_sampled: Optional[torch.Tensor] = None
     backend: Optional[str] = None  # the backend that computed the statistics ("torch", "triton", "cuda")
+    # Positions the caller marked valid that have no finite logit for a model in the used vocabulary
+    # (e.g. an all -inf row): not valid (docs/math.md, Conventions), reported here.
+    dropped: Optional[torch.Tensor] = None
+    sampled_ids: Optional[torch.Tensor] = None  # the sampled tokens the logp_*_sampled fields are of (-1: none)
+    # What the statistics were computed from: options and the inputs' shapes, dtypes and devices. A call
+    # that reuses them (``stats=``) must match, or it is a ValueError naming the difference.
+    computed_from: Optional[dict] = None
 
     @property
     def num_valid(self) -> int:

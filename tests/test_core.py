@@ -123,8 +123,12 @@ def test_negative_infinite_logits():
                                              "teacher_mass", "disagreement"))
     assert torch.isfinite(stats.kl_reverse).all()  # student mass stays where the teacher has some
     # The teacher gives zero mass to 45..49 only where the student has none either; flip it and
-    # the reverse KL is +inf, as it should be (not NaN).
-    _, stats = teachability_kl_from_logits(zt, zs, top_k=4, backend="torch", chunk_vocab=16)
+    # the reverse KL is +inf, as it should be (not NaN); a loss over such positions is an error that
+    # says why (docs/math.md, Conventions), and with nothing kept the statistics still show the +inf.
+    with pytest.raises(ValueError, match="loss is infinite"):
+        teachability_kl_from_logits(zt, zs, top_k=4, backend="torch", chunk_vocab=16)
+    _, stats = teachability_kl_from_logits(zt, zs, top_k=4, backend="torch", chunk_vocab=16,
+                                           keep_mask=torch.zeros(6, dtype=torch.bool))
     assert (stats.kl_reverse == math.inf).all()
 
 

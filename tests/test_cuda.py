@@ -298,7 +298,7 @@ def _grad_case(dtype, estimator, vocab_size=3001, width=3005, rows=9, temperatur
                                                sampled_ids=y)
     coef = torch.linspace(0.1, 1.0, rows, device="cuda")
     kw = dict(vocab_size=vocab_size, temperature=temperature, estimator=estimator, lse_s=stats.lse_student,
-              lse_t=stats.lse_teacher, kl_rev=stats.kl_reverse, row_coef=coef, sampled_ids=y,
+              expected_gap=stats.expected_gap, row_coef=coef, sampled_ids=y,
               sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled)
     return zs, zt, kw
 

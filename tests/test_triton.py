@@ -173,7 +173,7 @@ def _backward_inputs(estimator, *, bias, v_s=300, v_t=None, vocab_size=None, n=2
                                         temperature=tau, sampled_ids=y)
     coef = (torch.rand(n, generator=g) + 0.5).to(DEVICE)
     kw = dict(vocab_size=vocab, temperature=tau, estimator=estimator, lse_s=stats.lse_student,
-              lse_t=stats.lse_teacher, kl_rev=stats.kl_reverse, row_coef=coef, sampled_ids=y,
+              expected_gap=stats.expected_gap, row_coef=coef, sampled_ids=y,
               sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled,
               need_bias_grad=bias)
     return (h_s, w_s, b_s, h_t, w_t, b_t), kw
@@ -344,7 +344,7 @@ for cap, blocks, mma in ((90, (128, 64, 64, 8, 3), "wgmma"), (80, (64, 64, 32, 4
     k = compile_kernel(stats_forward._stats_forward_kernel, consts, ptrs, {"inv_tau"}, cap, warps, stages)
     assert mma in k.asm["ptx"], ("forward", cap)
     ptrs = {n: bf16 for n in ("hs_ptr", "ws_ptr", "bs_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "g_ptr")}
-    ptrs.update(lse_s_ptr="*fp32", lse_t_ptr="*fp32", kl_ptr="*fp32", coef_ptr="*fp32", y_ptr="*i32",
+    ptrs.update(lse_s_ptr="*fp32", gap_ptr="*fp32", coef_ptr="*fp32", y_ptr="*i32",
                 db_ptr="*fp32")
     for full in (True, False):
         consts = dict(D_S=2048, D_T=1000, FULL=full, NEED_DB=True, HAS_BS=True, HAS_BT=False,
@@ -422,7 +422,7 @@ def test_gpu_backward_real_size_matches_torch_and_bounded_workspace(estimator):
     stats = triton_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, None, vocab_size=v, top_k=16, temperature=1.0,
                                          sampled_ids=y)
     kw = dict(vocab_size=v, temperature=1.0, estimator=estimator, lse_s=stats.lse_student,
-              lse_t=stats.lse_teacher, kl_rev=stats.kl_reverse, row_coef=torch.full((n_kept,), 1.0 / n_kept,
+              expected_gap=stats.expected_gap, row_coef=torch.full((n_kept,), 1.0 / n_kept,
                                                                                      device="cuda"),
               sampled_ids=y, sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled,
               need_bias_grad=True)

@@ -4,7 +4,7 @@ head's gradients. Plain PyTorch on small tensors ([R, K] or one tile at a time).
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,26 @@ def safe_weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """weight * value with 0 where weight == 0 (so e^-inf * inf never makes NaN)."""
     return torch.where(weight > 0, weight * value, torch.zeros_like(weight))
 
+
+
+_MM_DTYPE_OK: dict = {}
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor, *, upcast: bool = True) -> Optional[torch.Tensor]:
+    """a @ b as float32: 16-bit operands multiply as they are with a float32 result (``aten::mm.dtype``,
+    torch >= 2.8 on CUDA), never rounded to 16 bits; where that overload is missing, both are upcast to
+    float32 (exact products, slower), or None is returned when ``upcast`` is False."""
+    key = (a.device.type, a.dtype)
+    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _MM_DTYPE_OK.get(key, True):
+        try:
+            out = torch.ops.aten.mm.dtype(a, b, torch.float32)
+            _MM_DTYPE_OK[key] = True
+            return out
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _MM_DTYPE_OK[key] = False
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    return a.float() @ b.float() if upcast else None
 
 
 def row_chunks(rows: int, chunk_rows: int) -> Iterator[slice]:

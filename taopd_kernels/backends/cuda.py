@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..stats import RowStats
-from ._tiles import accumulate_head_grads, head_grad_buffers, row_chunks, vocab_tiles
+from ._tiles import accumulate_head_grads, head_grad_buffers, mm_float32, row_chunks, vocab_tiles
 
 BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
               "(needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST picks the GPU architectures), "
@@ -38,7 +38,6 @@ DEFAULT_CHUNK_VOCAB = 16384  # W rows upcast at a time where a float32 GEMM is n
 _ext = None
 _ext_error: Optional[str] = None
 _fakes_registered = False
-_mm_dtype_ok: Optional[bool] = None
 
 
 def _register_fakes() -> None:
@@ -54,10 +53,10 @@ def _register_fakes() -> None:
         f = lambda n: zs.new_empty((n,), dtype=torch.float32)  # noqa: E731
         ids = lambda: zs.new_empty((rows, top_k), dtype=torch.long)  # noqa: E731
         ny = rows if sampled_ids is not None else 0
-        return (f(rows), f(rows), f(rows), f(rows), f(rows), ids(), ids(), f(rows), f(rows), f(ny), f(ny))
+        return (f(rows), f(rows), f(rows), f(rows), f(rows), ids(), ids(), f(rows), f(rows), f(rows), f(ny), f(ny))
 
     @register("taopd::teachability_logit_grad")
-    def _grad_fake(zs, zt, vocab_size, temperature, sampled_estimator, lse_s, lse_t, kl_rev, row_coef,
+    def _grad_fake(zs, zt, vocab_size, temperature, sampled_estimator, lse_s, expected_gap, row_coef,
                    sampled_ids=None, sampled_weight=None):
         return zs.new_empty(zs.shape, dtype=torch.float32)
 
@@ -147,10 +146,10 @@ def _prepare_logits(zs: torch.Tensor, zt: Optional[torch.Tensor]):
 
 
 def _row_stats(out, with_sampled: bool) -> RowStats:
-    lse_s, lse_t, ent, kl_rev, kl_fwd, ids_s, ids_t, mass, dis, lp_s, lp_t = out
+    lse_s, lse_t, ent, kl_rev, kl_fwd, ids_s, ids_t, mass, dis, gap, lp_s, lp_t = out
     return RowStats(lse_student=lse_s, lse_teacher=lse_t, entropy_student=ent, kl_reverse=kl_rev,
                     kl_forward=kl_fwd, topk_ids_student=ids_s, topk_ids_teacher=ids_t, teacher_mass=mass,
-                    disagreement=dis, logp_student_sampled=lp_s if with_sampled else None,
+                    disagreement=dis, expected_gap=gap, logp_student_sampled=lp_s if with_sampled else None,
                     logp_teacher_sampled=lp_t if with_sampled else None)
 
 
@@ -176,7 +175,7 @@ def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: fl
 
 
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
-                     lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                     lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
                      chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
     """d loss / d student logits for the rows given, float32 [R, V_s] (zero beyond vocab_size).
 
@@ -191,33 +190,17 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
         zs, zt = _prepare_logits(zs.detach(), None if (sampled or zt is None) else zt.detach())
         return torch.ops.taopd.teachability_logit_grad(
             zs, None if sampled else zt, int(vocab_size), float(temperature), sampled,
-            f32(lse_s), None if sampled else f32(lse_t), None if sampled else f32(kl_rev), f32(row_coef),
+            f32(lse_s), None if sampled else f32(expected_gap), f32(row_coef),
             sampled_ids.reshape(-1).long().contiguous() if sampled else None,
             f32(sampled_weight) if sampled else None)
 
 
 # ---- hidden-state path: cuBLAS logits per row chunk, then the kernels -------------------------------
 
-def _mm_f32(a: torch.Tensor, b_t: torch.Tensor) -> Optional[torch.Tensor]:
-    """a @ b_t as float32 with input-dtype tensor-core products (aten::mm.dtype), or None if unsupported."""
-    global _mm_dtype_ok
-    if _mm_dtype_ok is False or a.dtype not in (torch.bfloat16, torch.float16) or a.dtype != b_t.dtype:
-        return None
-    try:
-        out = torch.ops.aten.mm.dtype(a, b_t, torch.float32)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (AttributeError, RuntimeError, NotImplementedError):
-        _mm_dtype_ok = False
-        return None
-    _mm_dtype_ok = True
-    return out
-
-
 def _logits_f32(h, w, b, vocab_size: int, chunk_vocab: int) -> torch.Tensor:
     """float32 logits h @ w[:V].T (+ b[:V]) for one row chunk h [R, D]."""
     w = w[:vocab_size]
-    z = _mm_f32(h, w.t())
+    z = mm_float32(h, w.t(), upcast=False)
     if z is None:
         hf = h.float()
         if w.dtype == torch.float32:
@@ -250,7 +233,7 @@ def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, 
 
 
 def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                  lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
                   need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
                   chunk_vocab: Optional[int] = None):
     """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] | None) for the kept rows given.
@@ -270,7 +253,7 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             zt = None if sampled else _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab)
             pick = lambda x: None if x is None else x[sl]  # noqa: E731
             g = logits_grad_kept(zs, zt, vocab_size=vocab_size, temperature=temperature, estimator=estimator,
-                                 lse_s=lse_s[sl], lse_t=pick(lse_t), kl_rev=pick(kl_rev), row_coef=row_coef[sl],
+                                 lse_s=lse_s[sl], expected_gap=pick(expected_gap), row_coef=row_coef[sl],
                                  sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
             del zs, zt
             hs32 = hs.float()

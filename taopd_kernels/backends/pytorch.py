@@ -8,7 +8,8 @@ max-rescaling. With reference points m (running maxima):
 
     S0 = sum_v e^(z_s - m_s)                    -> lse_s = m_s + log S0
     S1 = sum_v e^(z_s - m_s) (z_s - m_s)        -> H_s = log S0 - S1 / S0
-    Q  = sum_v e^(z_s - m_s) (z_s - z_t)        -> KL_rev = Q / S0 - lse_s + lse_t
+    Q  = sum_v e^(z_s - m_s) (z_s - z_t)        -> E_ps[z_s - z_t] = Q / S0,
+                                                   KL_rev = (Q / S0 - (m_s - m_t)) - (log S0_s - log S0_t)
     (and the teacher's S0, Q for lse_t and KL_fwd)
 
 Top-K is kept per row as int64 keys (order-preserving float bits << 32 | (2^32 - 1 - id)): every key
@@ -93,23 +94,28 @@ class _OnlineSoftmax:
 
 
 def tile_topk_keys(z: torch.Tensor, v0: int, k: int) -> torch.Tensor:
-    """Exact top-k keys of a tile (value descending, id ascending), without keying the whole tile.
+    """Exact top-k keys of a tile (value descending, id ascending), without keying the whole tile and
+    without a host sync.
 
-    ``torch.topk`` on float values gives the right set except where the k-th and (k+1)-th values tie
-    (it may then pick any of the tied ids); only those rows are redone with ordered keys.
+    ``torch.topk`` on float values gives the right set except where the k-th and (k+1)-th values tie (it
+    may then pick any of the tied ids). So the candidates are the entries strictly above the k-th value t
+    (all among the k+1 returned) plus the k lowest-id entries equal to t (found by a second topk on
+    column ranks); the exact set is the top-k of those disjoint candidates by ordered key.
     """
     cols = z.shape[1]
     if cols <= k:
         ids = torch.arange(v0, v0 + cols, device=z.device).expand_as(z)
         return ordered_keys(z, ids)
     values, pos = torch.topk(z, k + 1, dim=1)
-    keys = ordered_keys(values[:, :k], pos[:, :k] + v0)
-    tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
-    if tied.numel():
-        zt = z.index_select(0, tied)
-        ids = torch.arange(v0, v0 + cols, device=z.device).expand_as(zt)
-        keys[tied] = torch.topk(ordered_keys(zt, ids), k, dim=1).values
-    return keys
+    kth = values[:, k - 1:k]
+    low_first = torch.arange(cols, 0, -1, device=z.device, dtype=torch.int32)  # higher for lower columns
+    tied_rank = torch.where(z == kth, low_first, torch.zeros_like(low_first))
+    tied_pos = torch.topk(tied_rank, k, dim=1).indices
+    tied_ok = tied_rank.gather(1, tied_pos) > 0
+    lowest = torch.iinfo(torch.int64).min
+    above = torch.where(values > kth, ordered_keys(values, pos + v0), lowest)
+    tied = torch.where(tied_ok, ordered_keys(kth.expand(-1, k), tied_pos + v0), lowest)
+    return torch.topk(torch.cat([above, tied], 1), k, dim=1).values
 
 
 class _RunningTopK:
@@ -172,20 +178,26 @@ def stream_row_stats(
     ids_s, ids_t = top_s.ids(), top_t.ids()
     zs_at_s, zt_at_s = top_s.values(), top_s.other
     zt_at_t, zs_at_t = top_t.values(), top_t.other
+    # Cancellation-free: differences of logits near the row maxima are formed before the (large) maxima
+    # meet the (small) log S0, so nothing of size |z| is subtracted from another number of size |z|.
+    log_s0_s, log_s0_t = soft_s.s0.log(), soft_t.s0.log()
+    gap_s = soft_s.expected_gap()  # E_ps[z_s - z_t]
+    max_gap = soft_s.m - soft_t.m
     out = RowStats(
         lse_student=lse_s,
         lse_teacher=lse_t,
         entropy_student=soft_s.entropy(),
-        kl_reverse=soft_s.expected_gap() - lse_s + lse_t,
-        kl_forward=soft_t.expected_gap() - lse_t + lse_s,
+        kl_reverse=(gap_s - max_gap) - (log_s0_s - log_s0_t),
+        kl_forward=(soft_t.expected_gap() + max_gap) - (log_s0_t - log_s0_s),  # E_pt[z_t - z_s] + ...
         topk_ids_student=ids_s,
         topk_ids_teacher=ids_t,
-        teacher_mass=(zt_at_s - lse_t[:, None]).exp().sum(1),
+        teacher_mass=((zt_at_s - soft_t.m[:, None]) - log_s0_t[:, None]).exp().sum(1),
         disagreement=union_disagreement(ids_s, zs_at_s, zt_at_s, ids_t, zs_at_t, zt_at_t),
+        expected_gap=gap_s,
     )
     if sampled_ids is not None:
-        out.logp_student_sampled = zs_y - lse_s
-        out.logp_teacher_sampled = zt_y - lse_t
+        out.logp_student_sampled = (zs_y - soft_s.m) - log_s0_s
+        out.logp_teacher_sampled = (zt_y - soft_t.m) - log_s0_t
     return out
 
 
@@ -196,22 +208,19 @@ def logit_grad_tile(
     *,
     estimator: str,
     lse_s: torch.Tensor,
-    lse_t: Optional[torch.Tensor],
-    kl_rev: Optional[torch.Tensor],
+    expected_gap: Optional[torch.Tensor],
     row_coef: torch.Tensor,
     sampled_ids: Optional[torch.Tensor],
     sampled_weight: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """d loss / d z_s for one tile of scaled logits (docs/math.md, Loss and gradients), the 1/tau included in row_coef.
+    """d loss / d z_s for one tile of scaled logits (docs/math.md, Loss and gradients), 1/tau in row_coef.
 
-    full:    coef * p_s * (log p_s - log p_t - KL_rev)
+    full:    coef * p_s * ((z_s - z_t) - E_ps[z_s - z_t])   (cancellation-free: no log p_s - log p_t - KL)
     sampled: coef * w * (1[v = y] - p_s), with w = logp_s(y) - logp_t(y) = -A
     """
-    logp_s = zs - lse_s[:, None]
-    p_s = logp_s.exp()
+    p_s = (zs - lse_s[:, None]).exp()
     if estimator == "full":
-        logp_t = zt - lse_t[:, None]
-        g = safe_weighted(p_s, logp_s - logp_t - kl_rev[:, None])
+        g = safe_weighted(p_s, (zs - zt) - expected_gap[:, None])
         return g * row_coef[:, None]
     ids = torch.arange(v0, v0 + zs.shape[1], device=zs.device)
     onehot = (ids[None, :] == sampled_ids[:, None]).float()
@@ -283,8 +292,9 @@ def forward_stats(
 ) -> RowStats:
     """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (the API passes only valid rows)."""
     chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
-    # Hidden states and weights are finite (checked by the API); only a bias can hold -inf.
-    finite = all(b is None or bool(torch.isfinite(b[:vocab_size]).all()) for b in (b_s, b_t))
+    # Hidden states and weights are finite (checked by the API); only a bias can hold -inf, so with a
+    # bias the tiles take the -inf-safe sums (deciding it from the values would cost a host sync).
+    finite = b_s is None and b_t is None
     return _forward(lambda sl: hidden_tile_fn(h_s[sl], w_s, b_s, h_t[sl], w_t, b_t, temperature), h_s.shape[0],
                     vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids, chunk_rows=chunk_rows,
                     chunk_vocab=chunk_vocab, finite=lambda sl: finite, device=h_s.device)
@@ -296,24 +306,31 @@ def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: fl
     """RowStats for every row of logits zs [R, V_s], zt [R, V_t]; only the first ``vocab_size`` columns."""
     chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
 
-    def finite(sl):
-        return bool(torch.isfinite(zs[sl, :vocab_size]).all() and torch.isfinite(zt[sl, :vocab_size]).all())
-
+    # Logits may hold -inf (masked tokens): the tiles take the -inf-safe sums.
     return _forward(lambda sl: logits_tile_fn(zs[sl, :vocab_size], zt[sl, :vocab_size], temperature), zs.shape[0],
                     vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids, chunk_rows=chunk_rows,
-                    chunk_vocab=chunk_vocab, finite=finite, device=zs.device)
+                    chunk_vocab=chunk_vocab, finite=lambda sl: False, device=zs.device)
 
 
-def _row_grad_kwargs(sl, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids, sampled_weight) -> dict:
+def _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, finite, estimator, row_coef, sampled_ids,
+                     sampled_weight) -> dict:
+    """Per-row inputs of ``logit_grad_tile`` for one row chunk. The chunk's log-sum-exp and E_ps[z_s - z_t]
+    are recomputed from the very tiles the gradient is formed from (a first pass over the kept rows), so
+    that p_s sums to 1 and p_s * (g - E[g]) sums to 0 on these logits: the forward's values come from
+    tiles of other shapes, whose float32 rounding differs by ~eps * |z|, which would bias the gradient."""
+    soft = _OnlineSoftmax(sl.stop - sl.start, row_coef.device)
+    for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
+        zs, zt = tile_fn(v0, v1)
+        soft.update(zs, zs - zt if zt is not None else zs, finite)
     pick = lambda x: None if x is None else x[sl]  # noqa: E731
-    return dict(estimator=estimator, lse_s=lse_s[sl], lse_t=pick(lse_t), kl_rev=pick(kl_rev),
+    return dict(estimator=estimator, lse_s=soft.lse(), expected_gap=soft.expected_gap() if estimator == "full" else None,
                 row_coef=row_coef[sl], sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
 
 
 def backward_kept(
     h_s, w_s, b_s, h_t, w_t, b_t, *,
     vocab_size: int, temperature: float, estimator: str,
-    lse_s: torch.Tensor, lse_t: torch.Tensor, kl_rev: torch.Tensor,
+    lse_s: torch.Tensor, expected_gap: Optional[torch.Tensor],
     row_coef: torch.Tensor,
     sampled_ids: Optional[torch.Tensor] = None, sampled_weight: Optional[torch.Tensor] = None,
     need_bias_grad: bool = False,
@@ -322,7 +339,9 @@ def backward_kept(
     """Gradients of the loss w.r.t. the student's hidden rows (the kept ones given here), W_s and b_s.
 
     ``row_coef`` = grad_output * m_t / sum(m) / tau per row. Returns float32 (dh [R, D_s],
-    dW [V_s, D_s], db [V_s] or None); rows of W beyond ``vocab_size`` get zero.
+    dW [V_s, D_s], db [V_s] or None); rows of W beyond ``vocab_size`` get zero. ``lse_s`` and
+    ``expected_gap`` of the forward are part of the backend interface; this backend recomputes both
+    for the kept rows from its own tiles (see ``_row_grad_kwargs``).
     """
     chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
     d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
@@ -332,7 +351,8 @@ def backward_kept(
             hs = h_s[sl].float()
             tile_fn = hidden_tile_fn(hs, w_s, b_s, h_t[sl] if need_teacher else None, w_t, b_t,
                                      temperature, need_teacher)
-            per_row = _row_grad_kwargs(sl, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids, sampled_weight)
+            per_row = _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, b_s is None and b_t is None, estimator,
+                                       row_coef, sampled_ids, sampled_weight)
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 zs, zt = tile_fn(v0, v1)
                 accumulate_head_grads(logit_grad_tile(zs, zt, v0, **per_row), hs, w_s, v0, v1, d_h[sl], d_w, d_b)
@@ -340,7 +360,7 @@ def backward_kept(
 
 
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
-                     lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                     lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
                      chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
     """d loss / d student logits for the kept rows given, float32 [R, V_s] (zero beyond vocab_size)."""
     chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
@@ -349,7 +369,8 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
     with torch.no_grad():
         for sl in row_chunks(zs.shape[0], chunk_rows):
             tile_fn = logits_tile_fn(zs[sl], zt[sl] if need_teacher else None, temperature, need_teacher)
-            per_row = _row_grad_kwargs(sl, estimator, lse_s, lse_t, kl_rev, row_coef, sampled_ids, sampled_weight)
+            per_row = _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, False, estimator, row_coef, sampled_ids,
+                                       sampled_weight)
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 tile_s, tile_t = tile_fn(v0, v1)
                 grad[sl, v0:v1] = logit_grad_tile(tile_s, tile_t, v0, **per_row)

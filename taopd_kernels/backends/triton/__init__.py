@@ -61,7 +61,7 @@ def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, 
 
 
 def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  lse_s: torch.Tensor, lse_t: Optional[torch.Tensor], kl_rev: Optional[torch.Tensor],
+                  lse_s: torch.Tensor, expected_gap: Optional[torch.Tensor],
                   row_coef: torch.Tensor, sampled_ids: Optional[torch.Tensor] = None,
                   sampled_weight: Optional[torch.Tensor] = None, need_bias_grad: bool = False,
                   chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None):
@@ -71,9 +71,19 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     ``sampled_weight`` (= logp_s(y) - logp_t(y)) and ignores the teacher (h_t may be None).
     """
     from .kept_backward import kept_backward
+    from .stats_forward import launch_stats_forward, merge_partials
 
     with torch.no_grad():
+        if h_s.shape[0]:
+            # The kept rows' lse and E_ps[z_s - z_t] again, from the forward kernel's own tl.dot tiles on just
+            # these rows (a few percent of the forward's work): the backward's p_s then sums to 1 and
+            # p_s * (g - E[g]) to 0 on the logits it forms, as in the PyTorch backend.
+            teacher = (h_t, w_t, b_t) if estimator == "full" else (h_s, w_s, b_s)
+            rows = merge_partials(*launch_stats_forward(h_s, w_s, b_s, *teacher, vocab_size=vocab_size, top_k=1,
+                                                        temperature=temperature, split_size=chunk_vocab),
+                                  top_k=1, with_sampled=False)
+            lse_s, expected_gap = rows.lse_student, rows.expected_gap if estimator == "full" else None
         return kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,
-                             estimator=estimator, lse_s=lse_s, lse_t=lse_t, kl_rev=kl_rev, row_coef=row_coef,
+                             estimator=estimator, lse_s=lse_s, expected_gap=expected_gap, row_coef=row_coef,
                              sampled_ids=sampled_ids, sampled_weight=sampled_weight,
                              need_bias_grad=need_bias_grad, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)

@@ -3,16 +3,16 @@
 For the R kept rows and one chunk of columns [v0, v0 + n) the kernel recomputes the scaled logits
 z_s (and z_t for the "full" estimator) with ``tl.dot`` and writes, without the per-row factor c_r,
 
-    full:     g[r, v] = p_s(v) * (log p_s(v) - log p_t(v) - KL_rev[r])        c_r = row_coef[r]
+    full:     g[r, v] = p_s(v) * ((z_s(v) - z_t(v)) - E_ps[z_s - z_t][r])      c_r = row_coef[r]
     sampled:  g[r, v] = 1[v = y_r] - p_s(v)                                  c_r = row_coef[r] * w_r
 
 (log p = z - lse with the forward's lse; w_r = logp_s(y) - logp_t(y) = -A_r; row_coef already holds
-grad_output / normalizer / tau) into a workspace G [R, n] of the matmul dtype, and the bias gradient
+grad_output / normalizer / tau) into a workspace G [R, n] (bf16 for bf16 inputs, else float32: fp16 would flush small p_s to zero), and the bias gradient
 db[v] = sum_r c_r g[r, v] as float32 partial sums per row block (summed on the host, deterministic).
 The launcher then reduces each chunk with cuBLAS:
 
-    dh    += (G @ W_s[v0:v0+n]) * c            (float32 accumulation across chunks)
-    dW_s[v0:v0+n] = G^T @ (c * h_s)            (each row of dW written once, as float32)
+    dh    += (G @ W_s[v0:v0+n]) * c            (float32 GEMM output, float32 accumulation across chunks)
+    dW_s[v0:v0+n] = G^T @ (c * h_s)            (float32 GEMM output, each row of dW written once)
 
 Grid: (column tiles of the chunk) x (row blocks of BLOCK_M). Memory held: the workspace and the matmul
 results of one chunk, bounded by ``WORKSPACE_BYTES`` (the chunk width is chosen from it), plus the
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tiles import mm_float32
 from ._common import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket
 
 WORKSPACE_BYTES = 128 << 20
@@ -39,7 +40,7 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=16)
 @triton.jit
 def _kept_backward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-    lse_s_ptr, lse_t_ptr, kl_ptr, coef_ptr, y_ptr, g_ptr, db_ptr,
+    lse_s_ptr, gap_ptr, coef_ptr, y_ptr, g_ptr, db_ptr,
     R, V0, VLEN,
     stride_hsm, stride_hsd, stride_wsv, stride_wsd,
     stride_htm, stride_htd, stride_wtv, stride_wtd,
@@ -66,9 +67,9 @@ def _kept_backward_kernel(
     if FULL:
         zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd, stride_wtv,
                          stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT, DTYPE_T, PREC_T)
-        logp_t = zt - tl.load(lse_t_ptr + rows_c)[:, None]
-        kl = tl.load(kl_ptr + rows_c)
-        g = tl.where(p_s > 0, p_s * (logp_s - logp_t - kl[:, None]), 0.0)
+        # Cancellation-free: p_s * (g - E_ps[g]) with g = z_s - z_t, not log p_s - log p_t - KL_rev.
+        eg = tl.load(gap_ptr + rows_c)
+        g = tl.where(p_s > 0, p_s * ((zs - zt) - eg[:, None]), 0.0)
     else:
         y = tl.load(y_ptr + rows_c)
         g = tl.where(cols_c[None, :] == y[:, None], 1.0, 0.0) - p_s
@@ -125,7 +126,7 @@ def _block_m() -> int:
 
 
 def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  lse_s, lse_t, kl_rev, row_coef, sampled_ids=None, sampled_weight=None,
+                  lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
                   need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
                   chunk_vocab: Optional[int] = None):
     """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] or None); see the module docstring."""
@@ -144,18 +145,11 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     if not full:
         coef = coef * sampled_weight.to(device=device, dtype=torch.float32)
     coef = coef.contiguous()
-    # Matmul dtype: the inputs' own 16-bit dtype when h and W agree, else float32.
-    mm_dtype = h_s.dtype if h_s.dtype == w_s.dtype else torch.float32
+    # Workspace and GEMM operand dtype: bf16 when h and W are both bf16 (float32 range, products exact in
+    # the float32 GEMM output), else float32; the GEMMs always return float32 (``mm_float32``).
+    mm_dtype = torch.bfloat16 if h_s.dtype == w_s.dtype == torch.bfloat16 else torch.float32
     elem = torch.tensor([], dtype=mm_dtype).element_size()
-    # h rows scaled by c for dW = G^T @ (c h). fp16 has little range: scale c by its largest magnitude
-    # first and multiply dW chunks back by it.
-    if mm_dtype == torch.float16:
-        c_max = coef.abs().max()
-        c_max = torch.where(c_max > 0, c_max, torch.ones_like(c_max))
-        h_scaled = (h_s.float() * (coef / c_max)[:, None]).to(mm_dtype)
-    else:
-        c_max = None
-        h_scaled = (h_s.float() * coef[:, None]).to(mm_dtype)
+    h_scaled = (h_s.float() * coef[:, None]).to(mm_dtype)  # c * h, for dW = G^T @ (c h)
 
     row_chunk = chunk_rows or max(1, WORKSPACE_BYTES // (256 * elem))
     if chunk_vocab is None:
@@ -175,8 +169,7 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     y = sampled_ids.to(device=device, dtype=torch.int32).contiguous() if not full else None
     lse_s = lse_s.to(device=device, dtype=torch.float32).contiguous()
     if full:
-        lse_t = lse_t.to(device=device, dtype=torch.float32).contiguous()
-        kl_rev = kl_rev.to(device=device, dtype=torch.float32).contiguous()
+        expected_gap = expected_gap.to(device=device, dtype=torch.float32).contiguous()
     b_s_c = b_s.contiguous() if b_s is not None else None
     b_t_c = b_t.contiguous() if (b_t is not None and full) else None
     h_t_any = h_t if full else h_s
@@ -193,7 +186,7 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             db_buf = db_part[: db_rows * n] if need_bias_grad else coef
             args = (h_s[r0:r1], w_s, b_s_c if b_s_c is not None else w_s,
                     h_t_any[r0:r1], w_t_any, b_t_c if b_t_c is not None else w_t_any,
-                    lse_s[r0:r1], lse_t[r0:r1] if full else lse_s, kl_rev[r0:r1] if full else lse_s,
+                    lse_s[r0:r1], expected_gap[r0:r1] if full else lse_s,
                     coef[r0:r1], y[r0:r1] if y is not None else coef, g, db_buf,
                     n_rows, v0, n,
                     h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
@@ -207,10 +200,8 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             w_chunk = w_s[v0:v1]
             if w_chunk.dtype != mm_dtype:
                 w_chunk = w_chunk.to(mm_dtype)
-            d_h[r0:r1] += torch.mm(g, w_chunk)
-            dw_chunk = torch.mm(g.t(), h_scaled[r0:r1])
-            if c_max is not None:
-                dw_chunk = dw_chunk.float().mul_(c_max)
+            d_h[r0:r1] += mm_float32(g, w_chunk)
+            dw_chunk = mm_float32(g.t(), h_scaled[r0:r1])
             if r0 == 0:
                 d_w[v0:v1].copy_(dw_chunk)
             else:

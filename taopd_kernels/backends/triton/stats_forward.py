@@ -321,7 +321,7 @@ def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k
 
 
 def _merge_softmax(m, s0, s1, q):
-    """Combine per-split (m, S0, S1, Q) [S, R] (float64) -> (lse, entropy or None, Q / S0)."""
+    """Combine per-split (m, S0, S1, Q) [S, R] (float64) -> (max, log S0, entropy or None, Q / S0)."""
     top = m.max(0).values
     base = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     live = s0 > 0
@@ -333,7 +333,7 @@ def _merge_softmax(m, s0, s1, q):
     if s1 is not None:
         shifted = torch.where(live, w * (s1 + s0 * (m - base)), zero).sum(0)
         entropy = total.log() - shifted / total
-    return base + total.log(), entropy, gap
+    return base, total.log(), entropy, gap
 
 
 def _merge_topk(val, ids, other, top_k: int):
@@ -349,22 +349,26 @@ def _merge_topk(val, ids, other, top_k: int):
 def merge_partials(part, top_val, top_id, top_oth, *, top_k: int, with_sampled: bool) -> RowStats:
     """RowStats from the partial state of ``launch_stats_forward`` (small tensors only)."""
     p = part.double()
-    lse_s, entropy, gap_s = _merge_softmax(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
-    lse_t, _, gap_t = _merge_softmax(p[:, 4], p[:, 5], None, p[:, 6])
+    m_s, log_s0_s, entropy, gap_s = _merge_softmax(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
+    m_t, log_s0_t, _, gap_t = _merge_softmax(p[:, 4], p[:, 5], None, p[:, 6])
     ids_s, zs_at_s, zt_at_s = _merge_topk(top_val[0], top_id[0], top_oth[0], top_k)
     ids_t, zt_at_t, zs_at_t = _merge_topk(top_val[1], top_id[1], top_oth[1], top_k)
+    # Cancellation-free forms (docs/math.md, Per-position statistics): logit differences are taken
+    # against the row maxima before the log-sums join, never lse_s - lse_t of two large numbers.
+    max_gap = m_s - m_t
     out = RowStats(
-        lse_student=lse_s.float(),
-        lse_teacher=lse_t.float(),
+        lse_student=(m_s + log_s0_s).float(),
+        lse_teacher=(m_t + log_s0_t).float(),
         entropy_student=entropy.float(),
-        kl_reverse=(gap_s - lse_s + lse_t).float(),
-        kl_forward=(-gap_t - lse_t + lse_s).float(),
+        kl_reverse=((gap_s - max_gap) - (log_s0_s - log_s0_t)).float(),
+        kl_forward=((-gap_t + max_gap) - (log_s0_t - log_s0_s)).float(),
         topk_ids_student=ids_s,
         topk_ids_teacher=ids_t,
-        teacher_mass=(zt_at_s.double() - lse_t[:, None]).exp().sum(1).float(),
+        teacher_mass=((zt_at_s.double() - m_t[:, None]) - log_s0_t[:, None]).exp().sum(1).float(),
         disagreement=union_disagreement(ids_s, zs_at_s, zt_at_s, ids_t, zs_at_t, zt_at_t),
+        expected_gap=gap_s.float(),
     )
     if with_sampled:
-        out.logp_student_sampled = (p[:, 7].sum(0) - lse_s).float()
-        out.logp_teacher_sampled = (p[:, 8].sum(0) - lse_t).float()
+        out.logp_student_sampled = ((p[:, 7].sum(0) - m_s) - log_s0_s).float()
+        out.logp_teacher_sampled = ((p[:, 8].sum(0) - m_t) - log_s0_t).float()
     return out
