@@ -18,6 +18,7 @@ from .selection import STRATEGIES, batch_normalize, num_to_keep, select_top, str
 from .stats import TeachabilityStats
 
 ESTIMATORS = ("full", "sampled")
+BACKENDS = ("auto", "torch", "triton", "cuda")  # layout-train placeholder: taopd_kernels.options on merge
 __version__ = "0.1.0"
 
 __all__ = [
