@@ -1,4 +1,8 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the optional CUDA extension.
+"""Build script. Metadata lives in pyproject.toml; this file adds the package layout and the optional
+CUDA extension.
+
+Packages: ``taopd_kernels`` (every subpackage found under taopd_kernels/) and the training driver,
+installed as ``taopd_train`` from the folder train/ (with its bundled configs, train/configs/).
 
 The extension ``taopd_kernels._C`` (csrc/: fused statistics and logit-gradient kernels for callers that
 hold logits) is built when a CUDA toolkit (nvcc) and a CUDA build of torch are both present, and
@@ -18,7 +22,7 @@ Typical developer build:  TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolati
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ["csrc/bindings.cpp", "csrc/teachability_stats.cu", "csrc/teachability_grad.cu"]
@@ -64,4 +68,10 @@ def _cuda_extension():
 
 
 ext_modules, cmdclass = _cuda_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=find_packages(include=["taopd_kernels", "taopd_kernels.*"]) + ["taopd_train"],
+    package_dir={"taopd_train": "train"},
+    package_data={"taopd_train": ["configs/*.json", "configs/*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -17,13 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(impl: str, tokens: int, vocab: int, d_s: int, d_t: int, threads: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from taopd_kernels import fused_teachability_kl
     from taopd_kernels.reference import reference_teachability_kl
 
@@ -77,15 +75,9 @@ def main() -> int:
         print(f"chunked / reference: memory {chunked['peak_extra_mb'] / ref['peak_extra_mb']:.3f}, "
               f"time {chunked['fwd_bwd_s'] / ref['fwd_bwd_s']:.3f}; losses {chunked['loss']:.6f} vs {ref['loss']:.6f}")
     if args.out:
-        import datetime
-        import platform
+        from _meta import metadata
 
-        import torch
-
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        meta = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
-                "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        meta = metadata("cpu")
         args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0 if len(rows) == 2 else 1
 

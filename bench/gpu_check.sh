@@ -11,7 +11,7 @@
 #   pytest   python -m pytest -m gpu
 #   sweep    python bench/vocab_sweep.py at Qwen scale (N=8192, D_s=2048, D_t=4096, bf16), all implementations
 #   cudabench  python bench/cuda_stats_bench.py            (if the file exists)
-#   throughput python train/throughput.py --out $OUT/throughput.json   (if the file exists)
+#   throughput python bench/throughput.py --out $OUT/throughput.json   (if the file exists)
 # Outputs (at most 8 files): summary.txt, gpu_check.log (every step's output), vocab_sweep_gpu.{json,csv,md,png},
 # throughput.json. GPU_CHECK_SKIP=install,pytest,... skips steps by name;
 # SWEEP_REPEATS / SWEEP_WARMUP / SWEEP_ARGS tune the sweep.
@@ -111,10 +111,10 @@ else
   absent cudabench "bench/cuda_stats_bench.py does not exist"
 fi
 
-if [[ -f train/throughput.py ]]; then
-  step throughput 60 python3 train/throughput.py --out "$OUT/throughput.json"
+if [[ -f bench/throughput.py ]]; then
+  step throughput 60 python3 bench/throughput.py --out "$OUT/throughput.json"
 else
-  absent throughput "train/throughput.py does not exist"
+  absent throughput "bench/throughput.py does not exist"
 fi
 
 {

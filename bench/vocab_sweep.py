@@ -29,11 +29,9 @@ import time
 import traceback
 from pathlib import Path
 
+from _meta import metadata
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for p in (str(HERE), str(ROOT)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 QWEN_VOCABS = (32000, 65536, 128256, 151936, 152064, 262144)
 CPU_DEFAULTS = dict(tokens=256, d_student=128, d_teacher=256, dtype="float32", repeats=3, warmup=1)
@@ -372,23 +370,6 @@ def run_inline(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- metadata
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
 def _cpu_seconds() -> float:
     """CPU seconds of this process and its finished worker processes."""
     import resource
@@ -406,34 +387,6 @@ def _loadavg():
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> dict:
-    import torch
-
-    out = {"torch": torch.__version__, "triton": None, "liger_kernel": None, "python": platform.python_version()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except Exception:
-        pass
-    try:
-        from importlib.metadata import version
-
-        out["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        pass
-    return out
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -587,8 +540,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    meta = {"threads": torch.get_num_threads(), "device": device_name(device), **versions(), "commit": git_commit(),
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    meta = {"threads": torch.get_num_threads(), **metadata(device),
             "host": platform.node(), "loadavg_start": _loadavg(), "memory_method": "cuda-allocator-peak" if device.type == "cuda" else "rss-hwm",
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}}
     print(f"vocab_sweep: {meta['device']}, torch {meta['torch']}, N={args.tokens}, D_s={args.d_student}, "

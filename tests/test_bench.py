@@ -1,7 +1,15 @@
-"""bench/vocab_sweep.py: option checking, a tiny sweep's outputs, and the loss agreement check."""
+"""bench/: vocab_sweep.py (option checking, a tiny sweep's outputs, the loss agreement check), the
+shared metadata, and the throughput scripts (bench/throughput.py, bench/throughput_fsdp.py).
+
+The scripts are loaded from their files (bench/ is not a package); their sibling imports (``_meta``,
+``sweep_impls``) resolve through ``sys.modules``, where ``load`` registers each module it loads.
+"""
 
 import csv
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,10 +17,22 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
 
-import sweep_impls  # noqa: E402
-import vocab_sweep  # noqa: E402
+
+def load(name: str):
+    """bench/<name>.py as the module ``name`` (registered in sys.modules, as a script's siblings are)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_meta = load("_meta")
+sweep_impls = load("sweep_impls")
+vocab_sweep = load("vocab_sweep")
 
 TINY = ["--tokens", "64", "--d-student", "32", "--d-teacher", "48", "--repeats", "1", "--warmup", "0",
         "--device", "cpu", "--no-progress"]
@@ -172,3 +192,40 @@ def test_tiny_sweep_on_gpu(capsys, tmp_path):
     for row in doc["rows"]:
         assert not row.get("error"), row
         assert row["fwd_bwd_ms"] > 0 and row["peak_extra_mb"] >= 0
+
+
+def test_metadata_keys():
+    meta = _meta.metadata("cpu")
+    for key in ("device", "python", "torch", "triton", "transformers", "liger_kernel", "commit", "date"):
+        assert key in meta, key
+    assert meta["torch"] == torch.__version__ and meta["commit"]
+
+
+def test_throughput_script_fails_cleanly_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    throughput = load("throughput")
+    assert throughput.main(["--out", str(tmp_path / "tp.json")]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "tp.json").exists()
+
+
+def test_throughput_fsdp_smoke(tmp_path):
+    """bench/throughput_fsdp.py: the sharded path at world size 1 (one-process group, no torchrun)."""
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput_fsdp.py"), "--preset", "tiny",
+                           "--device", "cpu", "--dtype", "fp32", "--steps", "1", "--warmup", "0",
+                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert summary["sharded"] and summary["world_size"] == 1
+    assert summary["step_s"] > 0 and summary["response_tokens_per_s"] > 0 and summary["commit"]
+
+
+def test_bundled_architectures_are_the_only_qwen3_shapes():
+    fsdp = load("throughput_fsdp")
+    assert not hasattr(fsdp, "QWEN3")
+    with torch.device("meta"):
+        model = fsdp.build("qwen3-1.7b", torch.bfloat16, torch.device("meta"), 0, "sdpa")
+    assert model.config.hidden_size == 2048 and model.config.num_hidden_layers == 28

@@ -6,8 +6,7 @@
 - ``random_init: true``: the architecture of ``config_file`` (bundled: ``qwen3-1.7b.json``,
   ``qwen3-4b.json``) with random weights, no download (throughput measurements);
 - a local HF directory, or a hub id found in the local HF cache (no network needed).
-The loss head needs ``final_hidden`` (the last hidden states after the final norm) and
-``lm_head_weight`` (tied embeddings included): the driver never materialises full logits.
+What the loss head takes from these models (final hidden states, lm_head weight and bias) is head.py's.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .config import CONFIG_DIR, ModelConfig, TinyArch
+from taopd_train.config import CONFIG_DIR, DTYPES, ModelConfig, TinyArch
 
 QWEN3_VOCAB = 151_936  # Qwen3's padded embedding size (the tokenizer has 151,643 BPE ranks + specials)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -155,7 +153,7 @@ def _local_or_raise(path: str, role: str) -> str:
         "for throughput measurements with random weights.")
 
 
-def _resolve_config_file(name: str) -> Path:
+def resolve_config_file(name: str) -> Path:
     p = Path(name).expanduser()
     if p.is_file():
         return p
@@ -171,7 +169,7 @@ def load_model(m: ModelConfig, role: str, device, *, builtin_dir: Optional[str] 
     dtype = DTYPES[m.dtype]
     if m.random_init:
         if m.config_file:
-            conf = AutoConfig.from_pretrained(str(_resolve_config_file(m.config_file)))
+            conf = AutoConfig.from_pretrained(str(resolve_config_file(m.config_file)))
         else:
             conf = AutoConfig.from_pretrained(_local_or_raise(m.path, role))
         conf._attn_implementation = m.attn_implementation
@@ -187,18 +185,3 @@ def load_model(m: ModelConfig, role: str, device, *, builtin_dir: Optional[str] 
         path = _local_or_raise(m.path, role)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=m.attn_implementation)
     return model.to(device)
-
-
-def final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Last hidden states after the final norm, [B, T, D]: what the lm_head multiplies (no logits)."""
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """The [V, D] output-embedding weight (the embedding matrix itself when embeddings are tied)."""
-    return model.get_output_embeddings().weight
-
-
-def lm_head_bias(model) -> Optional[torch.Tensor]:
-    return getattr(model.get_output_embeddings(), "bias", None)

@@ -29,8 +29,9 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .generation import generate
-from .models import QWEN3_VOCAB, lm_head_weight, tiny_qwen3_config
+from taopd_train.head import lm_head_weight
+from taopd_train.models import QWEN3_VOCAB, tiny_qwen3_config
+from taopd_train.rollout import generate
 
 PREP_VERSION = 3
 DISTRACTORS = 64

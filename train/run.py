@@ -6,13 +6,14 @@
     python train/run.py loss.strategy=entropy optim.steps=100
 
 One optimizer step, in order (each a small function below):
-  sample_prompts -> rollout (student samples, KV cache) -> score (teacher + student forwards without grad,
-  per-position statistics from hidden states and lm_head weights) -> select (one global selection over
+  sample_prompts -> rollout (student samples, KV cache) -> compute_stats (teacher + student forwards without
+  grad, per-position statistics from hidden states and lm_head weights) -> select (one global selection over
   the whole rollout batch: keep mask + normaliser) -> loss_backward (per micro-batch: student forward with
   grad, fused loss head over the kept positions only, normalised by the batch's kept count) ->
   optimizer_step (clip, AdamW, schedule). Evaluation, logging and checkpoints around it.
 Under torchrun the same pieces run on every rank (docs/distributed.md): FSDP2 student, the loss head
-with the full lm_head weights, one selection over the positions of all ranks, DCP checkpoints.
+with the full lm_head weights (head.py), one selection over the positions of all ranks (parallel.py),
+DCP checkpoints (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -21,29 +22,24 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
-import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script: make `train` and `taopd_kernels` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "train"
-
 import torch
 
-from taopd_kernels import TeachabilityStats
+from taopd_kernels import TeachabilityStats, fused_teachability_kl, teachability_stats
 
-from . import distributed as D
-from .config import Config, ConfigError, load_config, to_dict
-from .generation import Rollout, generate
-from .models import DTYPES, final_hidden, lm_head_weight, load_model, load_tokenizer  # noqa: F401 (final_hidden: tests)
-from .task import build_task
+import taopd_train.parallel as parallel
+from taopd_train import checkpoint, head
+from taopd_train.config import DTYPES, Config, ConfigError, load_config, to_dict
+from taopd_train.metrics import Logger, _SilentLogger, peak_memory_mb, plot_curves
+from taopd_train.models import load_model, load_tokenizer
+from taopd_train.rollout import Rollout, generate, make_rollout_engine, rollout_from_tokens
+from taopd_train.task import build_task
 
 # ================================================================== set-up
 
@@ -75,7 +71,7 @@ def build_models(cfg: Config, device: torch.device, student_path: Optional[str] 
     task = build_task(cfg.data, cfg.seed)
     builtin = {}
     if "builtin" in (cfg.student.path, cfg.teacher.path) and not (cfg.student.random_init and cfg.teacher.random_init):
-        from .prepare import prepare_builtin
+        from taopd_train.prepare import prepare_builtin
 
         builtin = prepare_builtin(cfg, task, tokenizer, device, log=log)
     scfg = cfg.student
@@ -88,14 +84,14 @@ def build_models(cfg: Config, device: torch.device, student_path: Optional[str] 
     return Models(student, teacher, tokenizer, task)
 
 
-def wrap_models(cfg: Config, models: Models, ctx: D.DistContext) -> None:
+def wrap_models(cfg: Config, models: Models, ctx: parallel.DistContext) -> None:
     """Under torchrun: FSDP2 for the student, the teacher sharded or replicated (docs/distributed.md).
     In one process the models stay as they are (the loss head is called the same way)."""
     dc = cfg.distributed
     param_dtype = DTYPES[dc.param_dtype] if dc.param_dtype else None
     if ctx.distributed:
-        D.shard_model(models.student, param_dtype=param_dtype, reduce_dtype=DTYPES[dc.reduce_dtype])
-    D.prepare_teacher(models.teacher, dc.teacher if ctx.distributed else "replicate", param_dtype=param_dtype)
+        parallel.shard_model(models.student, param_dtype=param_dtype, reduce_dtype=DTYPES[dc.reduce_dtype])
+    parallel.prepare_teacher(models.teacher, dc.teacher if ctx.distributed else "replicate", param_dtype=param_dtype)
 
 
 def build_optimizer(cfg: Config, student: torch.nn.Module):
@@ -143,7 +139,7 @@ def encode_prompts(cfg: Config, tokenizer, examples) -> List[List[int]]:
 
 
 def vocab_limit(cfg: Config, models: Models) -> int:
-    v = min(lm_head_weight(models.student).shape[0], lm_head_weight(models.teacher).shape[0])
+    v = min(head.lm_head_weight(models.student).shape[0], head.lm_head_weight(models.teacher).shape[0])
     return cfg.loss.vocab_size or v
 
 
@@ -153,7 +149,7 @@ def rollout(cfg: Config, models: Models, examples, step: int, engine=None) -> Ro
     Each rank samples its own prompts with its own stream (rank 0's is the single-process one); a
     sharded student steps until every rank is done. ``engine``: a vLLM engine (rollout.engine=vllm)."""
     device = next(models.student.parameters()).device
-    rank = D.rank_world()[0]
+    rank = parallel.world()[0]
     prompts = encode_prompts(cfg, models.tokenizer, examples)
     if engine is not None:
         resp = engine.generate(prompts, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -163,34 +159,13 @@ def rollout(cfg: Config, models: Models, examples, step: int, engine=None) -> Ro
     return generate(models.student, prompts,
                     max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
                     pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                    generator=gen, vocab_limit=vocab_limit(cfg, models), all_done=D.all_ranks_done)
-
-
-def rollout_from_tokens(prompts, responses, pad_id: int, eos_ids, device) -> Rollout:
-    """A ``Rollout`` from token lists (vLLM's output): prompts left-padded, responses right-padded,
-    each response cut after its first EOS."""
-    from .generation import left_pad
-
-    ids, mask = left_pad(prompts, pad_id, device)
-    eos = set(eos_ids)
-    cut = []
-    for r in responses:
-        end = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
-        cut.append(list(r[:end]))
-    width = max(1, max(len(r) for r in cut))
-    resp = torch.full((len(cut), width), pad_id, dtype=torch.long)
-    rmask = torch.zeros((len(cut), width), dtype=torch.long)
-    for i, r in enumerate(cut):
-        resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        rmask[i, :len(r)] = 1
-    resp, rmask = resp.to(device), rmask.to(device)
-    return Rollout(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1),
-                   torch.cat([torch.zeros_like(mask), rmask], 1), ids.shape[1])
+                    generator=gen, vocab_limit=vocab_limit(cfg, models), all_done=parallel.all_ranks_done)
 
 
 @dataclass
 class MicroBatch:
-    """Sequences [b, T] and the per-position loss inputs [b, T-1]: the hidden state at t predicts token t+1."""
+    """Sequences [b, T] and the per-position loss inputs [b, T-1] (``head.loss_positions``: the hidden
+    state at t predicts token t+1)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -207,65 +182,55 @@ def micro_batches(cfg: Config, ro: Rollout, seq_offset: int = 0) -> List[MicroBa
     for s in range(0, n, cfg.rollout.micro_batch_size):
         e = min(n, s + cfg.rollout.micro_batch_size)
         ids = ro.input_ids[s:e]
-        seq = torch.arange(s, e, device=ids.device)[:, None].expand(-1, ids.shape[1] - 1) + seq_offset
-        out.append(MicroBatch(ids, ro.attention_mask[s:e], pos[s:e], ro.response_mask[s:e, 1:].bool(),
-                              ids[:, 1:].contiguous(), seq.contiguous()))
+        valid, sampled = head.loss_positions(ids, ro.response_mask[s:e])
+        seq = torch.arange(s, e, device=ids.device)[:, None].expand_as(valid) + seq_offset
+        out.append(MicroBatch(ids, ro.attention_mask[s:e], pos[s:e], valid, sampled, seq.contiguous()))
     return out
 
 
-def _loss_kwargs(cfg: Config, models: Models, mb: MicroBatch) -> dict:
+def _head_kwargs(cfg: Config, models: Models, mb: MicroBatch) -> dict:
+    """Options shared by the statistics and the loss (the selection is the driver's: ``select``)."""
     lo = cfg.loss
     return dict(valid_mask=mb.valid, sequence_ids=mb.sequence_ids, sampled_ids=mb.sampled_ids, top_k=lo.top_k,
-                strategy=lo.strategy, temperature=lo.temperature, vocab_size=vocab_limit(cfg, models),
-                min_per_sequence=lo.min_per_sequence, backend=lo.backend, chunk_rows=lo.chunk_rows,
-                chunk_vocab=lo.chunk_vocab, keep_ratio=lo.keep_ratio)
+                temperature=lo.temperature, vocab_size=vocab_limit(cfg, models), backend=lo.backend,
+                chunk_rows=lo.chunk_rows, chunk_vocab=lo.chunk_vocab)
 
 
 @torch.no_grad()
-def score(cfg: Config, models: Models, mbs: List[MicroBatch]):
+def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch]):
     """Teacher and student forwards without grad; per-position statistics (SPEC section 2) per micro-batch.
 
     Returns (stats per micro-batch, teacher (hidden, lm_head weight, bias) per micro-batch: reused by
-    ``loss_backward``). Both lm_head weights are the full ones, also when FSDP shards them
-    (``distributed.call_with_full_head``); a sharded teacher's full weight is fetched once per step."""
+    ``loss_backward``). Statistics only (``strategy=None``): the selection is ``select``'s, over the whole
+    batch. Both lm_head weights are the full ones, also when FSDP shards them (``head.call_with_full_head``);
+    a sharded teacher's full weight is fetched once per step."""
     stats, teacher_out = [], []
     w_t = b_t = None
     for mb in mbs:
-        h_t, w, b = D.teacher_forward(models.teacher, mb.input_ids, mb.attention_mask, position_ids=mb.position_ids)
+        h_t, w, b = head.teacher_forward(models.teacher, mb.input_ids, mb.attention_mask, mb.position_ids)
         if w_t is None:
             w_t, b_t = w, b
-        h_t = h_t[:, :-1]
-        st = D.head_stats(models.student, mb.input_ids, mb.attention_mask, h_t, w_t, b_t,
-                          position_ids=mb.position_ids, check_finite=cfg.loss.check_finite,
-                          **_loss_kwargs(cfg, models, mb))
-        stats.append(st)
+
+        def stats_head(h_s, w_s, b_s):
+            return teachability_stats(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=None,
+                                      check_finite=cfg.loss.check_finite, **_head_kwargs(cfg, models, mb))
+
+        stats.append(head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, stats_head,
+                                              mb.position_ids))
         teacher_out.append((h_t, w_t, b_t))
     return stats, teacher_out
-
-
-def concat_stats(stats: List[TeachabilityStats]) -> TeachabilityStats:
-    """Flatten and concatenate per-micro-batch statistics into one [N] batch (for a global selection)."""
-    kw = {}
-    for f in dataclasses.fields(TeachabilityStats):
-        vals = [getattr(s, f.name) for s in stats]
-        if any(v is None for v in vals):
-            kw[f.name] = None
-            continue
-        lead = stats[0].valid.dim()
-        kw[f.name] = torch.cat([v.reshape(-1, *v.shape[lead:]) for v in vals])
-    return TeachabilityStats(**kw)
 
 
 def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], step: int):
     """One selection over the whole rollout batch (SPEC section 3). Returns (keep masks per micro-batch,
     normaliser = the batch's kept count, the concatenated statistics with score/kept filled in)."""
-    allstats = concat_stats(stats)
+    allstats = TeachabilityStats.concat(stats)
     seq = torch.cat([mb.sequence_ids.reshape(-1) for mb in mbs])
-    # Under torchrun: over the positions of all ranks, in rank order (distributed.global_select);
+    # Under torchrun: over the positions of all ranks, in rank order (parallel.global_select);
     # sequence ids are global batch indices (micro_batches' seq_offset).
-    sel = D.global_select(allstats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
-                          sequence_ids=seq, min_per_sequence=cfg.loss.min_per_sequence,
-                          seed=step_seed(cfg.seed, step, 3), global_sequence_ids=True)
+    sel = parallel.global_select(allstats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
+                                 sequence_ids=seq, min_per_sequence=cfg.loss.min_per_sequence,
+                                 seed=step_seed(cfg.seed, step, 3), global_sequence_ids=True)
     kept = sel.keep_mask
     allstats.score, allstats.kept = sel.score, kept
     masks, start = [], 0
@@ -280,15 +245,22 @@ def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tupl
                   stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float) -> float:
     """Student forward with grad, fused loss head on this micro-batch, backward. The micro-batch losses
     of one step sum to the batch loss (each is divided by the batch's kept count; under torchrun by the
-    count over all ranks, and FSDP sums the ranks' gradients). ``teacher_out``: from ``score``."""
+    count over all ranks, and FSDP sums the ranks' gradients). ``teacher_out``: from ``compute_stats``."""
     if normalizer <= 0:
         return 0.0
     h_t, w_t, b_t = teacher_out
-    loss, _ = D.head_loss(models.student, mb.input_ids, mb.attention_mask, h_t, w_t, b_t,
-                          position_ids=mb.position_ids, estimator=cfg.loss.estimator, seed=0, keep_mask=keep_mask,
-                          normalizer=normalizer, stats=stats,
-                          check_finite=False,  # the same weights were checked by ``score`` when loss.check_finite is set
-                          **_loss_kwargs(cfg, models, mb))
+    lo = cfg.loss
+
+    def loss_head(h_s, w_s, b_s):  # inside the student's forward: the full lm_head weight, even under FSDP
+        loss, _ = fused_teachability_kl(
+            h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=lo.strategy, estimator=lo.estimator,
+            keep_ratio=lo.keep_ratio, min_per_sequence=lo.min_per_sequence, seed=0, keep_mask=keep_mask,
+            normalizer=normalizer, stats=stats,
+            check_finite=False,  # the same weights were checked by ``compute_stats`` when loss.check_finite is set
+            **_head_kwargs(cfg, models, mb))
+        return loss
+
+    loss = head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, loss_head, mb.position_ids)
     loss.backward()
     return float(loss.detach())
 
@@ -310,12 +282,12 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
     each rank rolls out its contiguous block of the batch's prompts)."""
     t0 = time.perf_counter()
     examples = sample_prompts(cfg, models.task, step)
-    rank, world = D.rank_world()
-    mine = D.shard_range(len(examples), rank, world)
+    rank, world = parallel.world()
+    mine = parallel.shard_range(len(examples), rank, world)
     ro = rollout(cfg, models, examples[mine.start:mine.stop], step, engine)
     t_roll = time.perf_counter()
     mbs = micro_batches(cfg, ro, seq_offset=mine.start)
-    stats, teacher_hidden = score(cfg, models, mbs)
+    stats, teacher_hidden = compute_stats(cfg, models, mbs)
     masks, normalizer, allstats = select(cfg, stats, mbs, step)
     loss = 0.0
     for mb, h_t, st, keep in zip(mbs, teacher_hidden, stats, masks):
@@ -325,9 +297,9 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
     if engine is not None:
         engine.sync_weights(models.student)
     dt = time.perf_counter() - t0
-    s = D.global_summary(allstats)
+    s = allstats.summary(all_reduce=parallel.all_reduce_sum)
     device = ro.input_ids.device
-    loss, resp_total, tokens = D.all_reduce_sum(torch.tensor(
+    loss, resp_total, tokens = parallel.all_reduce_sum(torch.tensor(
         [loss, float(ro.response_mask.sum()), float(ro.attention_mask.sum())], dtype=torch.float64, device=device)).tolist()
     resp_len = torch.tensor(resp_total / len(examples))
     return {
@@ -354,7 +326,7 @@ def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) ->
         chunk = examples[s:s + cfg.eval.batch_size]
         ro = generate(model, encode_prompts(cfg, models.tokenizer, chunk), max_new_tokens=cfg.eval.max_new_tokens,
                       eos_ids=models.tokenizer.eos_ids, pad_id=models.tokenizer.pad_id, greedy=True,
-                      vocab_limit=vocab_limit(cfg, models), all_done=D.all_ranks_done)
+                      vocab_limit=vocab_limit(cfg, models), all_done=parallel.all_ranks_done)
         for ex, resp in zip(chunk, ro.response_ids):
             text = models.tokenizer.decode(resp)
             ok = models.task.check(text, ex.answer)
@@ -362,187 +334,6 @@ def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) ->
             if len(samples) < 4:
                 samples.append({"prompt": ex.prompt[-200:], "response": text[-200:], "answer": ex.answer, "ok": ok})
     return {"accuracy": correct / max(1, len(examples)), "n": len(examples), "samples": samples}
-
-
-# ================================================================== checkpoints
-
-
-def rng_state() -> dict:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) / "checkpoints")
-
-
-def save_checkpoint(cfg: Config, models: Models, opt, sched, step: int, state: dict, export: bool = True) -> Path:
-    """<root>/step_NNNNNN/{student/ (HF format), trainer_state.pt}; <root>/latest names the newest.
-
-    A sharded student (torchrun) is saved as a torch.distributed.checkpoint in ``dcp/`` (weights and
-    optimizer, written by every rank, resumable at any world size); ``student/`` is then exported only
-    when ``export`` (the final checkpoint), gathered on rank 0. Collective under torchrun."""
-    root = checkpoint_root(cfg)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
-    main = D.rank_world()[0] == 0
-    sharded = D.is_sharded(models.student)
-    if main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    D.barrier()
-    if sharded:
-        D.save_checkpoint(tmp / "dcp", models.student, opt if cfg.checkpoint.save_optimizer else None, {"step": step})
-        if export:
-            D.export_hf(models.student, tmp / "student")
-    elif main:
-        models.student.save_pretrained(tmp / "student")
-    if not main:
-        D.barrier()
-        return final
-    trainer = {"step": step, "rng": rng_state(), "scheduler": sched.state_dict(), "state": state,
-               "config": to_dict(cfg)}
-    if cfg.checkpoint.save_optimizer and not sharded:
-        trainer["optimizer"] = opt.state_dict()
-    torch.save(trainer, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    (root / "latest").write_text(final.name)
-    if cfg.checkpoint.keep_last:
-        for old in sorted(root.glob("step_*"))[:-cfg.checkpoint.keep_last]:
-            shutil.rmtree(old)
-    D.barrier()
-    return final
-
-
-def find_checkpoint(cfg: Config) -> Optional[Path]:
-    r = cfg.checkpoint.resume
-    if not r:
-        return None
-    if r == "latest":
-        root = checkpoint_root(cfg)
-        if not (root / "latest").is_file():
-            raise FileNotFoundError(f"checkpoint.resume=latest: no checkpoint under {root}")
-        return root / (root / "latest").read_text().strip()
-    p = Path(r).expanduser()
-    if not (p / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"checkpoint.resume={r!r}: {p} holds no trainer_state.pt")
-    return p
-
-
-def load_checkpoint(ckpt: Path, opt, sched, trainer: Optional[dict] = None) -> dict:
-    if trainer is None:
-        trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if "optimizer" in trainer:
-        opt.load_state_dict(trainer["optimizer"])
-    sched.load_state_dict(trainer["scheduler"])
-    set_rng_state(trainer["rng"])
-    return trainer
-
-
-# ================================================================== logging
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class Logger:
-    """JSONL metrics (always), TensorBoard event files and a tqdm bar (optional), a PNG at the end."""
-
-    def __init__(self, cfg: Config, total: int, initial: int):
-        self.cfg = cfg
-        self.dir = Path(cfg.logging.out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a")
-        self.tb = None
-        if cfg.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
-            except ImportError:
-                print("[log] tensorboard is not installed: no event files", file=sys.stderr)
-        self.bar = None
-        if cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True, file=sys.stderr)
-
-    def log(self, step: int, metrics: Dict[str, object], kind: str = "train"):
-        rec = {"kind": kind, "step": step, "time": time.time(), **metrics}
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
-
-    def progress(self, metrics: Dict[str, float]):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", kept=f"{metrics['kept_fraction']:.3f}",
-                                 kl=f"{metrics['kl/all']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-
-    def write(self, msg: str):
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.jsonl.close()
-
-
-class _SilentLogger:
-    """Ranks other than 0 log nothing."""
-
-    bar = None
-
-    def log(self, *a, **k):
-        pass
-
-    progress = write = close = log
-
-
-def plot_curves(history: dict, path: Path, teacher_acc: Optional[float] = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    if history["train"]:
-        steps, losses = zip(*history["train"])
-        a1.plot(steps, losses, lw=1)
-    a1.set_xlabel("step"), a1.set_ylabel("TA-OPD loss"), a1.set_title("training loss")
-    if history["eval"]:
-        steps, accs = zip(*history["eval"])
-        a2.plot(steps, accs, marker="o", label="student")
-    if teacher_acc is not None:
-        a2.axhline(teacher_acc, color="gray", ls="--", label="teacher")
-    a2.set_xlabel("step"), a2.set_ylabel("held-out accuracy"), a2.set_ylim(0, 1.02), a2.legend()
-    a2.set_title("evaluation (greedy)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ================================================================== the loop
@@ -553,8 +344,9 @@ def train(cfg: Config, log=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Under torchrun: one process per rank (docs/distributed.md); otherwise no process group.
-    ctx = D.init_distributed(device=None if cfg.device == "auto" else cfg.device, backend=cfg.distributed.backend) \
-        if D.launched_by_torchrun() else D.DistContext(device=pick_device(cfg))
+    ctx = parallel.init_distributed(device=None if cfg.device == "auto" else cfg.device,
+                                    backend=cfg.distributed.backend) \
+        if parallel.launched_by_torchrun() else parallel.DistContext(device=pick_device(cfg))
     device = ctx.device
     if cfg.rollout.batch_size % ctx.world_size:
         raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size}: must be divisible by the number of "
@@ -566,27 +358,27 @@ def train(cfg: Config, log=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
     say = (log or (lambda m: print(m, flush=True))) if ctx.is_main else (lambda m: None)
 
-    ckpt = find_checkpoint(cfg)
-    dcp_dir = ckpt / "dcp" if ckpt is not None and D.is_dcp_checkpoint(ckpt / "dcp") else None
+    ckpt = checkpoint.find_checkpoint(cfg)
+    dcp_dir = ckpt / "dcp" if ckpt is not None and checkpoint.is_dcp_checkpoint(ckpt / "dcp") else None
     hf_dir = str(ckpt / "student") if ckpt is not None and dcp_dir is None else None
     if ctx.distributed and not ctx.is_main:
-        D.barrier()  # rank 0 first: it prepares (and caches on disk) the built-in models if needed
+        parallel.barrier()  # rank 0 first: it prepares (and caches on disk) the built-in models if needed
     models = build_models(cfg, device, student_path=hf_dir, log=say)
     if ctx.distributed and ctx.is_main:
-        D.barrier()
+        parallel.barrier()
     wrap_models(cfg, models, ctx)
     opt, sched = build_optimizer(cfg, models.student)
     state = {"history": {"train": [], "eval": []}, "teacher_accuracy": None, "student_before": None}
     start = 0
     if ckpt is not None:
         if dcp_dir is not None:  # written by a sharded run: reshards to this world size (one process too)
-            D.load_checkpoint(dcp_dir, models.student, opt)
+            checkpoint.load_dcp(dcp_dir, models.student, opt)
         trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         if "optimizer" in trainer and ctx.distributed:
             say("[resume] warning: the optimizer state of a single-process checkpoint is not loaded into a "
                 "sharded run (its moments start from zero); the weights are")
             trainer.pop("optimizer")
-        trainer = load_checkpoint(ckpt, opt, sched, trainer)
+        trainer = checkpoint.load_training_checkpoint(ckpt, opt, sched, trainer)
         start, state = trainer["step"], trainer["state"]
         say(f"[resume] from {ckpt} at step {start}")
     engine = None
@@ -594,7 +386,7 @@ def train(cfg: Config, log=None) -> dict:
         path = hf_dir or cfg.student.path
         if path == "builtin" or cfg.student.random_init and hf_dir is None:
             raise ConfigError("rollout.engine=vllm: the student must be a HF checkpoint directory (student.path)")
-        engine = D.make_rollout_engine(cfg.rollout.engine, model_path=path, seed=cfg.seed,
+        engine = make_rollout_engine(cfg.rollout.engine, model_path=path, seed=cfg.seed,
                                        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
         engine.sync_weights(models.student)
     if ctx.is_main:
@@ -629,7 +421,7 @@ def train(cfg: Config, log=None) -> dict:
             logger.log(done, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
             logger.write(f"[eval] step {done}: student accuracy {ev['accuracy']:.3f}")
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.optim.steps:
-            save_checkpoint(cfg, models, opt, sched, done, state, export=False)
+            checkpoint.save_training_checkpoint(cfg, models, opt, sched, done, state, export=False)
     train_time = time.time() - t_loop
 
     final = evaluate(cfg, models.student, models)
@@ -637,7 +429,7 @@ def train(cfg: Config, log=None) -> dict:
     if not state["history"]["eval"] or state["history"]["eval"][-1][0] != end_step:
         state["history"]["eval"].append((end_step, final["accuracy"]))
     logger.log(end_step, {"accuracy": final["accuracy"], "samples": final["samples"]}, kind="eval")
-    ckpt_path = save_checkpoint(cfg, models, opt, sched, end_step, state)
+    ckpt_path = checkpoint.save_training_checkpoint(cfg, models, opt, sched, end_step, state)
     if cfg.logging.plot and ctx.is_main:
         plot_curves(state["history"], out_dir / "curves.png", state["teacher_accuracy"])
     summary = {"teacher_accuracy": state["teacher_accuracy"], "student_before": state["student_before"],
@@ -655,7 +447,7 @@ def train(cfg: Config, log=None) -> dict:
     say(f"[done] teacher {t if t is None else f'{t:.3f}'} | student before {b if b is None else f'{b:.3f}'} | "
         f"student after {a:.3f}{gap} | {summary['total_s']:.0f}s total ({t_prep:.0f}s preparation)")
     if ctx.initialized_here:
-        D.destroy_distributed(ctx)
+        parallel.destroy_distributed(ctx)
     return summary
 
 
@@ -678,5 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python train/run.py: the installed package's module runs (one copy of it)
+    from taopd_train.run import main as _main
+
+    sys.exit(_main())

@@ -1,87 +1,67 @@
 """Throughput of the sharded (FSDP2) TA-OPD training step on Qwen3 architectures with random weights.
 
-No download: the models are built from the architecture numbers below with random weights. Rollouts
-are random tokens (the step's cost does not depend on what the tokens are); ``--generate N`` also times
+No download: the models are built with random weights from the bundled architectures
+(train/configs/qwen3-*.json, or any config.json path). Rollouts are random tokens (the step's cost does not depend on what the tokens are); ``--generate N`` also times
 transformers generate() of N new tokens on the sharded student.
 
     # world size 1 on one GPU, the sharded path (a one-process group is created without torchrun):
-    python train/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b --batch 8 \
+    python bench/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b --batch 8 \
         --prompt-len 256 --response-len 768
     # the same step without FSDP, for comparison:
-    python train/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b --no-shard
+    python bench/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b --no-shard
     # several GPUs:
-    torchrun --nproc_per_node=8 train/throughput_fsdp.py --student qwen3-4b --teacher qwen3-14b
+    torchrun --nproc_per_node=8 bench/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b
     # CPU smoke test (tiny models, gloo):
-    python train/throughput_fsdp.py --tiny --device cpu --steps 2 --warmup 1 --out /tmp/tp_fsdp.json
+    python bench/throughput_fsdp.py --tiny --device cpu --steps 2 --warmup 1 --out /tmp/tp_fsdp.json
 
-Per step (after ``--warmup`` steps): teacher forward, student forward + loss head (statistics, global
-selection, fused loss), backward, optimizer step; tokens/s counts response tokens of all ranks.
+Per step (after ``--warmup`` steps), the driver's own phases (taopd_train.run): ``compute_stats``
+(teacher and student forwards without grad, statistics), ``select`` (global selection),
+``loss_backward`` (student forward, fused loss, backward), optimizer step; tokens/s counts response
+tokens of all ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _meta import metadata
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import taopd_train.parallel as parallel
+from taopd_train import run
+from taopd_train.config import load_config
+from taopd_train.models import resolve_config_file
+from taopd_train.rollout import Rollout
 
-from train import distributed as D  # noqa: E402
-
-# Architecture numbers of the Qwen3 dense models (config.json of each; vocabulary 151,936).
-QWEN3 = {
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, tie_word_embeddings=True),
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=False),
-    "qwen3-14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=8, tie_word_embeddings=False),
+# Tiny architectures for CPU smoke runs (the real shapes come from train/configs/*.json).
+TINY = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True, vocab_size=1000, head_dim=8),
     "tiny-teacher": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, tie_word_embeddings=False, vocab_size=1000, head_dim=8),
 }
-COMMON = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-              max_position_embeddings=40960, hidden_act="silu")
 
 
 def build(name: str, dtype: torch.dtype, device: torch.device, seed: int, attn: str):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """``name``: a bundled architecture (qwen3-1.7b, qwen3-4b: train/configs/<name>.json), a config.json
+    path, or tiny / tiny-teacher."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
-    if name not in QWEN3:
-        raise SystemExit(f"unknown architecture {name!r}; choose from {sorted(QWEN3)}")
-    cfg = Qwen3Config(**{**COMMON, **QWEN3[name]}, attn_implementation=attn)
+    if name in TINY:
+        cfg = Qwen3Config(**TINY[name], attn_implementation=attn)
+    else:
+        try:
+            path = resolve_config_file(name if name.endswith(".json") else f"{name}.json")
+        except FileNotFoundError as e:
+            raise SystemExit(f"unknown architecture {name!r}: {e}")
+        cfg = AutoConfig.from_pretrained(str(path), attn_implementation=attn)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen3ForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     return model.to(dtype)
-
-
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def _version(mod: str):
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
 
 
 def main(argv=None):
@@ -89,7 +69,7 @@ def main(argv=None):
     p.add_argument("--student", default="qwen3-1.7b")
     p.add_argument("--teacher", default="qwen3-4b")
     p.add_argument("--preset", choices=["tiny"], help="tiny student and teacher (CPU smoke test)")
-    p.add_argument("--tiny", action="store_true", help="same as --preset tiny (as in train/throughput.py)")
+    p.add_argument("--tiny", action="store_true", help="same as --preset tiny (as in bench/throughput.py)")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--response-len", type=int, default=768)
@@ -114,18 +94,20 @@ def main(argv=None):
         a.student, a.teacher = "tiny", "tiny-teacher"
         a.prompt_len, a.response_len, a.batch = min(a.prompt_len, 8), min(a.response_len, 24), min(a.batch, 2)
 
-    ctx = D.init_distributed(device=a.device, force=not a.no_shard)
+    ctx = parallel.init_distributed(device=a.device, force=not a.no_shard)
     dev = ctx.device
     compute = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     # Student: float32 master weights (the optimizer's), compute in `compute` through FSDP2's policy.
     student = build(a.student, torch.float32 if ctx.distributed else compute, dev, 0, a.attn)
     teacher = build(a.teacher, compute, dev, 1, a.attn)
     if ctx.distributed:
-        D.shard_model(student, param_dtype=compute, reduce_dtype=torch.float32)
-    else:
-        D.attach_head(student)
-    D.prepare_teacher(teacher, a.teacher_mode)
+        parallel.shard_model(student, param_dtype=compute, reduce_dtype=torch.float32)
+    parallel.prepare_teacher(teacher, a.teacher_mode)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.98), weight_decay=0.1)
+    cfg = load_config(None, [f"loss.strategy={a.strategy}", f"loss.estimator={a.estimator}",
+                             f"loss.keep_ratio={a.keep_ratio}", f"loss.top_k={a.top_k}", f"loss.backend={a.backend}",
+                             f"rollout.micro_batch_size={a.batch}", "loss.vocab_size=null"])
+    models = run.Models(student, teacher, tokenizer=None, task=None)
 
     vocab = student.config.vocab_size
     seq_len = a.prompt_len + a.response_len
@@ -134,6 +116,7 @@ def main(argv=None):
     attn = torch.ones_like(ids)
     resp = torch.zeros_like(ids)
     resp[:, a.prompt_len:] = 1
+    mbs = run.micro_batches(cfg, Rollout(ids, attn, resp, a.prompt_len), seq_offset=ctx.rank * a.batch)
 
     def sync():
         if dev.type == "cuda":
@@ -148,17 +131,16 @@ def main(argv=None):
 
     rows = []
     for step in range(a.warmup + a.steps):
-        t_out, t_teacher = timed(lambda: D.teacher_forward(teacher, ids, attn))
-        res, t_head = timed(lambda: D.opd_loss(student, ids, attn, resp, t_out, top_k=a.top_k,
-                                               keep_ratio=a.keep_ratio, strategy=a.strategy,
-                                               estimator=a.estimator, seed=step, backend=a.backend))
-        _, t_back = timed(lambda: res.loss.backward())
+        (stats, t_out), t_stats = timed(lambda: run.compute_stats(cfg, models, mbs))
+        (masks, norm, _), t_select = timed(lambda: run.select(cfg, stats, mbs, step))
+        loss, t_loss = timed(lambda: sum(run.loss_backward(cfg, models, mb, t, st, k, norm)
+                                         for mb, t, st, k in zip(mbs, t_out, stats, masks)))
         _, t_opt = timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
         del t_out
-        row = dict(step=step, teacher_s=t_teacher, student_and_head_s=t_head, backward_s=t_back,
-                   optimizer_s=t_opt, loss=float(res.global_loss), kept=res.selection.num_kept,
-                   valid=res.selection.num_valid)
-        row["step_s"] = t_teacher + t_head + t_back + t_opt
+        row = dict(step=step, stats_s=t_stats, select_s=t_select, loss_backward_s=t_loss, optimizer_s=t_opt,
+                   loss=float(parallel.all_reduce_sum(torch.tensor(loss, dtype=torch.float64))), kept=int(norm),
+                   valid=int(parallel.all_reduce_sum(sum(mb.valid.sum() for mb in mbs))))
+        row["step_s"] = t_stats + t_select + t_loss + t_opt
         if step >= a.warmup:
             rows.append(row)
         if ctx.is_main:
@@ -167,8 +149,9 @@ def main(argv=None):
     gen_s = None
     if a.generate:
         prompt = ids[:, : a.prompt_len]
-        _, gen_s = timed(lambda: D.hf_generate(student, prompt, torch.ones_like(prompt), max_new_tokens=a.generate,
-                                               min_new_tokens=a.generate, do_sample=True, pad_token_id=0))
+        _, gen_s = timed(lambda: student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                                  max_new_tokens=a.generate, min_new_tokens=a.generate, do_sample=True,
+                                                  pad_token_id=0, synced_gpus=ctx.world_size > 1))
 
     step_s = sum(r["step_s"] for r in rows) / max(len(rows), 1)
     summary = dict(
@@ -177,18 +160,16 @@ def main(argv=None):
         response_len=a.response_len, keep_ratio=a.keep_ratio, strategy=a.strategy, estimator=a.estimator,
         step_s=step_s, response_tokens_per_s=a.batch * a.response_len * ctx.world_size / max(step_s, 1e-12),
         **{f"mean_{k}": sum(r[k] for r in rows) / max(len(rows), 1)
-           for k in ("teacher_s", "student_and_head_s", "backward_s", "optimizer_s")},
-        generate_s=gen_s, device=str(dev),
-        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           for k in ("stats_s", "select_s", "loss_backward_s", "optimizer_s")},
+        generate_s=gen_s,
         peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
-        git_commit=_git_commit(), torch=torch.__version__, transformers=_version("transformers"),
-        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **metadata(dev),
     )
     if ctx.is_main:
         print(json.dumps(summary, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(summary, indent=1))
-    D.destroy_distributed(ctx)
+    parallel.destroy_distributed(ctx)
     return summary
 
 

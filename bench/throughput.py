@@ -3,8 +3,8 @@
 the fused loss head (hidden states + lm_head weights, never [N, V] logits) against naive heads that hold
 full logits. Reports step time and peak GPU memory per head as JSON.
 
-    python train/throughput.py --out bench/throughput.json                # GPU (H100/H200), 8 x 1,024 tokens
-    python train/throughput.py --tiny --out /tmp/tp.json                  # CPU smoke run, tiny models
+    python bench/throughput.py --out bench/throughput.json                # GPU (H100/H200), 8 x 1,024 tokens
+    python bench/throughput.py --tiny --out /tmp/tp.json                  # CPU smoke run, tiny models
 
 A step = teacher forward (no grad) + student forward + loss head + backward + AdamW step, on a synthetic
 batch whose second half of every sequence is the "response" (rollout generation is not timed).
@@ -15,42 +15,18 @@ logits: same loss and selection), ``torch`` (full float32 log-softmax reverse KL
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "train"
-
 import torch
+from _meta import metadata
 
 from taopd_kernels import fused_teachability_kl, teachability_kl_from_logits
-
-from .config import TinyArch, load_config
-from .models import final_hidden, lm_head_weight, load_model, tiny_qwen3_config
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("triton", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
+from taopd_train.config import TinyArch, load_config
+from taopd_train import head as model_head
+from taopd_train.models import load_model, tiny_qwen3_config
 
 
 def build(args, device):
@@ -73,13 +49,12 @@ def build(args, device):
 
 
 def one_step(head, cfg, student, teacher, opt, batch, keep_ratio):
-    ids, mask, pos, valid = batch
+    ids, mask, pos, resp = batch
     lo = cfg.loss
-    with torch.no_grad():
-        h_t = final_hidden(teacher, ids, mask, pos)[:, :-1]
-    h_s = final_hidden(student, ids, mask, pos)[:, :-1]
-    w_s, w_t = lm_head_weight(student), lm_head_weight(teacher)
-    kw = dict(valid_mask=valid, sampled_ids=ids[:, 1:], top_k=lo.top_k, keep_ratio=keep_ratio, strategy=lo.strategy,
+    valid, sampled = model_head.loss_positions(ids, resp)
+    h_t, w_t, _ = model_head.teacher_forward(teacher, ids, mask, pos)
+    h_s, w_s, _ = model_head.call_with_full_head(student, ids, mask, lambda h, w, b: (h, w, b), pos)
+    kw = dict(valid_mask=valid, sampled_ids=sampled, top_k=lo.top_k, keep_ratio=keep_ratio, strategy=lo.strategy,
               estimator=lo.estimator, temperature=lo.temperature, vocab_size=lo.vocab_size)
     if head == "fused":
         loss, _ = fused_teachability_kl(h_s, w_s, h_t, w_t, **kw)
@@ -127,17 +102,15 @@ def main(argv=None) -> int:
     ids = torch.randint(0, 151_643, (B, T), generator=gen).to(device)
     mask = torch.ones_like(ids)
     pos = torch.arange(T, device=device).expand(B, T)
-    valid = torch.zeros(B, T - 1, dtype=torch.bool, device=device)
-    valid[:, T // 2 - 1:] = True  # the second half of every sequence is the response
-    batch = (ids, mask, pos, valid)
+    resp = torch.zeros_like(ids)
+    resp[:, T // 2:] = 1  # the second half of every sequence is the response
+    batch = (ids, mask, pos, resp)
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "versions": versions(),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
+        **metadata(device),
         "setup": {"student": "tiny" if args.tiny else "Qwen3-1.7B (random init)",
                   "teacher": "tiny" if args.tiny else "Qwen3-4B (random init)",
                   "dtype": "float32" if args.tiny else "bfloat16", "batch": B, "seq_len": T,
-                  "response_tokens": int(valid.sum()), "keep_ratio": args.keep_ratio, "top_k": cfg.loss.top_k,
+                  "response_tokens": int(resp[:, 1:].sum()), "keep_ratio": args.keep_ratio, "top_k": cfg.loss.top_k,
                   "estimator": cfg.loss.estimator, "vocab_size": cfg.loss.vocab_size, "optimizer": "AdamW"},
         "heads": {},
     }

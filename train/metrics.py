@@ -1,0 +1,107 @@
+"""What a run writes: JSONL metrics, TensorBoard events, a progress bar, the loss/accuracy plot.
+
+Rank 0 logs (``Logger``); the other ranks get a ``_SilentLogger``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Logger:
+    """JSONL metrics (always), TensorBoard event files and a tqdm bar (optional), a PNG at the end."""
+
+    def __init__(self, cfg, total: int, initial: int):
+        self.cfg = cfg
+        self.dir = Path(cfg.logging.out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        self.tb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                print("[log] tensorboard is not installed: no event files", file=sys.stderr)
+        self.bar = None
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: Dict[str, object], kind: str = "train"):
+        rec = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def progress(self, metrics: Dict[str, float]):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", kept=f"{metrics['kept_fraction']:.3f}",
+                                 kl=f"{metrics['kl/all']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+    def write(self, msg: str):
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+class _SilentLogger:
+    """Ranks other than 0 log nothing."""
+
+    bar = None
+
+    def log(self, *a, **k):
+        pass
+
+    progress = write = close = log
+
+
+def plot_curves(history: dict, path: Path, teacher_acc: Optional[float] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        a1.plot(steps, losses, lw=1)
+    a1.set_xlabel("step"), a1.set_ylabel("TA-OPD loss"), a1.set_title("training loss")
+    if history["eval"]:
+        steps, accs = zip(*history["eval"])
+        a2.plot(steps, accs, marker="o", label="student")
+    if teacher_acc is not None:
+        a2.axhline(teacher_acc, color="gray", ls="--", label="teacher")
+    a2.set_xlabel("step"), a2.set_ylabel("held-out accuracy"), a2.set_ylim(0, 1.02), a2.legend()
+    a2.set_title("evaluation (greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
