@@ -9,7 +9,7 @@ requires_grad, h_t [N, D_t] and W_t [V, D_t] without):
   (freshly allocated by ``torch.autograd.grad``, so nothing accumulates across repeats); the sweep
   excludes their bytes from the peak-memory figure.
 
-naive     what a user would write: both [N, V] logits, log_softmax, topk, the statistics of SPEC
+naive     what a user would write: both [N, V] logits, log_softmax, topk, the statistics of docs/math.md
           section 2, the selection of section 3 and the masked reverse-KL loss; autograd backward.
 chunked   ``fused_teachability_kl(..., backend="torch")``.
 triton    ``fused_teachability_kl(..., backend="triton")`` (GPU).
@@ -51,7 +51,7 @@ class Config:
 
 
 def kept_count(tokens: int, keep_ratio: float) -> int:
-    """n = max(1, ceil(rho * N)) (one sequence, every position valid), as SPEC section 3."""
+    """n = max(1, ceil(rho * N)) (one sequence, every position valid), as docs/math.md, Scores and selection."""
     return max(1, math.ceil(round(keep_ratio * tokens, 9)))
 
 
@@ -120,7 +120,7 @@ def make_inputs(cfg: Config, device: torch.device, seed: int = 0, logit_scale: f
 
 
 def naive_loss(h_s, w_s, h_t, w_t, *, top_k: int, keep_ratio: float, strategy: str = "teachability"):
-    """The TA-OPD loss head as a PyTorch user writes it: full logits for both models, then SPEC 2-4."""
+    """The TA-OPD loss head as a PyTorch user writes it: full logits for both models, then docs/math.md."""
     from taopd_kernels import select_top, strategy_scores
 
     zs = (h_s @ w_s.T).float()

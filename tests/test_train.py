@@ -106,7 +106,7 @@ def _tiny_cfg(tmp_path, *extra):
 
 
 def _reference_loss(cfg, models, mbs, masks, normalizer):
-    """SPEC section 4 from full float64 logits, summed over the kept rows only."""
+    """docs/math.md, Loss and gradients from full float64 logits, summed over the kept rows only."""
     total = 0.0
     w_s = head.lm_head_weight(models.student)
     w_t = head.lm_head_weight(models.teacher)

@@ -11,7 +11,7 @@ full story; the pieces, in the order a training step uses them:
   gradient. ``prepare_teacher`` shards a frozen teacher or keeps a full replica. The loss head runs
   inside the root's forward with the full lm_head weight (head.py).
 - ``shard_range``: this rank's contiguous block of the batch's prompts.
-- ``global_select``: SPEC section 3 over the positions of all ranks (all_gather of three statistics,
+- ``global_select``: docs/math.md, Scores and selection over the positions of all ranks (all_gather of three statistics,
   validity and sequence ids per position; no logits cross the network), rank order = global order.
   The global summary of the statistics is ``stats.summary(all_reduce=all_reduce_sum)``.
 - ``all_ranks_done``: generation on a sharded model steps until every rank is done.
@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import os
 import socket
-import types
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from taopd_kernels import select_positions
+from taopd_kernels.selection import score_and_select
 from taopd_train.head import attach_head
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +233,7 @@ def _gather_columns(x: torch.Tensor, group=None) -> list[torch.Tensor]:
 def global_select(stats, *, strategy: str = "teachability", keep_ratio: float = 0.05,
                   sequence_ids: Optional[torch.Tensor] = None, min_per_sequence: int = 1, seed: int = 0,
                   global_sequence_ids: bool = False, group=None) -> GlobalSelection:
-    """SPEC section 3 over the positions of every rank, as one process would over the concatenation.
+    """docs/math.md, Scores and selection over the positions of every rank, as one process would over the concatenation.
 
     ``stats``: this rank's ``TeachabilityStats`` (only entropy, D, C and ``valid`` are used). What
     crosses the network: per position five numbers (H_s, D, C, valid, local sequence number) as float64,
@@ -289,14 +288,15 @@ def global_select(stats, *, strategy: str = "teachability", keep_ratio: float = 
         seq_parts.append(s + base)
         base += int(s.max()) + 1 if s.numel() else 0
     allp = torch.cat(parts, dim=1)
-    everyone = types.SimpleNamespace(entropy_student=allp[0].float(), disagreement=allp[1].float(),
-                                     teacher_mass=allp[2].float(), valid=allp[3] > 0.5)
-    score, kept = select_positions(everyone, strategy=strategy, keep_ratio=keep_ratio,
+    g_valid = allp[3] > 0.5
+    score, kept = score_and_select(strategy, entropy=allp[0].float(), disagreement=allp[1].float(),
+                                   teacher_mass=allp[2].float(), valid=g_valid, keep_ratio=keep_ratio,
                                    sequence_ids=torch.cat(seq_parts) if has_seq else None,
                                    min_per_sequence=min_per_sequence, seed=seed)
     mine = slice(offset, offset + n)
+    num_kept, num_valid = torch.stack([kept.sum(), g_valid.sum()]).tolist()  # one host read: the normaliser
     return GlobalSelection(keep_mask=kept[mine].view(shape), score=score[mine].view(shape),
-                           num_kept=int(kept.sum()), num_valid=int(everyone.valid.sum()))
+                           num_kept=num_kept, num_valid=num_valid)
 
 
 def all_ranks_done(done: torch.Tensor, group=None) -> bool:

@@ -198,7 +198,7 @@ def _head_kwargs(cfg: Config, models: Models, mb: MicroBatch) -> dict:
 
 @torch.no_grad()
 def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch]):
-    """Teacher and student forwards without grad; per-position statistics (SPEC section 2) per micro-batch.
+    """Teacher and student forwards without grad; per-position statistics (docs/math.md, Per-position statistics) per micro-batch.
 
     Returns (stats per micro-batch, teacher (hidden, lm_head weight, bias) per micro-batch: reused by
     ``loss_backward``). Statistics only (``strategy=None``): the selection is ``select``'s, over the whole
@@ -222,7 +222,7 @@ def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch]):
 
 
 def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], step: int):
-    """One selection over the whole rollout batch (SPEC section 3). Returns (keep masks per micro-batch,
+    """One selection over the whole rollout batch (docs/math.md, Scores and selection). Returns (keep masks per micro-batch,
     normaliser = the batch's kept count, the concatenated statistics with score/kept filled in)."""
     allstats = TeachabilityStats.concat(stats)
     seq = torch.cat([mb.sequence_ids.reshape(-1) for mb in mbs])
