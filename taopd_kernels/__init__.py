@@ -14,6 +14,7 @@ from .api import (
     teachability_stats,
 )
 from .backends import available as backend_available
+from .loss import TeachabilityKLLoss, labels_to_positions, select_across, teachability_kl_loss
 from .options import BACKENDS, ESTIMATORS, STRATEGIES
 from .selection import batch_normalize, num_to_keep, select_top, strategy_scores
 from .stats import TeachabilityStats
@@ -25,6 +26,10 @@ __all__ = [
     "teachability_kl_from_logits",
     "teachability_stats",
     "select_positions",
+    "TeachabilityKLLoss",
+    "teachability_kl_loss",
+    "select_across",
+    "labels_to_positions",
     "TeachabilityStats",
     "STRATEGIES",
     "ESTIMATORS",

@@ -1,0 +1,59 @@
+"""TA-OPD with TRL: distil a teacher into a student on the student's own completions, training only on
+the teachable positions (taopd_kernels.integrations.trl.TAOPDTrainer).
+
+    # real models (downloads from the hub):
+    python examples/trl_ta_opd.py --student Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-4B --keep-ratio 0.05
+    # a self-contained smoke run on tiny random models (no downloads, CPU, seconds):
+    python examples/trl_ta_opd.py --tiny
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+
+from taopd_kernels.integrations.trl import TAOPDConfig, TAOPDTrainer
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student"), p.add_argument("--teacher")
+    p.add_argument("--tiny", action="store_true", help="tiny random Qwen3 student / Llama teacher, local tokenizer")
+    p.add_argument("--dataset", default="trl-lib/DeepMath-103K", help="a dataset with a 'prompt' column")
+    p.add_argument("--strategy", default="teachability"), p.add_argument("--keep-ratio", type=float, default=0.05)
+    p.add_argument("--top-k", type=int, default=16), p.add_argument("--estimator", default="full")
+    p.add_argument("--max-steps", type=int, default=2), p.add_argument("--output-dir", default="ta_opd_out")
+    a = p.parse_args(argv)
+    common = dict(output_dir=a.output_dir, max_steps=a.max_steps, logging_steps=1, report_to="none",
+                  taopd_strategy=a.strategy, taopd_keep_ratio=a.keep_ratio, taopd_top_k=a.top_k,
+                  taopd_estimator=a.estimator, save_strategy="no")
+    if a.tiny:
+        common["taopd_top_k"] = min(a.top_k, 4)  # the tiny vocabulary has 43 tokens
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_trl_integration import WORDS, tiny_models, tiny_tokenizer  # the test's local builders
+
+        tok = tiny_tokenizer()
+        student, teacher = tiny_models(len(tok))
+        train = datasets.Dataset.from_dict({"prompt": [" ".join(WORDS[i:i + 3]) for i in range(16)]})
+        args = TAOPDConfig(**common, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           max_completion_length=6, use_cpu=True, bf16=False)
+        trainer = TAOPDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
+                               processing_class=tok)
+    else:
+        if not (a.student and a.teacher):
+            p.error("give --student and --teacher, or --tiny")
+        train = datasets.load_dataset(a.dataset, split="train")
+        args = TAOPDConfig(**common, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                           max_completion_length=1024, bf16=torch.cuda.is_available())
+        trainer = TAOPDTrainer(model=a.student, teacher_model=a.teacher, args=args, train_dataset=train)
+    trainer.train()
+    for row in trainer.state.log_history:
+        if "loss" in row:
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                   if k == "loss" or k.startswith("taopd/")})
+
+
+if __name__ == "__main__":
+    main()

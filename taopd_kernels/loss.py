@@ -1,0 +1,354 @@
+"""The TA-OPD loss head as a ``torch.nn.Module`` and a functional twin, in the shape Liger/TRL users know.
+
+    loss_fn = TeachabilityKLLoss(strategy="teachability", keep_ratio=0.05)
+    loss, stats = loss_fn(h_student, lm_head_s.weight, h_teacher, lm_head_t.weight, labels)
+    loss.backward()
+
+Built only on the public entry points of ``taopd_kernels.api`` (``fused_teachability_kl``,
+``select_positions``) and ``TeachabilityStats.concat``; docs/math.md is the math contract.
+
+Labels: ``labels[..., t]`` is the token that position ``t`` predicts (aligned with the hidden states),
+``ignore_index`` (default -100) where there is no loss. ``shift_labels=True`` takes HF-style unshifted
+labels (``labels[:, t + 1]`` is predicted at ``t``; the last position gets ``ignore_index``, so the
+shapes stay ``[B, T]``). Valid positions are ``labels != ignore_index``; their label is also the
+sampled token (``sampled_ids``) that estimator ``"sampled"`` and ``stats.logp_*_sampled`` use.
+
+Reductions (docs/math.md, Loss and gradients, with ``m`` the kept mask and ``l_t`` the per-row loss):
+    "mean": sum_t m_t l_t / sum_t m_t, or / num_items_in_batch when given;
+    "sum":  sum_t m_t l_t;
+    "none": the per-position tensor m_t l_t (shape of the labels), with gradient; 0 where not kept.
+
+Gradient accumulation (one selection over the whole batch, docs/math.md, Scores and selection):
+
+    stats = [loss_fn.statistics(h_s[i], W_s, h_t[i], W_t, labels[i]) for i in micro]   # no grad
+    masks, normalizer = loss_fn.select_across(stats)                                    # one selection
+    for i in micro:
+        loss, _ = loss_fn(h_s[i], W_s, h_t[i], W_t, labels[i], keep_mask=masks[i],
+                          num_items_in_batch=normalizer, stats=stats[i])
+        loss.backward()        # sum over micro-batches == one big batch's mean over kept positions
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .api import fused_teachability_kl, select_positions, teachability_stats
+from .stats import TeachabilityStats
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+
+def labels_to_positions(labels: torch.Tensor, leading: tuple, vocab_size: int, *, ignore_index: int = -100,
+                        shift_labels: bool = False, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(valid_mask, sampled_ids) from labels: valid where ``labels != ignore_index``, ids 0 elsewhere.
+
+    ``leading``: the hidden states' leading shape; ``vocab_size``: the used vocabulary (ids must lie in
+    ``[0, vocab_size)`` unless ignored). ``shift_labels``: labels are HF-style unshifted (``labels[..., 1:]``
+    align with positions ``[..., :-1]``; the last position gets ``ignore_index``).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor of shape {tuple(leading)}, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (token ids, {ignore_index} where no loss), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(leading):
+        raise ValueError(f"labels must have shape {tuple(leading)} (the hidden states' leading dims), "
+                         f"got {tuple(labels.shape)}")
+    if device is not None and labels.device != torch.device(device):
+        raise ValueError(f"labels are on {labels.device} but the hidden states are on {device}")
+    labels = labels.long()
+    if shift_labels:
+        if labels.dim() < 1 or labels.shape[-1] == 0:
+            raise ValueError("shift_labels=True needs labels with a sequence dimension")
+        pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):  # one host sync
+        value = int(labels[bad][0])
+        raise ValueError(f"labels must hold token ids in [0, {vocab_size}) or ignore_index={ignore_index}; "
+                         f"found {value}")
+    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+
+
+def _used_vocab(student_weight, teacher_weight, vocab_size):
+    return vocab_size if vocab_size is not None else min(student_weight.shape[0], teacher_weight.shape[0])
+
+
+def _normalizer_from(num_items_in_batch) -> float:
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+        num_items_in_batch = num_items_in_batch.item()
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
+            or not math.isfinite(num_items_in_batch) or num_items_in_batch <= 0:
+        raise ValueError(f"num_items_in_batch must be a finite number > 0, got {num_items_in_batch!r}")
+    return float(num_items_in_batch)
+
+
+# ------------------------------------------------------------------------- reduction="none"
+
+
+def _per_row_value(stats: TeachabilityStats, estimator: str) -> torch.Tensor:
+    """The per-position loss l_t of docs/math.md, Loss and gradients (NaN where not valid)."""
+    if estimator == "full":
+        return stats.kl_reverse
+    lp_s = stats.logp_student_sampled
+    return (lp_s - stats.logp_teacher_sampled) * lp_s
+
+
+class _PerRowLoss(torch.autograd.Function):
+    """Per-position losses m_t l_t with gradient, from one forward's statistics.
+
+    Backward: the upstream gradient g_t weights each kept row. ``fused_teachability_kl`` applies one
+    coefficient to all kept rows, so the rows are grouped by equal g_t and each group runs the kept-row
+    backward once (``.sum()``, ``.mean()`` and 0/1 masks give one or two groups; arbitrary per-row
+    weights give one group per distinct value). No [N, V] tensor is built.
+    TODO(api): a per-row coefficient in the public API (``row_weight=``) would make this one call.
+    """
+
+    @staticmethod
+    def forward(ctx, values, run_rows, kept, *student):
+        ctx.run_rows, ctx.kept = run_rows, kept
+        ctx.save_for_backward(*[x for x in student if x is not None])
+        ctx.has = [x is not None for x in student]
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        student = [next(saved) if has else None for has in ctx.has]
+        needs = ctx.needs_input_grad[3:]
+        want = [i for i, (x, need) in enumerate(zip(student, needs)) if x is not None and need]
+        out = [None] * len(student)
+        if not want:
+            return (None, None, None, *out)
+        totals = [torch.zeros_like(student[i]) for i in want]
+        g = grad.reshape(ctx.kept.shape)
+        active = ctx.kept & (g != 0)
+        if bool(active.any()):
+            for c in torch.unique(g[active]).tolist():
+                group = active & (g == c)
+                leaves = [None if x is None else x.detach().requires_grad_(i in want) for i, x in enumerate(student)]
+                with torch.enable_grad():
+                    loss = ctx.run_rows(leaves, group)
+                    parts = torch.autograd.grad(loss, [leaves[i] for i in want], allow_unused=True)
+                for total, part in zip(totals, parts):
+                    if part is not None:
+                        total.add_(part, alpha=c)
+        for i, total in zip(want, totals):
+            out[i] = total
+        return (None, None, None, *out)
+
+
+# ------------------------------------------------------------------------------- functional
+
+
+def teachability_kl_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    shift_labels: bool = False,
+    num_items_in_batch=None,
+    keep_mask: Optional[torch.Tensor] = None,
+    stats: Optional[TeachabilityStats] = None,
+    strategy: str = "teachability",
+    keep_ratio: float = 0.05,
+    top_k: int = 16,
+    estimator: str = "full",
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    min_per_sequence: int = 1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    seed: int = 0,
+    backend: str = "auto",
+    chunk_rows: Optional[int] = None,
+    chunk_vocab: Optional[int] = None,
+    check_finite: bool = True,
+):
+    """Functional twin of ``TeachabilityKLLoss``: returns ``(loss, stats)``.
+
+    ``loss`` is a float32 scalar ("mean", "sum") or a float32 tensor of the labels' shape ("none"), with
+    gradient to the student's hidden states, lm_head weight and bias. ``stats`` is the detached
+    ``TeachabilityStats`` (``stats.kept`` the positions that carry loss). Options as in
+    ``fused_teachability_kl``; ``keep_mask`` / ``stats`` take a selection / statistics made elsewhere
+    (``select_across``). ``num_items_in_batch`` (reduction "mean" only) replaces the local kept count as
+    the divisor, e.g. the global kept count of a gradient-accumulation batch.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch is a divisor for reduction='mean'; got reduction={reduction!r}")
+    leading = tuple(student_hidden.shape[:-1]) if isinstance(student_hidden, torch.Tensor) else None
+    valid_mask = sampled_ids = None
+    if labels is not None:
+        if leading is None:
+            raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
+        valid_mask, sampled_ids = labels_to_positions(
+            labels, leading, _used_vocab(student_weight, teacher_weight, vocab_size),
+            ignore_index=ignore_index, shift_labels=shift_labels, device=student_hidden.device)
+    elif shift_labels:
+        raise ValueError("shift_labels=True needs labels")
+
+    common = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                  valid_mask=valid_mask, sampled_ids=sampled_ids, top_k=top_k, keep_ratio=keep_ratio,
+                  strategy=strategy, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
+                  min_per_sequence=min_per_sequence, seed=seed, backend=backend, chunk_rows=chunk_rows,
+                  chunk_vocab=chunk_vocab)
+    if reduction != "none":
+        normalizer = 1.0 if reduction == "sum" else (
+            None if num_items_in_batch is None else _normalizer_from(num_items_in_batch))
+        return fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias, keep_mask=keep_mask,
+                                     normalizer=normalizer, stats=stats, check_finite=check_finite, **common)
+
+    # reduction="none": statistics and selection once (no autograd), per-row values from the statistics.
+    with torch.no_grad():
+        _, stats = fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias,
+                                         keep_mask=keep_mask, normalizer=1.0, stats=stats,
+                                         check_finite=check_finite, **common)
+    kept = stats.kept.bool()
+    values = torch.where(kept, _per_row_value(stats, estimator), torch.zeros((), device=kept.device)).float()
+    frozen = stats
+
+    def run_rows(leaves, group):
+        h, w, b = leaves
+        loss, _ = fused_teachability_kl(h, w, student_bias=b, keep_mask=group, normalizer=1.0, stats=frozen,
+                                        check_finite=False, **common)
+        return loss
+
+    loss = _PerRowLoss.apply(values, run_rows, kept, student_hidden, student_weight, student_bias)
+    return loss, stats
+
+
+# ------------------------------------------------------------------- selection across batches
+
+
+def select_across(
+    stats_list: Sequence[TeachabilityStats],
+    *,
+    strategy: str = "teachability",
+    keep_ratio: float = 0.05,
+    min_per_sequence: int = 1,
+    seed: int = 0,
+) -> Tuple[List[torch.Tensor], float]:
+    """One selection over several micro-batches' statistics; returns (kept masks, normaliser).
+
+    Equivalent to selecting on the concatenation of the micro-batches as one batch (docs/math.md,
+    Scores and selection): the quantiles, the global top-n and (for ``[B, T]`` parts, where every row is
+    one sequence) the ``min_per_sequence`` top-up are over all positions at once. ``masks[i]`` has the
+    shape of ``stats_list[i].valid``; pass it as ``keep_mask`` and the normaliser (the total kept count,
+    at least 1) as ``num_items_in_batch`` (module) or ``normalizer`` (``fused_teachability_kl``), so that
+    the micro-batch losses sum to the one-batch mean. Statistics from ``teachability_stats(...,
+    strategy=None)`` or ``TeachabilityKLLoss.statistics`` (no selection needed). Flat ``[N]`` parts have
+    no sequences (no top-up), as for one flat batch. For several processes, gather the statistics first.
+    """
+    parts = list(stats_list)
+    if not parts:
+        raise ValueError("select_across needs at least one TeachabilityStats")
+    for i, s in enumerate(parts):
+        if not isinstance(s, TeachabilityStats):
+            raise TypeError(f"stats_list[{i}] must be a TeachabilityStats, got {type(s).__name__}")
+    dims = {s.valid.dim() for s in parts}
+    if len(dims) != 1:
+        raise ValueError(f"stats_list mixes position ranks {sorted(dims)}; use all [N] or all [B, T]")
+    stripped = [TeachabilityStats(**{**s.__dict__, "score": None, "kept": None}) for s in parts]
+    merged = TeachabilityStats.concat(stripped)
+    sequence_ids = None
+    if dims == {2}:
+        ids, offset = [], 0
+        for s in parts:
+            b, t = s.valid.shape
+            ids.append((torch.arange(b, device=s.valid.device) + offset).repeat_interleave(t))
+            offset += b
+        sequence_ids = torch.cat(ids)
+    elif dims != {1}:
+        raise ValueError("select_across supports [N] or [B, T] statistics")
+    _, kept = select_positions(merged, strategy=strategy, keep_ratio=keep_ratio, sequence_ids=sequence_ids,
+                               min_per_sequence=min_per_sequence, seed=seed)
+    masks = list(torch.split(kept, [s.valid.numel() for s in parts]))
+    masks = [m.view(s.valid.shape) for m, s in zip(masks, parts)]
+    return masks, float(max(int(kept.sum()), 1))
+
+
+# -------------------------------------------------------------------------------------- module
+
+
+class TeachabilityKLLoss(torch.nn.Module):
+    """TA-OPD loss head: reverse KL(student || teacher) on the selected positions, from hidden states.
+
+    Args (constructor): strategy, keep_ratio, top_k, estimator, temperature, vocab_size,
+        min_per_sequence, ignore_index (-100), reduction ("mean", "sum", "none"); also seed, backend,
+        chunk_rows, chunk_vocab, check_finite as in ``fused_teachability_kl``.
+
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+    student_bias=None, teacher_bias=None, shift_labels=False, num_items_in_batch=None, keep_mask=None,
+    stats=None)`` returns ``(loss, stats)``; see ``teachability_kl_loss`` and the module docstring.
+    """
+
+    def __init__(self, strategy: str = "teachability", keep_ratio: float = 0.05, top_k: int = 16,
+                 estimator: str = "full", temperature: float = 1.0, vocab_size: Optional[int] = None,
+                 min_per_sequence: int = 1, ignore_index: int = -100, reduction: str = "mean", *, seed: int = 0,
+                 backend: str = "auto", chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
+                 check_finite: bool = True):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.strategy, self.keep_ratio, self.top_k, self.estimator = strategy, keep_ratio, top_k, estimator
+        self.temperature, self.vocab_size, self.min_per_sequence = temperature, vocab_size, min_per_sequence
+        self.ignore_index, self.reduction, self.seed, self.backend = ignore_index, reduction, seed, backend
+        self.chunk_rows, self.chunk_vocab, self.check_finite = chunk_rows, chunk_vocab, check_finite
+
+    def _options(self) -> dict:
+        return dict(strategy=self.strategy, keep_ratio=self.keep_ratio, top_k=self.top_k, estimator=self.estimator,
+                    temperature=self.temperature, vocab_size=self.vocab_size, min_per_sequence=self.min_per_sequence,
+                    ignore_index=self.ignore_index, seed=self.seed, backend=self.backend,
+                    chunk_rows=self.chunk_rows, chunk_vocab=self.chunk_vocab)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                student_bias=None, teacher_bias=None, shift_labels: bool = False, num_items_in_batch=None,
+                keep_mask=None, stats=None):
+        return teachability_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                    student_bias=student_bias, teacher_bias=teacher_bias, shift_labels=shift_labels,
+                                    num_items_in_batch=num_items_in_batch, keep_mask=keep_mask, stats=stats,
+                                    reduction=self.reduction, check_finite=self.check_finite, **self._options())
+
+    @torch.no_grad()
+    def statistics(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                   student_bias=None, teacher_bias=None, shift_labels: bool = False) -> TeachabilityStats:
+        """The statistics of one micro-batch with this module's options and no selection (``kept`` None),
+        for ``select_across``; pass them back to ``forward(stats=...)`` to skip the forward pass there."""
+        opts = self._options()
+        leading = tuple(student_hidden.shape[:-1])
+        valid_mask = sampled_ids = None
+        if labels is not None:
+            valid_mask, sampled_ids = labels_to_positions(
+                labels, leading, _used_vocab(student_weight, teacher_weight, self.vocab_size),
+                ignore_index=self.ignore_index, shift_labels=shift_labels, device=student_hidden.device)
+        elif shift_labels:
+            raise ValueError("shift_labels=True needs labels")
+        return teachability_stats(
+            student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
+            student_bias=None if student_bias is None else student_bias.detach(), teacher_bias=teacher_bias,
+            valid_mask=valid_mask, sampled_ids=sampled_ids, top_k=opts["top_k"], strategy=None,
+            temperature=opts["temperature"], vocab_size=opts["vocab_size"], backend=opts["backend"],
+            chunk_rows=opts["chunk_rows"], chunk_vocab=opts["chunk_vocab"], check_finite=self.check_finite)
+
+    def select_across(self, stats_list: Sequence[TeachabilityStats]) -> Tuple[List[torch.Tensor], float]:
+        """``select_across`` with this module's strategy, keep_ratio, min_per_sequence and seed."""
+        return select_across(stats_list, strategy=self.strategy, keep_ratio=self.keep_ratio,
+                             min_per_sequence=self.min_per_sequence, seed=self.seed)
+
+    def extra_repr(self) -> str:
+        return (f"strategy={self.strategy!r}, keep_ratio={self.keep_ratio}, top_k={self.top_k}, "
+                f"estimator={self.estimator!r}, temperature={self.temperature}, reduction={self.reduction!r}")
