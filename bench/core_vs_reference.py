@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--d-student", type=int, default=256)
     ap.add_argument("--d-teacher", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--impl", choices=["reference", "chunked"], help=argparse.SUPPRESS)
+    ap.add_argument("--impl", choices=["reference", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     if min(args.tokens, args.vocab, args.d_student, args.d_teacher, args.threads) < 1:
@@ -61,7 +61,7 @@ def main() -> int:
         print(json.dumps(measure(args.impl, args.tokens, args.vocab, args.d_student, args.d_teacher, args.threads)))
         return 0
     rows = []
-    for impl in ("chunked", "reference"):
+    for impl in ("torch", "reference"):
         cmd = [sys.executable, __file__, "--impl", impl, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
                "--d-student", str(args.d_student), "--d-teacher", str(args.d_teacher), "--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -71,9 +71,9 @@ def main() -> int:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1])
     if len(rows) == 2:
-        chunked, ref = rows
-        print(f"chunked / reference: memory {chunked['peak_extra_mb'] / ref['peak_extra_mb']:.3f}, "
-              f"time {chunked['fwd_bwd_s'] / ref['fwd_bwd_s']:.3f}; losses {chunked['loss']:.6f} vs {ref['loss']:.6f}")
+        torch_row, ref = rows
+        print(f"torch / reference: memory {torch_row['peak_extra_mb'] / ref['peak_extra_mb']:.3f}, "
+              f"time {torch_row['fwd_bwd_s'] / ref['fwd_bwd_s']:.3f}; losses {torch_row['loss']:.6f} vs {ref['loss']:.6f}")
     if args.out:
         from _meta import metadata
 

@@ -10,8 +10,8 @@ requires_grad, h_t [N, D_t] and W_t [V, D_t] without):
   excludes their bytes from the peak-memory figure.
 
 naive     what a user would write: both [N, V] logits, log_softmax, topk, the statistics of docs/math.md
-          section 2, the selection of section 3 and the masked reverse-KL loss; autograd backward.
-chunked   ``fused_teachability_kl(..., backend="torch")``.
+          (Per-position statistics), the selection (Scores and selection) and the masked reverse-KL loss; autograd backward.
+torch     ``fused_teachability_kl(..., backend="torch")`` (the PyTorch backend).
 triton    ``fused_teachability_kl(..., backend="triton")`` (GPU).
 cuda      ``fused_teachability_kl(..., backend="cuda")`` (CUDA statistics kernel, cuBLAS GEMMs; GPU).
 liger     Liger-Kernel's ``LigerFusedLinearJSDLoss`` with beta=1 (reverse KL), weight_hard_loss=0,
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-IMPLS = ("naive", "chunked", "triton", "cuda", "liger", "gemm")
+IMPLS = ("naive", "torch", "triton", "cuda", "liger", "gemm")
 GPU_ONLY = ("triton", "cuda")
 LIGER_HINT = ("liger-kernel is not installed (pip install liger-kernel==0.8.5; offline: see bench/README.md, "
               "'Liger-Kernel wheel')")
@@ -58,7 +58,7 @@ def kept_count(tokens: int, keep_ratio: float) -> int:
 def flops(impl: str, cfg: Config) -> tuple[float, float]:
     """GEMM FLOPs that the task needs, for the forward and for forward+backward.
 
-    TA-OPD implementations (naive, chunked, triton, cuda, gemm) are all charged the gemm floor:
+    TA-OPD implementations (naive, torch, triton, cuda, gemm) are all charged the gemm floor:
     forward 2 N V (D_s + D_t); backward, for the n kept rows, 2 n V (D_s + D_t) to recompute
     their logits plus 2 * 2 n V D_s for dh and dW. So TFLOP/s is comparable across them (naive,
     which back-propagates through every row, is charged only the useful work). Liger's task is the
@@ -77,7 +77,7 @@ def available(impl: str, device: torch.device) -> tuple[bool, str]:
     """(ok, reason) for one implementation on one device. Never raises."""
     if impl not in IMPLS:
         return False, f"unknown implementation {impl!r}"
-    if impl in ("naive", "chunked", "gemm"):
+    if impl in ("naive", "torch", "gemm"):
         return True, ""
     if impl in GPU_ONLY:
         if device.type != "cuda":
@@ -175,10 +175,10 @@ class Case:
         if impl == "naive":
             return naive_loss(self.h_s, self.w_s, self.h_t, self.w_t, top_k=cfg.top_k,
                               keep_ratio=cfg.keep_ratio, strategy=self.strategy)
-        if impl in ("chunked", "triton", "cuda"):
+        if impl in ("torch", "triton", "cuda"):
             from taopd_kernels import fused_teachability_kl
 
-            backend = "torch" if impl == "chunked" else impl
+            backend = impl
             loss, _ = fused_teachability_kl(self.h_s, self.w_s, self.h_t, self.w_t, top_k=cfg.top_k,
                                             keep_ratio=cfg.keep_ratio, strategy=self.strategy,
                                             backend=backend, chunk_rows=cfg.chunk_rows,

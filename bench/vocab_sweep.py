@@ -2,7 +2,7 @@
 """Measure the TA-OPD loss head over vocabulary sizes: time, peak extra memory, TFLOP/s, ratio to gemm.
 
     python bench/vocab_sweep.py                       # defaults for this machine (CPU or GPU)
-    python bench/vocab_sweep.py --vocab 32000,151936 --impls naive,chunked,gemm --repeats 5
+    python bench/vocab_sweep.py --vocab 32000,151936 --impls naive,torch,gemm --repeats 5
 
 Writes <out>/<name>.json, .csv, .md (the table) and .png (time and peak memory against V), and prints
 the table. See bench/README.md for what each column means and how memory is measured.
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "comes from the process's RSS), not on GPU (the allocator's peak is exact)")
     p.add_argument("--liger-compiled", choices=("auto", "on", "off"), default="auto",
                    help="Liger's torch.compile of its chunk step (auto: on for GPU, off for CPU)")
-    p.add_argument("--chunk-rows", type=_positive_int, default=None, help="chunk_rows for the chunked backend")
-    p.add_argument("--chunk-vocab", type=_positive_int, default=None, help="chunk_vocab for the chunked backend")
+    p.add_argument("--chunk-rows", type=_positive_int, default=None, help="chunk_rows for the torch backend")
+    p.add_argument("--chunk-vocab", type=_positive_int, default=None, help="chunk_vocab for the torch backend")
     p.add_argument("--no-check", action="store_true", help="skip the agreement check against the reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -317,7 +317,7 @@ def run_case(spec: dict) -> dict:
         # The forward's peak (before any gradient exists) and the whole step's peak minus the
         # gradients are both lower bounds of the true extra peak; the larger is reported. It is exact
         # when the step peaks in the forward, or in a backward that allocates its gradients first
-        # (chunked); otherwise (naive: gradients come at the end) it is low by at most their bytes.
+        # (torch); otherwise (naive: gradients come at the end) it is low by at most their bytes.
         result.update(peak_extra_fwd_mb=max(0, peak_fwd) / mb, peak_total_fwd_bwd_mb=max(0, peak_fb) / mb,
                       grad_output_mb=returned["bytes"] / mb,
                       peak_extra_mb=max(0, peak_fwd, peak_fb - returned["bytes"]) / mb)
@@ -457,7 +457,7 @@ def write_results(meta: dict, rows: list[dict], out: Path, name: str) -> dict:
     return paths
 
 
-STYLE = {"naive": ("tab:red", "o", "-"), "chunked": ("tab:blue", "s", "-"), "triton": ("tab:green", "^", "-"),
+STYLE = {"naive": ("tab:red", "o", "-"), "torch": ("tab:blue", "s", "-"), "triton": ("tab:green", "^", "-"),
          "cuda": ("tab:purple", "D", "-"), "liger": ("tab:orange", "v", "-"), "gemm": ("black", "x", "--")}
 
 

@@ -96,7 +96,7 @@ def test_tiny_sweep_writes_json_csv_png(capsys, tmp_path):
     doc = json.loads((tmp_path / "tiny.json").read_text())
     for key in REQUIRED_TOP:
         assert key in doc, key
-    ran = {"naive", "chunked", "gemm"} | ({"liger"} if sweep_impls.available("liger", torch.device("cpu"))[0]
+    ran = {"naive", "torch", "gemm"} | ({"liger"} if sweep_impls.available("liger", torch.device("cpu"))[0]
                                            else set())
     assert {r["impl"] for r in doc["rows"]} == ran
     assert set(doc["skipped"]) >= {"triton", "cuda"}
@@ -118,12 +118,12 @@ def test_tiny_sweep_writes_json_csv_png(capsys, tmp_path):
     assert set(REQUIRED_ROW) <= set(rows[0])
     png = (tmp_path / "tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "| chunked | 1,000 |" in (tmp_path / "tiny.md").read_text()
+    assert "| torch | 1,000 |" in (tmp_path / "tiny.md").read_text()
 
 
 def test_worker_process_measures_one_case():
     # the CPU default: each (implementation, V) in a fresh process, peak memory from its RSS high-water mark
-    spec = {"impl": "chunked", "vocab": 2000, "tokens": 64, "d_student": 32, "d_teacher": 48,
+    spec = {"impl": "torch", "vocab": 2000, "tokens": 64, "d_student": 32, "d_teacher": 48,
             "dtype": "float32", "top_k": 16, "keep_ratio": 0.05, "repeats": 1, "warmup": 0, "device": "cpu",
             "liger_compiled": False, "threads": 1}
     result = vocab_sweep.run_isolated(spec, timeout=120)
@@ -134,7 +134,7 @@ def test_worker_process_measures_one_case():
     assert result["peak_total_fwd_bwd_mb"] + 1.0 >= result["peak_extra_mb"]  # page-level noise
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunked", "liger"])
+@pytest.mark.parametrize("impl", ["naive", "torch", "liger"])
 def test_loss_agreement_with_reference(impl):
     ok, reason = sweep_impls.available(impl, torch.device("cpu"))
     if not ok:
@@ -147,17 +147,17 @@ def test_loss_agreement_with_reference(impl):
 def test_agreement_check_catches_a_wrong_loss(monkeypatch):
     forward = sweep_impls.Case.forward
     monkeypatch.setattr(sweep_impls.Case, "forward", lambda self: forward(self) * 1.001)
-    result = sweep_impls.agreement("chunked", torch.device("cpu"), top_k=16, keep_ratio=0.05,
+    result = sweep_impls.agreement("torch", torch.device("cpu"), top_k=16, keep_ratio=0.05,
                                    liger_compiled=False)
     assert not result["ok"] and result["rel_err"] == pytest.approx(1e-3, rel=1e-2)
 
 
-def test_naive_matches_chunked_selection_at_a_larger_vocabulary():
+def test_naive_matches_torch_backend_selection_at_a_larger_vocabulary():
     cfg = sweep_impls.Config(tokens=96, d_student=24, d_teacher=40, vocab=9000, dtype=torch.float32)
     inputs = sweep_impls.make_inputs(cfg, torch.device("cpu"), seed=3)
     naive = sweep_impls.Case("naive", cfg, inputs).forward()
-    chunked = sweep_impls.Case("chunked", cfg, inputs).forward()
-    assert float(naive.detach()) == pytest.approx(float(chunked.detach()), rel=1e-5)
+    torch_loss = sweep_impls.Case("torch", cfg, inputs).forward()
+    assert float(naive.detach()) == pytest.approx(float(torch_loss.detach()), rel=1e-5)
 
 
 def test_gemm_flops_model():
@@ -170,7 +170,7 @@ def test_gemm_flops_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["naive", "chunked", "triton", "cuda", "liger"])
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton", "cuda", "liger"])
 def test_loss_agreement_on_gpu(impl):
     device = torch.device("cuda")
     ok, reason = sweep_impls.available(impl, device)

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..options import ESTIMATORS
 from ..stats import RowStats
 from ._tiles import accumulate_head_grads, head_grad_buffers, mm_float32, row_chunks, vocab_tiles
 
@@ -183,7 +184,7 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
     """
     _require(zs.device)
     sampled = estimator == "sampled"
-    if estimator not in ("full", "sampled"):
+    if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be 'full' or 'sampled', got {estimator!r}")
     f32 = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
     with torch.no_grad():

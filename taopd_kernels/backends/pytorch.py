@@ -128,7 +128,9 @@ class _RunningTopK:
 
     def update(self, z: torch.Tensor, other: torch.Tensor, v0: int) -> None:
         tile_keys = tile_topk_keys(z, v0, self.k)
-        tile_other = other.gather(1, keys_to_ids(tile_keys) - v0)
+        # Clamped: with NaN logits (overflowing inputs) no candidate is real and the ids are junk; the API
+        # then reports the overflow (a non-finite log-sum-exp) instead of crashing here.
+        tile_other = other.gather(1, (keys_to_ids(tile_keys) - v0).clamp(0, z.shape[1] - 1))
         all_keys = torch.cat([self.keys, tile_keys], 1)
         all_other = torch.cat([self.other, tile_other], 1)
         k_keep = min(self.k, all_keys.shape[1])
