@@ -84,13 +84,15 @@ def _kept_backward_kernel(
 
 
 def _configs(hopper: bool, nbytes: int):
-    """Autotune candidates (BLOCK_M is fixed at ``BLOCK_M_GPU``); none of them spills on sm_90/sm_80
-    for bf16 (checked by compiling with ptxas)."""
-    block_d = 64 if (nbytes <= 2 and hopper) else 32
+    """Autotune candidates (BLOCK_M is fixed at ``BLOCK_M_GPU``): the ones that compile without spills
+    for sm_90a / sm_80 with the JIT's specialisation (``aot.py``; asserted in tests/test_triton.py). float32
+    operands drop the shapes that spill with them (128 columns on 4 warps; 256 columns on sm_90a)."""
+    wide = nbytes > 2
+    block_d = 64 if (not wide and hopper) else 32
     if hopper:
-        shapes = [(128, 4, 3), (128, 8, 4), (256, 8, 3)]
+        shapes = [(128, 8, 4)] if wide else [(128, 4, 3), (128, 8, 4), (256, 8, 3)]
     else:
-        shapes = [(128, 4, 3), (128, 8, 3), (64, 4, 3)]
+        shapes = [(128, 8, 3), (64, 4, 3)] if wide else [(128, 4, 3), (128, 8, 3), (64, 4, 3)]
     return [triton.Config(dict(BLOCK_V=v, BLOCK_D=block_d), num_warps=w, num_stages=s) for v, w, s in shapes]
 
 

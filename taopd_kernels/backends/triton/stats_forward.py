@@ -222,19 +222,22 @@ def _stats_forward_kernel(
 
 
 def _configs(hopper: bool, nbytes: int):
-    """Autotune candidates, picked by compiling for sm_90 / sm_80 and reading ptxas' register use.
+    """Autotune candidates: the ones that compile without local-memory spills for sm_90a / sm_80 with the
+    JIT's own specialisation (``aot.py``; ``tests/test_triton.py`` asserts it for every one shipped).
 
     Two float32 logit tiles live at once (student and teacher) plus the epilogue state, so per-thread
-    tile size is the limit: 128x64 with 8 warps (32 elements per thread per tile) spills least;
-    128x128 / 64x128 trade some spilling in the epilogue for fewer re-reads of h and W from L2.
-    Ampere keeps its mma.sync operands in registers: a 32-wide hidden step there. float32 operands
-    use a 32-wide hidden step so the stages fit in shared memory.
+    tile size is the limit: on sm_90a 128x64 and 64x128 with 8 warps fit in 255 registers (128x128
+    spilled 1,656 bytes and was dropped); Ampere keeps its mma.sync operands in registers too, so only
+    128x32 (8 warps) and 32x64 (4 warps) stay spill-free there (128x64 and 64x128 spilled ~1 KB).
+    float32 operands (3xTF32) use a 32-wide hidden step so the stages fit in shared memory, and need
+    more registers per tile: 64x64 and 128x32 on sm_90a, 128x32 on sm_80.
     """
-    block_d = 64 if (nbytes <= 2 and hopper) else 32
+    wide = nbytes > 2
+    block_d = 64 if (not wide and hopper) else 32
     if hopper:
-        shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
+        shapes = [(64, 64, 8, 3), (128, 32, 8, 3)] if wide else [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3)]
     else:
-        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
+        shapes = [(128, 32, 8, 3)] if wide else [(128, 32, 8, 3), (32, 64, 4, 3)]
     return [triton.Config(dict(BLOCK_M=m, BLOCK_V=v, BLOCK_D=block_d), num_warps=w, num_stages=s)
             for m, v, w, s in shapes]
 
