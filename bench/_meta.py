@@ -49,7 +49,7 @@ def device_name(device) -> str:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,6 +66,27 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def driver_version() -> str:
+    """The NVIDIA driver version (nvidia-smi), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def metadata(device) -> dict:
-    """``{"device", "python", "torch", "triton", "transformers", "liger_kernel", "commit", "date"}``."""
-    return {"device": device_name(device), **versions(), "commit": git_commit(), "date": now()}
+    """``{"device", "driver", "cuda", "python", "torch", "triton", "transformers", "liger_kernel", "commit",
+    "date"}``."""
+    import torch
+
+    return {"device": device_name(device), "driver": driver_version(), "cuda": torch.version.cuda, **versions(),
+            "commit": git_commit(), "date": now()}
+
+
+if __name__ == "__main__":  # python bench/_meta.py [cuda|cpu]: the metadata as JSON (gpu_check.sh's env stage)
+    import json
+    import sys
+
+    print(json.dumps(metadata(sys.argv[1] if len(sys.argv) > 1 else "cpu"), indent=1))

@@ -1,134 +1,110 @@
 #!/usr/bin/env bash
-# The one prepared script for the GPU machine (H100/H200, no network). From the repository root:
+# The one prepared script for the GPU machine (H100/H200, no network), in stages. From the repository root:
 #
-#     bash bench/gpu_check.sh            # writes everything under $OUT (default: ./gpu_check_out)
+#     bash bench/gpu_check.sh            # results under $OUT (default: ./gpu_check_out)
 #
-# Steps (each under its own `timeout`, all of them under one overall deadline; a failing step does not
-# stop the next, and every step's status is reported at the end, in $OUT/summary.txt too):
-#   env      nvidia-smi, python, torch, triton
-#   wheels   carried wheels from .whl/ (e.g. liger-kernel) into /tmp/site, on PYTHONPATH
-#   install  pip install --no-build-isolation --no-deps -e . with TAOPD_BUILD_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0
-#   pytest   python -m pytest -m gpu
-#   sweep    python bench/vocab_sweep.py at Qwen scale (N=8192, D_s=2048, D_t=4096, bf16), all implementations
-#   cudabench  python bench/cuda_stats_bench.py            (if the file exists)
-#   throughput python bench/throughput.py --out $OUT/throughput.json   (if the file exists)
-# Outputs (at most 8 files): summary.txt, gpu_check.log (every step's output), vocab_sweep_gpu.{json,csv,md,png},
-# throughput.json. GPU_CHECK_SKIP=install,pytest,... skips steps by name;
-# SWEEP_REPEATS / SWEEP_WARMUP / SWEEP_ARGS tune the sweep.
+# Stages, in order of what counts; each writes its results under $OUT as soon as it ends, so a run cut
+# short still returns what it reached:
+#   env       GPU name, driver, CUDA/torch/triton versions, commit, date     -> env.json
+#   install   the CUDA extension for sm_90 only (TAOPD_BUILD_CUDA=1)         -> (status in summary.json)
+#   headline  gemm, triton, cuda, naive at N=8192, V=151,936, bf16, K=16, keep 0.05, D_s=2048, D_t=4096,
+#             median of 3, one pinned Triton config per kernel (TAOPD_TRITON_PIN_CONFIG=1)
+#                                                                            -> headline_gpu.json, .md
+#   pytest    the GPU correctness tests (-m gpu), Triton's first, pinned config -> pytest_gpu.txt
+#   sweep     the wider vocabulary sweep, if time is left                    -> vocab_sweep_gpu.json
+#   throughput the driver's step throughput, if time is left                 -> throughput.json
+# summary.json (every stage: status, seconds; and the env metadata) is rewritten after every stage.
+# The whole script stays within GPU_CHECK_DEADLINE_S (default 300 s) so that one rerun fits a 15-minute
+# device budget with the machine's start. GPU_CHECK_SKIP=install,pytest,... skips stages by name.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
-SUMMARY=$OUT/summary.txt
-DEADLINE=${GPU_CHECK_DEADLINE_S:-440}   # whole script, seconds (the machine's budget is ~8 minutes)
+DEADLINE=${GPU_CHECK_DEADLINE_S:-300}
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # the source tree works even if the install fails
+export TAOPD_TRITON_PIN_CONFIG=${TAOPD_TRITON_PIN_CONFIG:-1}
 : >"$LOG"
-STATUS=()
+STAGES=()
 
-step() {  # step NAME MAX_SECONDS COMMAND...   (the timeout is cut to what the deadline leaves)
-  local name=$1 max=$2; shift 2
-  if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
-    absent "$name" "GPU_CHECK_SKIP"
-    return 1
-  fi
-  local left=$(( DEADLINE - (SECONDS - START) - 15 ))
-  local limit=$(( max < left ? max : left ))
-  if (( limit < 5 )); then
-    STATUS+=("$(printf '%-11s SKIPPED  (no time left before the %ss deadline)' "$name" "$DEADLINE")")
-    return 1
-  fi
-  local t0=$SECONDS rc
-  echo "=== [$name] $* (timeout ${limit}s) ===" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1   # bash -c: runs the functions too
-  rc=$?
-  local took=$(( SECONDS - t0 )) what
-  if (( rc == 0 )); then what="ok"
-  elif (( rc == 124 || rc == 137 )); then what="TIMEOUT"
-  else what="FAILED"
-  fi
-  STATUS+=("$(printf '%-11s %-8s rc=%-3s %4ss' "$name" "$what" "$rc" "$took")")
-  echo "=== [$name] $what rc=$rc in ${took}s ===" | tee -a "$LOG"
-  tail -n 5 "$LOG" | sed 's/^/    /'
-  return "$rc"
-}
-
-absent() {  # absent NAME WHY
-  STATUS+=("$(printf '%-11s SKIPPED  (%s)' "$1" "$2")")
-  echo "=== [$1] skipped: $2 ===" | tee -a "$LOG"
-}
-
-env_report() {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-  command -v nvcc >/dev/null && nvcc --version | tail -n 2
-  python3 - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
-      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+summary() {  # rewrite summary.json from the stages so far
+  python3 - "$OUT" "${STAGES[@]}" <<'EOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
 try:
-    import triton; print("triton", triton.__version__)
-except Exception as exc:
-    print("triton missing:", exc)
+    env = json.loads((out / "env.json").read_text())
+except (OSError, ValueError):
+    env = {}
+stages = [dict(zip(("stage", "status", "rc", "seconds"), s.split("|"))) for s in sys.argv[2:]]
+(out / "summary.json").write_text(json.dumps({"env": env, "stages": stages}, indent=1))
 EOF
 }
 
-install_wheels() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+stage() {  # stage NAME MAX_SECONDS COMMAND...   (the limit is cut to what the deadline leaves)
+  local name=$1 max=$2; shift 2
+  if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+    STAGES+=("$name|skipped|-|0"); summary; return 1
+  fi
+  local left=$(( DEADLINE - (SECONDS - START) - 10 ))
+  local limit=$(( max < left ? max : left ))
+  if (( limit < 5 )); then
+    STAGES+=("$name|no time left|-|0"); summary; return 1
+  fi
+  local t0=$SECONDS rc status
+  echo "=== [$name] $* (limit ${limit}s) ===" | tee -a "$LOG"
+  timeout --kill-after=5 "$limit" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
+  rc=$?
+  if (( rc == 0 )); then status=ok; elif (( rc == 124 || rc == 137 )); then status=timeout; else status=failed; fi
+  STAGES+=("$name|$status|$rc|$(( SECONDS - t0 ))")
+  summary
+  echo "=== [$name] $status rc=$rc in $(( SECONDS - t0 ))s ===" | tee -a "$LOG"
+  tail -n 4 "$LOG" | sed 's/^/    /'
+  return "$rc"
 }
 
-install_package() {
+env_stage() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  python3 bench/_meta.py cuda >"$OUT/env.json" && cat "$OUT/env.json"
+}
+
+install_stage() {
   TORCH_CUDA_ARCH_LIST=9.0 TAOPD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-    python3 -m pip install --no-build-isolation --no-deps --no-index -e .
+    python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
   python3 -c "import taopd_kernels, torch; d=torch.device('cuda'); \
 print({n: taopd_kernels.backend_available(n, d) for n in ('torch', 'triton', 'cuda')})"
 }
 
-export -f env_report install_wheels install_package
-step env 30 env_report
+headline_stage() {
+  python3 bench/vocab_sweep.py --device cuda --vocab 151936 --impls gemm,triton,cuda,naive --tokens 8192 \
+    --d-student 2048 --d-teacher 4096 --dtype bfloat16 --top-k 16 --keep-ratio 0.05 --repeats 3 --warmup 1 \
+    --out "$OUT" --name headline_gpu --no-progress
+}
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  step wheels 60 install_wheels && export PYTHONPATH=/tmp/site:$PYTHONPATH
-else
-  absent wheels "no .whl/*.whl carried (liger will be skipped); see bench/README.md"
-fi
+pytest_stage() {
+  python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_triton.py tests/test_cuda.py tests/test_bench.py \
+    2>&1 | tee "$OUT/pytest_gpu.txt"
+  return "${PIPESTATUS[0]}"
+}
 
-step install 150 install_package
+export OUT
+export -f env_stage install_stage headline_stage pytest_stage
+stage env 20 env_stage
+stage install 100 install_stage
+stage headline 100 headline_stage
+stage pytest 80 pytest_stage
+stage sweep 60 python3 bench/vocab_sweep.py --device cuda --out "$OUT" --name vocab_sweep_gpu --repeats 3 \
+  --warmup 1 --no-progress
+stage throughput 40 python3 bench/throughput.py --out "$OUT/throughput.json"
 
-step pytest 90 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests
-
-step sweep 180 python3 bench/vocab_sweep.py --device cuda --out "$OUT" --name vocab_sweep_gpu \
-  --repeats "${SWEEP_REPEATS:-5}" --warmup "${SWEEP_WARMUP:-2}" --no-progress ${SWEEP_ARGS:-}
-if [[ -f "$OUT/vocab_sweep_gpu.json" && ! -f "$OUT/vocab_sweep_gpu.png" ]]; then
-  step replot 30 python3 bench/vocab_sweep.py --replot "$OUT/vocab_sweep_gpu.json"   # after a timeout
-fi
-
-if [[ -f bench/cuda_stats_bench.py ]]; then
-  step cudabench 45 python3 bench/cuda_stats_bench.py
-else
-  absent cudabench "bench/cuda_stats_bench.py does not exist"
-fi
-
-if [[ -f bench/throughput.py ]]; then
-  step throughput 60 python3 bench/throughput.py --out "$OUT/throughput.json"
-else
-  absent throughput "bench/throughput.py does not exist"
-fi
-
-{
-  echo "gpu_check.sh: $(date -Is), $(( SECONDS - START ))s of a ${DEADLINE}s deadline"
-  printf '%s\n' "${STATUS[@]}"
-} | tee "$SUMMARY" | tee -a "$LOG"
-
-# At most 8 files come back, flat or one folder deep: bundle the extras if there are more.
-mapfile -t files < <(cd "$OUT" && find . -type f | sort)
-if (( ${#files[@]} > 8 )); then
-  keep=(./summary.txt ./gpu_check.log ./vocab_sweep_gpu.json ./vocab_sweep_gpu.png ./vocab_sweep_gpu.md)
-  extra=()
-  for f in "${files[@]}"; do [[ " ${keep[*]} " == *" $f "* ]] || extra+=("$f"); done
-  (cd "$OUT" && tar -czf extras.tar.gz "${extra[@]}" && rm -f "${extra[@]}")
-  echo "bundled ${#extra[@]} files into extras.tar.gz" | tee -a "$SUMMARY"
+echo "gpu_check.sh: $(( SECONDS - START ))s of a ${DEADLINE}s deadline" | tee -a "$LOG"
+# At most 8 files come back: keep the ones that count, bundle the rest.
+keep=(summary.json env.json headline_gpu.json headline_gpu.md pytest_gpu.txt vocab_sweep_gpu.json throughput.json)
+mapfile -t extra < <(cd "$OUT" && find . -type f ! -name gpu_check.log | sed 's#^\./##' | sort | while read -r f; do
+  [[ " ${keep[*]} " == *" $f "* ]] || echo "$f"; done)
+if (( ${#extra[@]} )); then
+  (cd "$OUT" && tar -czf extras.tar.gz "${extra[@]}" gpu_check.log && rm -f "${extra[@]}" gpu_check.log)
 fi
 exit 0

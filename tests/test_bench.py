@@ -229,3 +229,21 @@ def test_bundled_architectures_are_the_only_qwen3_shapes():
     with torch.device("meta"):
         model = fsdp.build("qwen3-1.7b", torch.bfloat16, torch.device("meta"), 0, "sdpa")
     assert model.config.hidden_size == 2048 and model.config.num_hidden_layers == 28
+
+
+def test_gpu_check_writes_each_stage_status_as_it_goes(tmp_path):
+    """bench/gpu_check.sh on a machine without a GPU: every stage reports its status in summary.json
+    (stages skipped by name are recorded as such), env.json carries the metadata, nothing hangs."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DEADLINE_S="60",
+               GPU_CHECK_SKIP="install,headline,pytest,sweep,throughput")
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    stages = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert stages["env"] == "ok" and stages["headline"] == "skipped"
+    assert list(stages) == ["env", "install", "headline", "pytest", "sweep", "throughput"]
+    assert {"device", "driver", "cuda", "torch", "triton", "commit", "date"} <= set(summary["env"])

@@ -60,6 +60,12 @@ def operand_bytes(*tensors) -> int:
     return max(t.element_size() for t in tensors if t is not None)
 
 
+def shipped(configs: list) -> list:
+    """The autotune candidates to try: all of them, or only the first when TAOPD_TRITON_PIN_CONFIG=1
+    (first contact with a GPU: no autotuning, one compile per kernel and shape class)."""
+    return configs[:1] if os.environ.get("TAOPD_TRITON_PIN_CONFIG") == "1" else configs
+
+
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

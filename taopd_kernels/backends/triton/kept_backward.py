@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._tiles import mm_float32
-from ._common import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket
+from ._common import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket, shipped
 
 WORKSPACE_BYTES = 128 << 20
 # The row block is fixed (not tuned) so the db partial buffer has a known number of rows.
@@ -102,7 +102,7 @@ _TUNED = {}
 def _tuned_kernel(device: torch.device, nbytes: int):
     key = (is_hopper(device), nbytes)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=_configs(*key), key=["D_S", "D_T", "ROWS_BUCKET", "FULL"])(
+        _TUNED[key] = triton.autotune(configs=shipped(_configs(*key)), key=["D_S", "D_T", "ROWS_BUCKET", "FULL"])(
             _kept_backward_kernel)
     return _TUNED[key]
 

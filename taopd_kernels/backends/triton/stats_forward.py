@@ -51,6 +51,7 @@ from ._common import (
     logits_tile,
     operand_bytes,
     rows_bucket,
+    shipped,
     sm_count,
 )
 
@@ -248,7 +249,7 @@ _TUNED = {}
 def _tuned_kernel(device: torch.device, nbytes: int):
     key = (is_hopper(device), nbytes)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=_configs(*key), key=["D_S", "D_T", "ROWS_BUCKET", "TOP_K"])(
+        _TUNED[key] = triton.autotune(configs=shipped(_configs(*key)), key=["D_S", "D_T", "ROWS_BUCKET", "TOP_K"])(
             _stats_forward_kernel)
     return _TUNED[key]
 
