@@ -14,7 +14,8 @@ The launcher then reduces each chunk with cuBLAS:
     dh    += (G @ W_s[v0:v0+n]) * c            (float32 GEMM output, float32 accumulation across chunks)
     dW_s[v0:v0+n] = G^T @ (c * h_s)            (float32 GEMM output, each row of dW written once)
 
-Grid: (column tiles of the chunk) x (row blocks of BLOCK_M). Memory held: the workspace and the matmul
+Grid: (row blocks of BLOCK_M) x (column tiles of the chunk), row blocks fastest so that the programs
+running together share a W tile. Memory held: the workspace and the matmul
 results of one chunk, bounded by ``WORKSPACE_BYTES`` (the chunk width is chosen from it), plus the
 float32 outputs dh [R, D_s], dW [V_s, D_s], db [V_s] that the interface returns; never [N, V].
 Rows of dW (and db) at or beyond ``vocab_size`` are zero.
@@ -51,8 +52,10 @@ def _kept_backward_kernel(
     EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Row blocks fastest: consecutive programs share one column tile of W, so each W tile is read from
+    # HBM about once (the kept rows' h, a few MB, stays in L2), not once per row block.
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = local < VLEN
     cols_c = V0 + tl.minimum(local, VLEN - 1)
@@ -112,14 +115,14 @@ def _launch(args, flags, rows: int, width: int, device, nbytes: int):
         if interpreting():
             blocks = INTERPRETER_BLOCKS
             flags.update(EVEN_DS=flags["D_S"] % blocks["BLOCK_D"] == 0, EVEN_DT=flags["D_T"] % blocks["BLOCK_D"] == 0)
-            grid = (triton.cdiv(width, blocks["BLOCK_V"]), triton.cdiv(rows, blocks["BLOCK_M"]))
+            grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(width, blocks["BLOCK_V"]))
             _kept_backward_kernel[grid](*args, **flags, **blocks)
         else:
             kernel = _tuned_kernel(device, nbytes)
             block_d = kernel.configs[0].kwargs["BLOCK_D"]
             flags.update(EVEN_DS=flags["D_S"] % block_d == 0, EVEN_DT=flags["D_T"] % block_d == 0,
                          BLOCK_M=BLOCK_M_GPU)
-            grid = lambda meta: (triton.cdiv(width, meta["BLOCK_V"]), triton.cdiv(rows, BLOCK_M_GPU))  # noqa: E731
+            grid = lambda meta: (triton.cdiv(rows, BLOCK_M_GPU), triton.cdiv(width, meta["BLOCK_V"]))  # noqa: E731
             kernel[grid](*args, **flags)
 
 
