@@ -399,3 +399,55 @@ def test_launch_checks_are_actionable(ext):
         torch.ops.taopd.teachability_stats(z, z.half(), 100, 4, 1.0, None)
     with pytest.raises(RuntimeError, match="vocab_size"):
         torch.ops.taopd.teachability_stats(z, z, 101, 4, 1.0, None)
+
+
+def test_decoupled_forward_on_cpu_with_pytorch_statistics_standing_in(monkeypatch):
+    """The decoupled hidden-state path (GEMM per row chunk, statistics kernel on the previous chunk) with the
+    PyTorch logits statistics standing in for the kernel: chunking, the workspace bound and the chunk
+    order give the PyTorch backend's statistics exactly (the stream logic itself needs a GPU: below)."""
+    from helpers import assert_stats_close, make_inputs, truth_rows
+
+    monkeypatch.setattr(cuda_backend, "_require", lambda device, top_k=None: None)
+    monkeypatch.setattr(cuda_backend, "_stats_op", lambda zs, zt, v, k, tau, y: torch_backend.logits_forward_stats(
+        zs, zt, vocab_size=v, top_k=k, temperature=tau, sampled_ids=y))
+    inputs = make_inputs(n=37, v_s=300, v_t=310, seed=3)
+    args = [inputs[k] for k in ("student_hidden", "student_weight")] + [None] + \
+        [inputs[k] for k in ("teacher_hidden", "teacher_weight")] + [None]
+    y = torch.randint(0, 300, (37,), generator=torch.Generator().manual_seed(1))
+    got = cuda_backend.forward_stats(*args, vocab_size=300, top_k=8, temperature=0.7, sampled_ids=y, chunk_rows=8)
+    truth = truth_rows(inputs, vocab_size=300, top_k=8, temperature=0.7, sampled_ids=y)
+    assert_stats_close(got, truth)
+    torch.testing.assert_close(got.logp_student_sampled.double(), truth.logp_student_sampled.double(), atol=2e-5, rtol=0)
+
+    # The workspace: two chunks of both models' float32 logits within 256 MB at Qwen's vocabulary.
+    rows = cuda_backend.workspace_rows(151_936)
+    assert rows == 110 and 2 * 2 * 4 * 151_936 * rows <= cuda_backend.WORKSPACE_BYTES
+
+    order = []
+    out = cuda_backend.overlapped_chunks(10, 3, torch.device("cpu"),
+                                         lambda sl: order.append(("gemm", sl.start)) or (None,),
+                                         lambda sl, bufs: order.append(("stats", sl.start)) or sl.start)
+    assert out == [0, 3, 6, 9] and len(order) == 8 and order[0] == ("gemm", 0)
+
+
+@pytest.mark.gpu
+def test_decoupled_forward_overlaps_and_matches_torch(ext):
+    """On a GPU: the two-stream decoupled forward at N=2048, V=151,936 gives the torch backend's statistics,
+    and its extra memory stays near the 256 MB workspace (plus the outputs)."""
+    from helpers import assert_stats_close
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d_s, d_t, v = 2048, 1024, 2048, 151_936
+    h_s = torch.randn(n, d_s, device="cuda", generator=g).bfloat16()
+    w_s = (torch.randn(v, d_s, device="cuda", generator=g) * (3 / d_s ** 0.5)).bfloat16()
+    h_t = torch.randn(n, d_t, device="cuda", generator=g).bfloat16()
+    w_t = (torch.randn(v, d_t, device="cuda", generator=g) * (3 / d_t ** 0.5)).bfloat16()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = cuda_backend.forward_stats(h_s, w_s, None, h_t, w_t, None, vocab_size=v, top_k=16, temperature=1.0)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    want = torch_backend.forward_stats(h_s, w_s, None, h_t, w_t, None, vocab_size=v, top_k=16, temperature=1.0)
+    assert_stats_close(got, want, atol=2e-3, rtol=2e-3, check_ids=False)
+    assert extra <= cuda_backend.WORKSPACE_BYTES + (64 << 20), extra

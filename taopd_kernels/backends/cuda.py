@@ -12,7 +12,9 @@ the GEMM multiplies in the input dtype with float32 accumulation and a float32 r
 tiles of W upcast ``chunk_vocab`` rows at a time (exact products, much slower). float32 inputs use a
 float32 GEMM (TF32 only if the caller enabled ``torch.backends.cuda.matmul.allow_tf32``). The
 backward's GEMMs into dh, dW, db are float32 on vocabulary tiles of W upcast to float32.
-Memory held: the [chunk_rows, V] float32 logits of both models (about 1.2 GB at 1024 x 152k).
+Memory held: the forward keeps two chunks of both models' float32 logits, within ``WORKSPACE_BYTES``
+(256 MiB: 110 rows at V = 151,936), the GEMMs of one chunk overlapping the statistics kernel of the
+previous one on a second stream; the backward the [chunk_rows, V] logits and gradient of one chunk.
 
 Build: ``TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation`` (or ``build_jit()`` for a JIT build).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,7 +35,8 @@ BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-iso
               "(needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST picks the GPU architectures), "
               "or call taopd_kernels.backends.cuda.build_jit()")
 MAX_TOP_K = 64
-DEFAULT_CHUNK_ROWS = 1024
+DEFAULT_CHUNK_ROWS = 1024  # backward: kept rows per chunk
+WORKSPACE_BYTES = 256 << 20  # forward: two chunks of both models' float32 logits
 DEFAULT_CHUNK_VOCAB = 16384  # W rows upcast at a time where a float32 GEMM is needed
 
 _ext = None
@@ -215,21 +218,67 @@ def _logits_f32(h, w, b, vocab_size: int, chunk_vocab: int) -> torch.Tensor:
     return z
 
 
+def workspace_rows(vocab_size: int, budget: int = WORKSPACE_BYTES) -> int:
+    """Rows per chunk such that two chunks of float32 logits of both models fit in ``budget`` bytes."""
+    return max(1, budget // (2 * 2 * 4 * max(vocab_size, 1)))
+
+
+def overlapped_chunks(rows: int, chunk_rows: int, device, produce: Callable, consume: Callable) -> list:
+    """``consume(sl, produce(sl))`` for every row chunk, with chunk i+1's ``produce`` (the GEMMs, on the
+    current stream) overlapping chunk i's ``consume`` (the statistics kernel, on a side stream) on a GPU.
+
+    At most two chunks' buffers are alive: before producing chunk i the current stream waits until the
+    side stream has finished chunk i-2 (an event, no host sync), and every buffer is recorded on the side
+    stream so that the allocator does not hand its memory out before the side stream is done with it.
+    Elsewhere (the CPU) it is the plain loop. Returns the ``consume`` results in chunk order.
+    """
+    chunks = list(row_chunks(rows, chunk_rows))
+    if torch.device(device).type != "cuda":
+        return [consume(sl, produce(sl)) for sl in chunks]
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    consumed, results = [], []
+    for sl in chunks:
+        if len(consumed) == 2:
+            main.wait_event(consumed.pop(0))  # chunk i-2's buffers may be reused now
+        buffers = produce(sl)
+        ready = torch.cuda.Event()
+        ready.record(main)
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            results.append(consume(sl, buffers))
+            for b in buffers:
+                if b is not None:
+                    b.record_stream(side)
+            done = torch.cuda.Event()
+            done.record(side)
+        consumed.append(done)
+        del buffers
+    main.wait_stream(side)
+    return results
+
+
 def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, temperature: float,
                   sampled_ids: Optional[torch.Tensor] = None,
                   chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
-    """RowStats for every row of h_s [R, D_s], h_t [R, D_t]: per row chunk, GEMM logits then the stats kernel."""
+    """RowStats for every row of h_s [R, D_s], h_t [R, D_t], decoupled: per row chunk a cuBLAS GEMM per model
+    writes float32 logits, and the statistics kernel reads the previous chunk's on a second stream
+    (``overlapped_chunks``). ``chunk_rows`` default: what keeps the two chunks' logits within
+    ``WORKSPACE_BYTES`` (256 MB)."""
     _require(h_s.device, top_k)
-    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
+    chunk_rows = chunk_rows or workspace_rows(vocab_size)
     chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
-    parts = []
+
+    def produce(sl):
+        return (_logits_f32(h_s[sl], w_s, b_s, vocab_size, chunk_vocab),
+                _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab))
+
+    def consume(sl, logits):
+        y = None if sampled_ids is None else sampled_ids[sl]
+        return _stats_op(*logits, vocab_size, top_k, temperature, y)
+
     with torch.no_grad():
-        for sl in row_chunks(h_s.shape[0], chunk_rows):
-            zs = _logits_f32(h_s[sl], w_s, b_s, vocab_size, chunk_vocab)
-            zt = _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab)
-            y = None if sampled_ids is None else sampled_ids[sl]
-            parts.append(_stats_op(zs, zt, vocab_size, top_k, temperature, y))
-            del zs, zt
+        parts = overlapped_chunks(h_s.shape[0], chunk_rows, h_s.device, produce, consume)
     return RowStats.concat(parts, h_s.device, top_k, sampled_ids is not None)
 
 
