@@ -4,7 +4,7 @@
 //         -> (lse_s, lse_t, entropy_s, kl_rev, kl_fwd, ids_s, ids_t, teacher_mass, disagreement,
 //             expected_gap, logp_s_y, logp_t_y)   (the last two are empty [0] tensors without sampled_ids)
 //     torch.ops.taopd.teachability_logit_grad(zs, zt?, vocab_size, temperature, sampled_estimator,
-//         lse_s, expected_gap?, row_coef, sampled_ids?, sampled_weight?) -> float32 [R, zs.size(1)]
+//         row_max, log_s0, expected_gap?, row_coef, sampled_ids?, sampled_weight?) -> float32 [R, zs.size(1)]
 // Fake (meta) implementations are registered from Python (taopd_kernels/backends/cuda.py).
 // Host compiler only: no device code here, so the kernels build with nvcc alone (see taopd_launch.h).
 #include <cmath>
@@ -132,7 +132,8 @@ teachability_stats_cuda(const at::Tensor& zs, const at::Tensor& zt, int64_t voca
 
 at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optional<at::Tensor>& zt,
                                         int64_t vocab_size, double temperature, bool sampled_estimator,
-                                        const at::Tensor& lse_s, const std::optional<at::Tensor>& expected_gap,
+                                        const at::Tensor& row_max, const at::Tensor& log_s0,
+                                        const std::optional<at::Tensor>& expected_gap,
                                         const at::Tensor& row_coef,
                                         const std::optional<at::Tensor>& sampled_ids,
                                         const std::optional<at::Tensor>& sampled_weight) {
@@ -142,7 +143,8 @@ at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optiona
   const float inv_tau = inv_temperature(temperature);
   TORCH_CHECK(zs.size(0) <= 0x7fffffffLL, "taopd: at most 2^31-1 rows per call, got ", zs.size(0));
   TORCH_CHECK(zs.size(1) <= 0x7fffffffLL, "taopd: at most 2^31-1 columns, got ", zs.size(1));
-  check_row_vector("lse_s", lse_s, zs, at::kFloat);
+  check_row_vector("row_max", row_max, zs, at::kFloat);
+  check_row_vector("log_s0", log_s0, zs, at::kFloat);
   check_row_vector("row_coef", row_coef, zs, at::kFloat);
   auto has = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
   if (sampled_estimator) {
@@ -171,7 +173,8 @@ at::Tensor teachability_logit_grad_cuda(const at::Tensor& zs, const std::optiona
     p.out_cols = static_cast<int>(zs.size(1));
     p.inv_tau = inv_tau;
     p.sampled_estimator = sampled_estimator;
-    p.lse_s = lse_s.data_ptr<float>();
+    p.row_max = row_max.data_ptr<float>();
+    p.log_s0 = log_s0.data_ptr<float>();
     p.expected_gap = sampled_estimator ? nullptr : expected_gap->data_ptr<float>();
     p.row_coef = row_coef.data_ptr<float>();
     p.sampled = sampled_estimator ? sampled_ids->data_ptr<int64_t>() : nullptr;
@@ -191,7 +194,8 @@ TORCH_LIBRARY(taopd, m) {
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "teachability_logit_grad(Tensor zs, Tensor? zt, int vocab_size, float temperature, bool sampled_estimator, "
-      "Tensor lse_s, Tensor? expected_gap, Tensor row_coef, Tensor? sampled_ids, Tensor? sampled_weight)"
+      "Tensor row_max, Tensor log_s0, Tensor? expected_gap, Tensor row_coef, Tensor? sampled_ids, "
+      "Tensor? sampled_weight)"
       " -> Tensor");
 }
 

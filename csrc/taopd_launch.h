@@ -54,7 +54,8 @@ struct GradParams {
   int out_cols = 0;  // width of `out` (the student's logit width, >= vocab)
   float inv_tau = 1.f;
   bool sampled_estimator = false;
-  const float* lse_s = nullptr;     // [rows]
+  const float* row_max = nullptr;   // [rows], max of the scaled student logits x_s
+  const float* log_s0 = nullptr;    // [rows], log sum exp(x_s - row_max): p_s = e^((x_s - max) - log_s0)
   const float* expected_gap = nullptr;  // [rows], E_ps[x_s - x_t], full estimator
   const float* row_coef = nullptr;  // [rows], grad_out * m_t / sum(m) / tau
   const int64_t* sampled = nullptr;         // [rows], sampled estimator

@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const GradParams p, cons
   float* __restrict__ out = p.out + row * static_cast<int64_t>(p.out_cols);
   const int vocab = p.vocab;
   const float inv_tau = p.inv_tau;
-  const float lse_s = p.lse_s[row];
+  const float row_max = p.row_max[row], log_s0 = p.log_s0[row];
   const float coef = p.row_coef[row];
   float eg = 0.f, cw = 0.f;
   int64_t y = -1;
@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const GradParams p, cons
 #pragma unroll
       for (int j = 0; j < E; ++j) {
         const float xs = Tr::to_float(ps.v[j]) * inv_tau;
-        const float prob = expf(xs - lse_s);
+        // (x_s - max) - log S0, never x_s - lse: that would subtract two numbers of size |x| (eps |x| lost).
+        const float prob = expf((xs - row_max) - log_s0);
         float v;
         if (p.sampled_estimator) {
           v = ((static_cast<int64_t>(col + j) == y ? 1.f : 0.f) - prob) * cw;

@@ -55,6 +55,46 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor, *, upcast: bool = True) -> Opti
     return a.float() @ b.float() if upcast else None
 
 
+class _OnlineSoftmax:
+    """Running (max, S0, S1, Q) of one model's logits; Q is taken against ``gap`` = z - other."""
+
+    def __init__(self, rows: int, device):
+        self.m = torch.full((rows,), -torch.inf, device=device)
+        self.s0 = torch.zeros(rows, device=device)
+        self.s1 = torch.zeros(rows, device=device)
+        self.q = torch.zeros(rows, device=device)
+
+    def update(self, z: torch.Tensor, gap: torch.Tensor, finite: bool) -> None:
+        """Fold one tile in. ``finite``: the tile holds no -inf."""
+        m_new = torch.maximum(self.m, z.max(dim=1).values)
+        ok = torch.isfinite(m_new)
+        shift = torch.where(ok, self.m - m_new, torch.zeros_like(m_new))  # <= 0, or -inf
+        scale = torch.where(self.s0 > 0, shift.exp(), torch.zeros_like(shift))
+        base = torch.where(ok, m_new, torch.zeros_like(m_new))
+        centred = z - base[:, None]
+        e = centred.exp()
+        if finite:
+            s1_tile = torch.linalg.vecdot(e, centred)
+            q_tile = torch.linalg.vecdot(e, gap)
+        else:  # e == 0 where z == -inf; keep 0 * inf out of the sums
+            s1_tile = safe_weighted(e, centred).sum(1)
+            q_tile = safe_weighted(e, gap).sum(1)
+        self.s1 = scale * (self.s1 + safe_weighted(self.s0, shift)) + s1_tile
+        self.s0 = scale * self.s0 + e.sum(1)
+        self.q = scale * self.q + q_tile
+        self.m = m_new
+
+    def lse(self) -> torch.Tensor:
+        return self.m + self.s0.log()
+
+    def entropy(self) -> torch.Tensor:
+        return self.s0.log() - self.s1 / self.s0
+
+    def expected_gap(self) -> torch.Tensor:
+        """E_p[z - other]."""
+        return self.q / self.s0
+
+
 def row_chunks(rows: int, chunk_rows: int) -> Iterator[slice]:
     """Consecutive row slices of at most ``chunk_rows`` rows covering ``range(rows)``."""
     for r0 in range(0, rows, chunk_rows):

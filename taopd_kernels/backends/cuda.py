@@ -29,7 +29,7 @@ import torch
 
 from ..options import ESTIMATORS
 from ..stats import RowStats
-from ._tiles import accumulate_head_grads, head_grad_buffers, mm_float32, row_chunks, vocab_tiles
+from ._tiles import _OnlineSoftmax, accumulate_head_grads, head_grad_buffers, mm_float32, row_chunks, vocab_tiles
 
 BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
               "(needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST picks the GPU architectures), "
@@ -60,7 +60,7 @@ def _register_fakes() -> None:
         return (f(rows), f(rows), f(rows), f(rows), f(rows), ids(), ids(), f(rows), f(rows), f(rows), f(ny), f(ny))
 
     @register("taopd::teachability_logit_grad")
-    def _grad_fake(zs, zt, vocab_size, temperature, sampled_estimator, lse_s, expected_gap, row_coef,
+    def _grad_fake(zs, zt, vocab_size, temperature, sampled_estimator, row_max, log_s0, expected_gap, row_coef,
                    sampled_ids=None, sampled_weight=None):
         return zs.new_empty(zs.shape, dtype=torch.float32)
 
@@ -178,12 +178,26 @@ def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: fl
         return _stats_op(zs, zt, vocab_size, top_k, temperature, sampled_ids)
 
 
+def _row_softmax(zs, zt, vocab_size: int, temperature: float, full: bool, chunk_vocab: int):
+    """(max, log S0, E_ps[x_s - x_t] or None) of the scaled logits x = float32(z) * float32(1 / tau) the
+    kernel forms, over vocabulary tiles of these rows (bounded temporaries). The gradient kernel takes
+    p_s = e^((x_s - max) - log S0) from them: consistent with its own logits, and never x_s - lse."""
+    inv_tau = torch.tensor(1.0 / temperature, dtype=torch.float32).item()
+    soft = _OnlineSoftmax(zs.shape[0], zs.device)
+    for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
+        xs = zs[:, v0:v1].float() * inv_tau
+        soft.update(xs, xs - zt[:, v0:v1].float() * inv_tau if full else xs, False)
+    return soft.m, soft.s0.log(), soft.expected_gap() if full else None
+
+
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
                      lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
                      chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
     """d loss / d student logits for the rows given, float32 [R, V_s] (zero beyond vocab_size).
 
-    ``zt`` may be None for estimator "sampled". ``chunk_rows``/``chunk_vocab`` are ignored (one launch).
+    ``zt`` may be None for estimator "sampled". The rows' softmax and E_ps[x_s - x_t] are recomputed from
+    these logits (``_row_softmax``; ``lse_s``/``expected_gap`` of the forward are the interface's), then
+    one kernel launch writes the gradient.
     """
     _require(zs.device)
     sampled = estimator == "sampled"
@@ -192,9 +206,11 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
     f32 = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
     with torch.no_grad():
         zs, zt = _prepare_logits(zs.detach(), None if (sampled or zt is None) else zt.detach())
+        row_max, log_s0, gap = _row_softmax(zs, zt, vocab_size, temperature, not sampled,
+                                            chunk_vocab or DEFAULT_CHUNK_VOCAB)
         return torch.ops.taopd.teachability_logit_grad(
             zs, None if sampled else zt, int(vocab_size), float(temperature), sampled,
-            f32(lse_s), None if sampled else f32(expected_gap), f32(row_coef),
+            f32(row_max), f32(log_s0), None if sampled else f32(gap), f32(row_coef),
             sampled_ids.reshape(-1).long().contiguous() if sampled else None,
             f32(sampled_weight) if sampled else None)
 

@@ -29,6 +29,7 @@ import torch
 
 from ..stats import RowStats
 from ._tiles import (
+    _OnlineSoftmax,
     accumulate_head_grads,
     head_grad_buffers,
     keys_to_ids,
@@ -53,46 +54,6 @@ MIN_CHUNK_VOCAB, MAX_CHUNK_VOCAB = 1024, 65536
 def default_chunk_vocab(rows: int) -> int:
     width = TILE_ELEMENTS // max(rows, 1)
     return max(MIN_CHUNK_VOCAB, min(MAX_CHUNK_VOCAB, width // MIN_CHUNK_VOCAB * MIN_CHUNK_VOCAB))
-class _OnlineSoftmax:
-    """Running (max, S0, S1, Q) of one model's logits; Q is taken against ``gap`` = z - other."""
-
-    def __init__(self, rows: int, device):
-        self.m = torch.full((rows,), -torch.inf, device=device)
-        self.s0 = torch.zeros(rows, device=device)
-        self.s1 = torch.zeros(rows, device=device)
-        self.q = torch.zeros(rows, device=device)
-
-    def update(self, z: torch.Tensor, gap: torch.Tensor, finite: bool) -> None:
-        """Fold one tile in. ``finite``: the tile holds no -inf."""
-        m_new = torch.maximum(self.m, z.max(dim=1).values)
-        ok = torch.isfinite(m_new)
-        shift = torch.where(ok, self.m - m_new, torch.zeros_like(m_new))  # <= 0, or -inf
-        scale = torch.where(self.s0 > 0, shift.exp(), torch.zeros_like(shift))
-        base = torch.where(ok, m_new, torch.zeros_like(m_new))
-        centred = z - base[:, None]
-        e = centred.exp()
-        if finite:
-            s1_tile = torch.linalg.vecdot(e, centred)
-            q_tile = torch.linalg.vecdot(e, gap)
-        else:  # e == 0 where z == -inf; keep 0 * inf out of the sums
-            s1_tile = safe_weighted(e, centred).sum(1)
-            q_tile = safe_weighted(e, gap).sum(1)
-        self.s1 = scale * (self.s1 + safe_weighted(self.s0, shift)) + s1_tile
-        self.s0 = scale * self.s0 + e.sum(1)
-        self.q = scale * self.q + q_tile
-        self.m = m_new
-
-    def lse(self) -> torch.Tensor:
-        return self.m + self.s0.log()
-
-    def entropy(self) -> torch.Tensor:
-        return self.s0.log() - self.s1 / self.s0
-
-    def expected_gap(self) -> torch.Tensor:
-        """E_p[z - other]."""
-        return self.q / self.s0
-
-
 def tile_topk_keys(z: torch.Tensor, v0: int, k: int) -> torch.Tensor:
     """Exact top-k keys of a tile (value descending, id ascending), without keying the whole tile and
     without a host sync.
@@ -209,7 +170,8 @@ def logit_grad_tile(
     v0: int,
     *,
     estimator: str,
-    lse_s: torch.Tensor,
+    row_max: torch.Tensor,
+    log_s0: torch.Tensor,
     expected_gap: Optional[torch.Tensor],
     row_coef: torch.Tensor,
     sampled_ids: Optional[torch.Tensor],
@@ -219,8 +181,10 @@ def logit_grad_tile(
 
     full:    coef * p_s * ((z_s - z_t) - E_ps[z_s - z_t])   (cancellation-free: no log p_s - log p_t - KL)
     sampled: coef * w * (1[v = y] - p_s), with w = logp_s(y) - logp_t(y) = -A
+    p_s = e^((z_s - m) - log S0) with the row maximum m: z_s - lse_s would subtract two numbers of size |z|,
+    losing ~eps |z| in every exponent (3e-5 at |z| ~ 300), where z_s - m is exact near the maximum.
     """
-    p_s = (zs - lse_s[:, None]).exp()
+    p_s = ((zs - row_max[:, None]) - log_s0[:, None]).exp()
     if estimator == "full":
         g = safe_weighted(p_s, (zs - zt) - expected_gap[:, None])
         return g * row_coef[:, None]
@@ -319,13 +283,15 @@ def _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, finite, estimator, ro
     """Per-row inputs of ``logit_grad_tile`` for one row chunk. The chunk's log-sum-exp and E_ps[z_s - z_t]
     are recomputed from the very tiles the gradient is formed from (a first pass over the kept rows), so
     that p_s sums to 1 and p_s * (g - E[g]) sums to 0 on these logits: the forward's values come from
-    tiles of other shapes, whose float32 rounding differs by ~eps * |z|, which would bias the gradient."""
+    tiles of other shapes, whose float32 rounding differs by ~eps * |z|, which would bias the gradient.
+    The softmax is passed as (row maximum, log S0), not lse (see ``logit_grad_tile``)."""
     soft = _OnlineSoftmax(sl.stop - sl.start, row_coef.device)
     for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
         zs, zt = tile_fn(v0, v1)
         soft.update(zs, zs - zt if zt is not None else zs, finite)
     pick = lambda x: None if x is None else x[sl]  # noqa: E731
-    return dict(estimator=estimator, lse_s=soft.lse(), expected_gap=soft.expected_gap() if estimator == "full" else None,
+    return dict(estimator=estimator, row_max=soft.m, log_s0=soft.s0.log(),
+                expected_gap=soft.expected_gap() if estimator == "full" else None,
                 row_coef=row_coef[sl], sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
 
 

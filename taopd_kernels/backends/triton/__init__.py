@@ -71,19 +71,18 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     ``sampled_weight`` (= logp_s(y) - logp_t(y)) and ignores the teacher (h_t may be None).
     """
     from .kept_backward import kept_backward
-    from .stats_forward import launch_stats_forward, merge_partials
+    from .stats_forward import row_softmax
 
     with torch.no_grad():
-        if h_s.shape[0]:
-            # The kept rows' lse and E_ps[z_s - z_t] again, from the forward kernel's own tl.dot tiles on just
-            # these rows (a few percent of the forward's work): the backward's p_s then sums to 1 and
-            # p_s * (g - E[g]) to 0 on the logits it forms, as in the PyTorch backend.
-            teacher = (h_t, w_t, b_t) if estimator == "full" else (h_s, w_s, b_s)
-            rows = merge_partials(*launch_stats_forward(h_s, w_s, b_s, *teacher, vocab_size=vocab_size, top_k=1,
-                                                        temperature=temperature, split_size=chunk_vocab),
-                                  top_k=1, with_sampled=False)
-            lse_s, expected_gap = rows.lse_student, rows.expected_gap if estimator == "full" else None
+        # The kept rows' softmax (maximum, log S0) and E_ps[z_s - z_t] again, from the forward kernel's own
+        # tl.dot tiles on just these rows (a few percent of the forward's work): the backward's p_s then sums
+        # to 1 and p_s * (g - E[g]) to 0 on the logits it forms, as in the PyTorch backend. ``lse_s`` and
+        # ``expected_gap`` of the forward are the interface's; these supersede them.
+        teacher = (h_t, w_t, b_t) if estimator == "full" else (h_s, w_s, b_s)
+        row_max, log_s0, gap = row_softmax(h_s, w_s, b_s, *teacher, vocab_size=vocab_size, temperature=temperature,
+                                           split_size=chunk_vocab) if h_s.shape[0] else (lse_s, lse_s, lse_s)
         return kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,
-                             estimator=estimator, lse_s=lse_s, expected_gap=expected_gap, row_coef=row_coef,
+                             estimator=estimator, row_max=row_max, log_s0=log_s0,
+                             expected_gap=gap if estimator == "full" else None, row_coef=row_coef,
                              sampled_ids=sampled_ids, sampled_weight=sampled_weight,
                              need_bias_grad=need_bias_grad, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)

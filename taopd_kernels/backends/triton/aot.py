@@ -167,7 +167,7 @@ def compile_shipped(arch: int, *, rows: int = 8192, d_s: int = 2048, d_t: int = 
         jobs.append((f"bwd_{estimator}", _backward, _backward._kept_backward_kernel,
                      lambda e=estimator, f=f32: _backward.kept_backward(
                          h_s[:kept], w_s, None, h_t[:kept], w_t, None, vocab_size=vocab, temperature=1.0, estimator=e,
-                         lse_s=f, expected_gap=f, row_coef=f, sampled_ids=y[:kept], sampled_weight=f)))
+                         row_max=f, log_s0=f, expected_gap=f, row_coef=f, sampled_ids=y[:kept], sampled_weight=f)))
     for name, module, fn, launch in jobs:
         args, kwargs, shipped = _capture(launch, module, arch)
         for config in shipped[configs or slice(None)]:

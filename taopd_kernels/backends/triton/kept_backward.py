@@ -6,7 +6,8 @@ z_s (and z_t for the "full" estimator) with ``tl.dot`` and writes, without the p
     full:     g[r, v] = p_s(v) * ((z_s(v) - z_t(v)) - E_ps[z_s - z_t][r])      c_r = row_coef[r]
     sampled:  g[r, v] = 1[v = y_r] - p_s(v)                                  c_r = row_coef[r] * w_r
 
-(log p = z - lse with the forward's lse; w_r = logp_s(y) - logp_t(y) = -A_r; row_coef already holds
+(p_s = e^((z - m) - log S0) with the kept rows' maximum and log-sum from the forward kernel run on them;
+w_r = logp_s(y) - logp_t(y) = -A_r; row_coef already holds
 grad_output / normalizer / tau) into a workspace G [R, n] (bf16 for bf16 inputs, else float32: fp16 would flush small p_s to zero), and the bias gradient
 db[v] = sum_r c_r g[r, v] as float32 partial sums per row block (summed on the host, deterministic).
 The launcher then reduces each chunk with cuBLAS:
@@ -41,7 +42,7 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=16)
 @triton.jit
 def _kept_backward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-    lse_s_ptr, gap_ptr, coef_ptr, y_ptr, g_ptr, db_ptr,
+    max_ptr, logs0_ptr, gap_ptr, coef_ptr, y_ptr, g_ptr, db_ptr,
     R, V0, VLEN,
     stride_hsm, stride_hsd, stride_wsv, stride_wsd,
     stride_htm, stride_htd, stride_wtv, stride_wtd,
@@ -65,8 +66,8 @@ def _kept_backward_kernel(
 
     zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_c, cols_c, D_S, stride_hsm, stride_hsd, stride_wsv, stride_wsd,
                      inv_tau, HAS_BS, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DS, DTYPE_S, PREC_S)
-    logp_s = zs - tl.load(lse_s_ptr + rows_c)[:, None]
-    p_s = tl.exp(logp_s)
+    # p_s = e^((z_s - m) - log S0): z_s - lse would subtract two numbers of size |z| (~eps |z| lost).
+    p_s = tl.exp((zs - tl.load(max_ptr + rows_c)[:, None]) - tl.load(logs0_ptr + rows_c)[:, None])
     if FULL:
         zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd, stride_wtv,
                          stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT, DTYPE_T, PREC_T)
@@ -131,7 +132,7 @@ def _block_m() -> int:
 
 
 def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
+                  row_max, log_s0, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
                   need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
                   chunk_vocab: Optional[int] = None):
     """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] or None); see the module docstring."""
@@ -172,7 +173,8 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     dtype_t, prec_t = dot_config(h_t, w_t) if full else (dtype_s, prec_s)
     nbytes = operand_bytes(h_s, w_s, *((h_t, w_t) if full else ()))
     y = sampled_ids.to(device=device, dtype=torch.int32).contiguous() if not full else None
-    lse_s = lse_s.to(device=device, dtype=torch.float32).contiguous()
+    row_max = row_max.to(device=device, dtype=torch.float32).contiguous()
+    log_s0 = log_s0.to(device=device, dtype=torch.float32).contiguous()
     if full:
         expected_gap = expected_gap.to(device=device, dtype=torch.float32).contiguous()
     b_s_c = b_s.contiguous() if b_s is not None else None
@@ -191,7 +193,7 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             db_buf = db_part[: db_rows * n] if need_bias_grad else coef
             args = (h_s[r0:r1], w_s, b_s_c if b_s_c is not None else w_s,
                     h_t_any[r0:r1], w_t_any, b_t_c if b_t_c is not None else w_t_any,
-                    lse_s[r0:r1], expected_gap[r0:r1] if full else lse_s,
+                    row_max[r0:r1], log_s0[r0:r1], expected_gap[r0:r1] if full else row_max,
                     coef[r0:r1], y[r0:r1] if y is not None else coef, g, db_buf,
                     n_rows, v0, n,
                     h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
