@@ -127,9 +127,12 @@ class _HiddenHead:
         h_s, w_s, b_s = student
         h_t, w_t, b_t = teacher
         idx = plan.kept_idx
-        dh_rows, dw, db = plan.backend.backward_kept(
+        grads = plan.backend.backward_kept(
             h_s.index_select(0, idx), w_s, b_s, h_t.index_select(0, idx), w_t, b_t,
             need_bias_grad=b_s is not None and needs[2], **row_args)
+        dh_rows, dw, db = grads
+        if plan.verify_lse:
+            _check_reused_lse(getattr(grads, "lse", None), plan.lse_s.index_select(0, idx))
         d_h = d_w = d_b = None
         if needs[0]:
             d_h = torch.zeros_like(h_s)
@@ -198,6 +201,7 @@ class _BackwardPlan:
     sampled_ids: Optional[torch.Tensor]
     sampled_weight: Optional[torch.Tensor]
     num_student: int
+    verify_lse: bool = False  # statistics were passed in: compare them with the backward's own lse
 
     def row_args(self, grad_output: torch.Tensor) -> dict:
         """Per-kept-row inputs of a backend's kept-row gradient, and its options."""
@@ -240,6 +244,19 @@ class _TeachabilityKLFunction(torch.autograd.Function):
         else:
             grads = plan.head.kept_grads(plan, student, teacher, needs, plan.row_args(grad_output))
         return (None, None, *grads, *(None,) * len(teacher))
+
+
+def _check_reused_lse(recomputed: Optional[torch.Tensor], given: torch.Tensor) -> None:
+    """Reused statistics must come from these tensors' values: the backward recomputes the kept rows'
+    log-sum-exps anyway, so compare (one host read, only when ``stats=`` was passed). The tolerance is 30x
+    the float32 rounding of a recomputed logit (GEMMs of other shapes): 1e-4 (1 + |lse|)."""
+    if recomputed is None or recomputed.numel() == 0:
+        return
+    off = (recomputed.float() - given.float()).abs() > 1e-4 * (1 + given.float().abs())
+    if bool(off.any()):
+        worst = (recomputed.float() - given.float()).abs().max().item()
+        raise ValueError(f"stats were computed from other tensor values than this call's (the kept rows' "
+                         f"log-sum-exps differ by up to {worst:.3g}); recompute them for these inputs")
 
 
 def _per_row_loss(stats: TeachabilityStats, estimator: str) -> torch.Tensor:
@@ -296,7 +313,8 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
 
     Host syncs: one to learn how many positions are valid (with every input check read at the same
     time), one to learn how many are kept (with the checks on the statistics); none per tile, none in
-    the backward. A call that reuses statistics skips the first.
+    the backward. A call that reuses statistics skips the first and reads one in the backward instead:
+    whether the backward's recomputed log-sum-exps match the statistics' (``_check_reused_lse``).
     """
     opts = check_head_options(max_vocab=head.max_vocab, **head_opts)
     device = head.student[0].device
@@ -305,6 +323,7 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     name, impl = backends.resolve(opts.backend, device, path=head.path, top_k=opts.top_k)
     computed_from = dict(temperature=opts.temperature, vocab_size=opts.vocab_size, top_k=opts.top_k,
                          sampled_ids=pos.sampled_ids is not None, inputs=head.signature())
+    reused = stats is not None
     if stats is None:
         (pos.num_valid,) = checks.read(pos.valid.sum())  # host sync 1: before any heavy work
         pos.valid_idx = _first_true(pos.valid, pos.num_valid)
@@ -358,7 +377,7 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     plan = _BackwardPlan(head=head, backend=impl, kept_idx=kept_idx, normalizer=norm, estimator=opts.estimator,
                          opts=opts, lse_s=stats.lse_student.reshape(-1), expected_gap=stats.expected_gap.reshape(-1),
                          sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight,
-                         num_student=len(head.student))
+                         num_student=len(head.student), verify_lse=reused)
     loss = _TeachabilityKLFunction.apply(loss_value.float(), plan, *head.student, *head.teacher)
     return loss, stats
 

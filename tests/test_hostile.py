@@ -290,3 +290,19 @@ def test_double_backward_raises_and_teacher_changes_are_caught():
         inputs["teacher_weight"].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_reused_statistics_of_other_tensor_values_are_caught_in_the_backward(backend):
+    """Same shapes and options, other values: the backward's recomputed log-sum-exps give it away."""
+    inputs = make_inputs(n=20, v_s=300, seed=11)
+    st = teachability_stats(**inputs, backend=backend)
+    other = _grad_inputs(make_inputs(n=20, v_s=300, seed=12))
+    loss, _ = fused_teachability_kl(**other, stats=st, keep_ratio=0.2, backend=backend)
+    with pytest.raises(ValueError, match="other tensor values"):
+        loss.backward()
+    # The same values (the driver's pattern: hidden states recomputed with gradients) pass.
+    same = _grad_inputs(inputs)
+    loss, _ = fused_teachability_kl(**same, stats=st, keep_ratio=0.2, backend=backend)
+    loss.backward()
+    assert same["student_weight"].grad.abs().sum() > 0

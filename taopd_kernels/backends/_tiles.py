@@ -121,6 +121,17 @@ def union_disagreement(
     return safe_weighted(logpb_t.exp(), logpb_t - logpb_s).sum(1)
 
 
+class KeptGrads(tuple):
+    """What a kept-row backward returns: the tuple (dh, dW, db) as the backend contract says, and ``lse``,
+    the kept rows' log-sum-exps recomputed from the backward's own logits (float32 [R], or None), which
+    the API compares with statistics the caller passed back in (``stats=``), at no extra cost."""
+
+    def __new__(cls, d_h, d_w, d_b, lse=None):
+        grads = super().__new__(cls, (d_h, d_w, d_b))
+        grads.lse = lse
+        return grads
+
+
 def head_grad_buffers(h_s, w_s, need_bias_grad: bool):
     """Zeroed float32 (dh [R, D_s], dW [V_s, D_s], db [V_s] or None)."""
     d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device)

@@ -29,7 +29,8 @@ import torch
 
 from ..options import ESTIMATORS
 from ..stats import RowStats
-from ._tiles import _OnlineSoftmax, accumulate_head_grads, head_grad_buffers, mm_float32, row_chunks, vocab_tiles
+from ._tiles import (KeptGrads, _OnlineSoftmax, accumulate_head_grads, head_grad_buffers, mm_float32, row_chunks,
+                     vocab_tiles)
 
 BUILD_HINT = ("build it with `TAOPD_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
               "(needs nvcc and a CUDA build of torch; TORCH_CUDA_ARCH_LIST picks the GPU architectures), "
@@ -190,15 +191,10 @@ def _row_softmax(zs, zt, vocab_size: int, temperature: float, full: bool, chunk_
     return soft.m, soft.s0.log(), soft.expected_gap() if full else None
 
 
-def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
-                     lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
-                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
-    """d loss / d student logits for the rows given, float32 [R, V_s] (zero beyond vocab_size).
-
-    ``zt`` may be None for estimator "sampled". The rows' softmax and E_ps[x_s - x_t] are recomputed from
-    these logits (``_row_softmax``; ``lse_s``/``expected_gap`` of the forward are the interface's), then
-    one kernel launch writes the gradient.
-    """
+def _logit_grad(zs, zt, *, vocab_size: int, temperature: float, estimator: str, row_coef, sampled_ids=None,
+                sampled_weight=None, chunk_vocab: Optional[int] = None):
+    """(d loss / d student logits float32 [R, V_s], the rows' lse): the rows' softmax and E_ps[x_s - x_t]
+    recomputed from these logits (``_row_softmax``), then one kernel launch."""
     _require(zs.device)
     sampled = estimator == "sampled"
     if estimator not in ESTIMATORS:
@@ -208,11 +204,25 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
         zs, zt = _prepare_logits(zs.detach(), None if (sampled or zt is None) else zt.detach())
         row_max, log_s0, gap = _row_softmax(zs, zt, vocab_size, temperature, not sampled,
                                             chunk_vocab or DEFAULT_CHUNK_VOCAB)
-        return torch.ops.taopd.teachability_logit_grad(
+        grad = torch.ops.taopd.teachability_logit_grad(
             zs, None if sampled else zt, int(vocab_size), float(temperature), sampled,
             f32(row_max), f32(log_s0), None if sampled else f32(gap), f32(row_coef),
             sampled_ids.reshape(-1).long().contiguous() if sampled else None,
             f32(sampled_weight) if sampled else None)
+    return grad, row_max + log_s0
+
+
+def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
+                     lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
+                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+    """d loss / d student logits for the rows given, float32 [R, V_s] (zero beyond vocab_size).
+
+    ``zt`` may be None for estimator "sampled". ``lse_s``/``expected_gap`` of the forward are the
+    interface's; the kernel's softmax comes from these logits (``_logit_grad``).
+    """
+    return _logit_grad(zs, zt, vocab_size=vocab_size, temperature=temperature, estimator=estimator,
+                       row_coef=row_coef, sampled_ids=sampled_ids, sampled_weight=sampled_weight,
+                       chunk_vocab=chunk_vocab)[0]
 
 
 # ---- hidden-state path: cuBLAS logits per row chunk, then the kernels -------------------------------
@@ -312,18 +322,20 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
     d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
     sampled = estimator == "sampled"
+    lse = []
     with torch.no_grad():
         for sl in row_chunks(h_s.shape[0], chunk_rows):
             hs = h_s[sl]
             zs = _logits_f32(hs, w_s, b_s, vocab_size, chunk_vocab)
             zt = None if sampled else _logits_f32(h_t[sl], w_t, b_t, vocab_size, chunk_vocab)
             pick = lambda x: None if x is None else x[sl]  # noqa: E731
-            g = logits_grad_kept(zs, zt, vocab_size=vocab_size, temperature=temperature, estimator=estimator,
-                                 lse_s=lse_s[sl], expected_gap=pick(expected_gap), row_coef=row_coef[sl],
-                                 sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
+            g, lse_rows = _logit_grad(zs, zt, vocab_size=vocab_size, temperature=temperature, estimator=estimator,
+                                      row_coef=row_coef[sl], sampled_ids=pick(sampled_ids),
+                                      sampled_weight=pick(sampled_weight), chunk_vocab=chunk_vocab)
+            lse.append(lse_rows)
             del zs, zt
             hs32 = hs.float()
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 accumulate_head_grads(g[:, v0:v1], hs32, w_s, v0, v1, d_h[sl], d_w, d_b)
             del g
-    return d_h, d_w, d_b
+    return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else lse_s[:0].float())

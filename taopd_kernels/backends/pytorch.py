@@ -29,6 +29,7 @@ import torch
 
 from ..stats import RowStats
 from ._tiles import (
+    KeptGrads,
     _OnlineSoftmax,
     accumulate_head_grads,
     head_grad_buffers,
@@ -314,6 +315,7 @@ def backward_kept(
     chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
     d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
     need_teacher = estimator == "full"
+    lse = []
     with torch.no_grad():
         for sl in row_chunks(h_s.shape[0], chunk_rows):
             hs = h_s[sl].float()
@@ -321,10 +323,11 @@ def backward_kept(
                                      temperature, need_teacher)
             per_row = _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, b_s is None and b_t is None, estimator,
                                        row_coef, sampled_ids, sampled_weight)
+            lse.append(per_row["row_max"] + per_row["log_s0"])
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 zs, zt = tile_fn(v0, v1)
                 accumulate_head_grads(logit_grad_tile(zs, zt, v0, **per_row), hs, w_s, v0, v1, d_h[sl], d_w, d_b)
-    return d_h, d_w, d_b
+    return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else lse_s[:0].float())
 
 
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,

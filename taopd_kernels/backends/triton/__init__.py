@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from ...stats import RowStats
+from .._tiles import KeptGrads
 
 
 def is_available(device: torch.device):
@@ -81,8 +82,9 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
         teacher = (h_t, w_t, b_t) if estimator == "full" else (h_s, w_s, b_s)
         row_max, log_s0, gap = row_softmax(h_s, w_s, b_s, *teacher, vocab_size=vocab_size, temperature=temperature,
                                            split_size=chunk_vocab) if h_s.shape[0] else (lse_s, lse_s, lse_s)
-        return kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,
-                             estimator=estimator, row_max=row_max, log_s0=log_s0,
-                             expected_gap=gap if estimator == "full" else None, row_coef=row_coef,
-                             sampled_ids=sampled_ids, sampled_weight=sampled_weight,
-                             need_bias_grad=need_bias_grad, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+        grads = kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,
+                              estimator=estimator, row_max=row_max, log_s0=log_s0,
+                              expected_gap=gap if estimator == "full" else None, row_coef=row_coef,
+                              sampled_ids=sampled_ids, sampled_weight=sampled_weight,
+                              need_bias_grad=need_bias_grad, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+        return KeptGrads(*grads, lse=row_max + log_s0)
