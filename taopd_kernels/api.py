@@ -201,6 +201,7 @@ class _BackwardPlan:
     sampled_ids: Optional[torch.Tensor]
     sampled_weight: Optional[torch.Tensor]
     num_student: int
+    row_weight: Optional[torch.Tensor] = None  # [N] per-position weights of the loss, or None
     verify_lse: bool = False  # statistics were passed in: compare them with the backward's own lse
 
     def row_args(self, grad_output: torch.Tensor) -> dict:
@@ -208,9 +209,10 @@ class _BackwardPlan:
         i = self.kept_idx
         pick = lambda x: None if x is None else x.reshape(-1)[i]  # noqa: E731
         scale = grad_output.float() / (self.normalizer * self.opts.temperature)
+        row_coef = scale.expand(i.numel()) if self.row_weight is None else scale * pick(self.row_weight).float()
         return dict(vocab_size=self.opts.vocab_size, temperature=self.opts.temperature, estimator=self.estimator,
                     lse_s=pick(self.lse_s), expected_gap=None if self.estimator == "sampled" else pick(self.expected_gap),
-                    row_coef=scale.expand(i.numel()).contiguous(), sampled_ids=pick(self.sampled_ids),
+                    row_coef=row_coef.contiguous(), sampled_ids=pick(self.sampled_ids),
                     sampled_weight=pick(self.sampled_weight), chunk_rows=self.opts.chunk_rows,
                     chunk_vocab=self.opts.chunk_vocab)
 
@@ -307,8 +309,24 @@ def _check_reuse(stats, computed_from: dict, pos: _Positions, checks: DeferredCh
 # ---------------------------------------------------------------------------- the pipeline
 
 
+def _row_weight(row_weight, pos: "_Positions", checks: DeferredChecks) -> Optional[torch.Tensor]:
+    if row_weight is None:
+        return None
+    if not isinstance(row_weight, torch.Tensor) or not row_weight.is_floating_point():
+        raise TypeError(f"row_weight must be a floating-point tensor of shape {pos.leading}, got "
+                        f"{type(row_weight).__name__ if not isinstance(row_weight, torch.Tensor) else row_weight.dtype}")
+    if tuple(row_weight.shape) != tuple(pos.leading):
+        raise ValueError(f"row_weight must have shape {tuple(pos.leading)}, got {tuple(row_weight.shape)}")
+    if row_weight.device != pos.valid.device:
+        raise ValueError(f"row_weight is on {row_weight.device} but the inputs are on {pos.valid.device}")
+    w = row_weight.detach().reshape(-1)
+    checks.add(~torch.isfinite(w).all(), lambda: ValueError("row_weight contains NaN or inf values"))
+    return w
+
+
 def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select: SelectionOptions,
-         checks: DeferredChecks, keep_mask=None, normalizer=None, stats=None, want_loss: bool = True):
+         checks: DeferredChecks, keep_mask=None, normalizer=None, stats=None, row_weight=None,
+         want_loss: bool = True):
     """(loss or None, TeachabilityStats) for one call of any entry point.
 
     Host syncs: one to learn how many positions are valid (with every input check read at the same
@@ -361,7 +379,10 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
         checks.read()  # host sync 2: the checks on the statistics
         return None, stats
 
+    weight = _row_weight(row_weight, pos, checks)
     per_row = _per_row_loss(stats, opts.estimator)
+    if weight is not None:
+        per_row = torch.where(weight != 0, per_row * weight, 0.0)  # a weight of 0 drops even an infinite row
     checks.add((kept & ~torch.isfinite(per_row)).any(), lambda: ValueError(
         "the loss is infinite at kept positions: the teacher gives probability 0 (a -inf logit) to tokens the "
         "student can emit (reverse KL = inf), or a sampled token has probability 0 under a model"))
@@ -377,7 +398,7 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     plan = _BackwardPlan(head=head, backend=impl, kept_idx=kept_idx, normalizer=norm, estimator=opts.estimator,
                          opts=opts, lse_s=stats.lse_student.reshape(-1), expected_gap=stats.expected_gap.reshape(-1),
                          sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight,
-                         num_student=len(head.student), verify_lse=reused)
+                         num_student=len(head.student), row_weight=weight, verify_lse=reused)
     loss = _TeachabilityKLFunction.apply(loss_value.float(), plan, *head.student, *head.teacher)
     return loss, stats
 
@@ -492,6 +513,7 @@ def fused_teachability_kl(
     keep_mask: Optional[torch.Tensor] = None,
     normalizer: Optional[float] = None,
     stats: Optional[TeachabilityStats] = None,
+    row_weight: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_rows: Optional[int] = None,
     chunk_vocab: Optional[int] = None,
@@ -517,6 +539,8 @@ def fused_teachability_kl(
             local score is computed and ``stats.score`` is left as given (None for fresh statistics).
         normalizer: divide by this instead of the local kept count (global count, accumulation).
         stats: statistics already computed for these inputs (``teachability_stats``); skips the forward.
+        row_weight: float [...]; per-position weights w_t of the loss, sum_t m_t w_t l_t / normalizer
+            (detached; e.g. the upstream gradient of a per-position loss, or importance weights).
         backend: "auto" (the one that chooses: triton, cuda, torch on CUDA; torch elsewhere), or "torch",
             "triton", "cuda" (that backend, or an error saying why it cannot run).
         chunk_rows, chunk_vocab: tile sizes. torch backend: positions and vocabulary columns per tile;
@@ -536,7 +560,7 @@ def fused_teachability_kl(
     return _run(head, checks=checks, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
                 head_opts=dict(top_k=top_k, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
                                backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),
-                select=select, keep_mask=keep_mask, normalizer=normalizer, stats=stats)
+                select=select, keep_mask=keep_mask, normalizer=normalizer, stats=stats, row_weight=row_weight)
 
 
 def teachability_kl_from_logits(

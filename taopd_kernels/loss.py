@@ -105,11 +105,8 @@ def _per_row_value(stats: TeachabilityStats, estimator: str) -> torch.Tensor:
 class _PerRowLoss(torch.autograd.Function):
     """Per-position losses m_t l_t with gradient, from one forward's statistics.
 
-    Backward: the upstream gradient g_t weights each kept row. ``fused_teachability_kl`` applies one
-    coefficient to all kept rows, so the rows are grouped by equal g_t and each group runs the kept-row
-    backward once (``.sum()``, ``.mean()`` and 0/1 masks give one or two groups; arbitrary per-row
-    weights give one group per distinct value). No [N, V] tensor is built.
-    TODO(api): a per-row coefficient in the public API (``row_weight=``) would make this one call.
+    Backward: the upstream gradient g_t weights each kept row, which is ``fused_teachability_kl``'s
+    ``row_weight``: one kept-row backward with those weights (no [N, V] tensor, whatever g is).
     """
 
     @staticmethod
@@ -128,21 +125,12 @@ class _PerRowLoss(torch.autograd.Function):
         out = [None] * len(student)
         if not want:
             return (None, None, None, *out)
-        totals = [torch.zeros_like(student[i]) for i in want]
-        g = grad.reshape(ctx.kept.shape)
-        active = ctx.kept & (g != 0)
-        if bool(active.any()):
-            for c in torch.unique(g[active]).tolist():
-                group = active & (g == c)
-                leaves = [None if x is None else x.detach().requires_grad_(i in want) for i, x in enumerate(student)]
-                with torch.enable_grad():
-                    loss = ctx.run_rows(leaves, group)
-                    parts = torch.autograd.grad(loss, [leaves[i] for i in want], allow_unused=True)
-                for total, part in zip(totals, parts):
-                    if part is not None:
-                        total.add_(part, alpha=c)
-        for i, total in zip(want, totals):
-            out[i] = total
+        leaves = [None if x is None else x.detach().requires_grad_(i in want) for i, x in enumerate(student)]
+        with torch.enable_grad():
+            loss = ctx.run_rows(leaves, grad.reshape(ctx.kept.shape))
+            parts = torch.autograd.grad(loss, [leaves[i] for i in want], allow_unused=True)
+        for i, part in zip(want, parts):
+            out[i] = torch.zeros_like(student[i]) if part is None else part
         return (None, None, None, *out)
 
 
@@ -221,10 +209,10 @@ def teachability_kl_loss(
     values = torch.where(kept, _per_row_value(stats, estimator), torch.zeros((), device=kept.device)).float()
     frozen = stats
 
-    def run_rows(leaves, group):
+    def run_rows(leaves, weight):
         h, w, b = leaves
-        loss, _ = fused_teachability_kl(h, w, student_bias=b, keep_mask=group, normalizer=1.0, stats=frozen,
-                                        check_finite=False, **common)
+        loss, _ = fused_teachability_kl(h, w, student_bias=b, keep_mask=kept, normalizer=1.0, stats=frozen,
+                                        row_weight=weight, check_finite=False, **common)
         return loss
 
     loss = _PerRowLoss.apply(values, run_rows, kept, student_hidden, student_weight, student_bias)
