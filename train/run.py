@@ -928,6 +928,8 @@ def _loop(cfg, ctx, models, opt, sched, engine, state, start, ckpt, logger, say,
                 device=ctx.device)).tolist()
             timed = flags[0] > 0
             stop = stop or (int(flags[1] / flags[2]) if flags[2] else None)
+        if streak and not stop:  # in a non-finite streak: no periodic checkpoint rotates a good one out
+            periodic = timed = False
         if done != cfg.optim.steps and (periodic or timed or stop):
             last_ckpt = checkpoint.save_training_checkpoint(cfg, models, opt, sched, done, state, export=bool(stop))
             last_save = time.time()
