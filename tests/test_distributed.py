@@ -519,6 +519,28 @@ def test_driver_two_processes_checkpoint_resume(tmp_path):
     assert sorted(one) == [2] and math.isfinite(one[2]["loss"])
 
 
+def test_driver_bf16_mixed_two_processes_resume_is_bit_identical(tmp_path):
+    """precision=bf16-mixed under torchrun: fp32 parameters (master weights) sharded by FSDP2 with bf16
+    all-gathers; a 2-process run resumed from its step-1 DCP checkpoint ends with the same weights,
+    bit for bit, as the uninterrupted run; the export is a complete fp32 HF folder with a manifest."""
+    from safetensors.torch import load_file
+
+    from taopd_train import checkpoint as ck
+
+    args = [*_driver_args(tmp_path), "precision=bf16-mixed", "checkpoint.every=1"]
+    _run_driver([*args, f"logging.out_dir={tmp_path / 'full'}"], nproc=2)
+    step1 = tmp_path / "full" / "checkpoints" / "step_000001"
+    assert ck.verify_checkpoint(step1) is None
+    _run_driver([*args, f"checkpoint.resume={step1}", f"logging.out_dir={tmp_path / 'resumed'}"], nproc=2)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_000002" / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_000002" / "student" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in a.values())  # fp32 master weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not bit-identical"
+    assert (tmp_path / "full" / "checkpoints" / "step_000002" / "student" / "tokenizer.json").is_file()
+    full, resumed = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "resumed")
+    assert resumed[2]["loss"] == full[2]["loss"]
+
+
 def driver_step(out_path: Path, cfg_args: list) -> dict:
     """One step of train/run.py's pieces (micro_batches -> compute_stats -> select -> loss_backward ->
     optimizer_step) on a fixed global rollout batch, this rank's rows of it."""

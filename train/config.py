@@ -120,6 +120,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine / linear floor, as a fraction of lr
     max_grad_norm: Optional[float] = 1.0  # null: no clipping
     freeze_embeddings: bool = True  # train only the transformer blocks (the tied embedding / lm_head stays fixed)
+    max_nonfinite_steps: int = 3  # a non-finite loss / gradient norm skips the step; this many in a row stop the run
 
 
 @dataclass
@@ -146,6 +147,9 @@ class CheckpointConfig:
     resume: Optional[str] = None  # a checkpoint directory, or "latest" (newest under ``dir``)
     save_optimizer: bool = True
     keep_last: int = 2  # 0: keep all
+    every_minutes: float = 30.0  # also save when this many minutes passed since the last save; 0: off
+    allow_changes: bool = False  # resume even if run-defining settings (models, data, loss, seed, batch) changed
+    verify: bool = True  # resume only checkpoints whose manifest.json (sha256 of every file) matches
 
 
 @dataclass
@@ -181,6 +185,10 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch.set_num_threads on CPU
+    # The student's precision: fp32 | bf16-mixed (fp32 master weights and AdamW state, bf16 compute:
+    # autocast in one process, FSDP2 param_dtype=bf16 under torchrun) | bf16-pure (bf16 weights and
+    # optimizer state: updates below bf16 resolution are lost; warned). null: as student.dtype says.
+    precision: Optional[str] = None
 
 
 # ------------------------------------------------------------------ building from dicts
@@ -321,6 +329,30 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return d
 
 
+# ------------------------------------------------------------------ precision
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
+# precision -> (dtype of the student's parameters and optimizer state, compute dtype)
+_PRECISION_DTYPES = {"fp32": ("float32", "float32"), "bf16-mixed": ("float32", "bfloat16"),
+                     "bf16-pure": ("bfloat16", "bfloat16")}
+
+
+def student_precision(cfg: "Config") -> str:
+    """The effective precision: ``cfg.precision``, or from ``student.dtype`` when that is null
+    (float32 -> fp32, bfloat16 -> bf16-pure, float16 -> fp16-pure)."""
+    if cfg.precision is not None:
+        return cfg.precision
+    return {"float32": "fp32", "bfloat16": "bf16-pure", "float16": "fp16-pure"}[cfg.student.dtype]
+
+
+def student_dtypes(cfg: "Config") -> Tuple[str, str]:
+    """(parameter dtype, compute dtype) of the student, as ``DTYPES`` keys."""
+    p = student_precision(cfg)
+    if p == "fp16-pure":
+        return "float16", "float16"
+    return _PRECISION_DTYPES[p]
+
+
 # ------------------------------------------------------------------ value checks
 
 
@@ -380,16 +412,20 @@ def validate(cfg: Config) -> None:
         _check(v is None or v >= 1, f"loss.{name}", "must be >= 1 or null", v)
     o = cfg.optim
     _check(o.steps >= 0, "optim.steps", "must be >= 0", o.steps)
-    _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "both must be in [0, 1)", list(o.betas))
-    _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
+    _check(math.isfinite(o.lr) and 0 < o.lr <= 10, "optim.lr", "must be a finite number in (0, 10]", o.lr)
+    _check(math.isfinite(o.weight_decay) and 0 <= o.weight_decay <= 1, "optim.weight_decay",
+           "must be a finite number in [0, 1] (AdamW multiplies the weights by 1 - lr * weight_decay)",
+           o.weight_decay)
+    _check(all(math.isfinite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", "both must be in [0, 1)",
+           list(o.betas))
+    _check(math.isfinite(o.eps) and 0 < o.eps <= 1, "optim.eps", "must be a finite number in (0, 1]", o.eps)
+    _check(o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps", "must be >= 1", o.max_nonfinite_steps)
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
     _check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", "must be constant, cosine or linear",
            o.schedule)
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
-    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null",
-           o.max_grad_norm)
+    _check(o.max_grad_norm is None or (o.max_grad_norm > 0 and math.isfinite(o.max_grad_norm)),
+           "optim.max_grad_norm", "must be a finite number > 0 or null", o.max_grad_norm)
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
@@ -398,6 +434,15 @@ def validate(cfg: Config) -> None:
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", "must be >= 0", c.every)
     _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0", c.keep_last)
+    _check(math.isfinite(c.every_minutes) and c.every_minutes >= 0, "checkpoint.every_minutes",
+           "must be a finite number >= 0 (0: off)", c.every_minutes)
+    _check(cfg.precision is None or cfg.precision in PRECISIONS, "precision",
+           f"must be one of {', '.join(PRECISIONS)} or null", cfg.precision)
+    if cfg.precision is not None:
+        want = _PRECISION_DTYPES[cfg.precision][0]
+        _check(cfg.student.dtype in ("float32", want), "student.dtype",
+               f"conflicts with precision={cfg.precision} (student parameters in {want}); drop student.dtype "
+               "(precision decides the student's dtype) or choose the matching precision", cfg.student.dtype)
     s = cfg.sft
     for name in ("batch_size", "calib_batch_size"):
         _check(getattr(s, name) >= 1, f"sft.{name}", "must be >= 1", getattr(s, name))
@@ -411,3 +456,56 @@ def validate(cfg: Config) -> None:
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
            "must be auto, cpu, cuda or cuda:N", cfg.device)
     _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
+
+
+# ------------------------------------------------------------------ resuming with a changed config
+
+# Settings a resumed run may change: they take effect from the resumed step and are logged.
+# Everything else defines the run (models, tokenizer, task/data, seed, strategy, estimator, K,
+# vocabulary, batch sizes, sampling, precision) and is refused unless checkpoint.allow_changes=true.
+RESUME_ALLOWED = (
+    "optim.steps", "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio", "optim.max_grad_norm",
+    "optim.betas", "optim.eps", "optim.weight_decay", "optim.max_nonfinite_steps",
+    "logging.", "eval.", "checkpoint.", "device", "threads", "distributed.",
+    "loss.backend", "loss.chunk_rows", "loss.chunk_vocab", "loss.check_finite",
+    "rollout.engine", "rollout.vllm_gpu_memory_utilization",
+    "student.attn_implementation", "teacher.attn_implementation",
+)
+# With allow_changes, these are kept from the checkpoint: its weights are the student's.
+RESUME_FROM_CHECKPOINT = ("student.path", "student.random_init", "student.config_file", "student.tiny.")
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def config_changes(saved: Dict[str, Any], cfg: Config) -> List[Tuple[str, Any, Any, str]]:
+    """(key, saved value, new value, kind) for every setting that differs from a checkpoint's config;
+    kind: "allowed" (takes effect), "defining" (refused unless allow_changes) or "checkpoint" (a
+    defining student setting: with allow_changes the checkpoint's value is kept). Keys that only one
+    side knows (other versions of the driver) are reported as kind "unknown"."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "checkpoint.resume":
+            continue
+        if key not in old or key not in new:
+            out.append((key, old.get(key, "<absent>"), new.get(key, "<absent>"), "unknown"))
+            continue
+        if old[key] == new[key]:
+            continue
+        kind = ("allowed" if _matches(key, RESUME_ALLOWED) else
+                "checkpoint" if _matches(key, RESUME_FROM_CHECKPOINT) else "defining")
+        out.append((key, old[key], new[key], kind))
+    return out

@@ -25,17 +25,21 @@ def peak_memory_mb() -> float:
 class Logger:
     """JSONL metrics (always), TensorBoard event files and a tqdm bar (optional), a PNG at the end."""
 
-    def __init__(self, cfg, total: int, initial: int):
+    def __init__(self, cfg, total: int, initial: int, resumed: bool = False):
+        """``resumed``: a run resumed at step ``initial``: records after that step (written by the
+        interrupted run after its checkpoint) are cut from metrics.jsonl and TensorBoard first."""
         self.cfg = cfg
         self.dir = Path(cfg.logging.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            truncate_jsonl(self.dir / "metrics.jsonl", initial)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")
         self.tb = None
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=initial + 1 if resumed else None)
             except ImportError:
                 print("[log] tensorboard is not installed: no event files", file=sys.stderr)
         self.bar = None
@@ -56,8 +60,9 @@ class Logger:
     def progress(self, metrics: Dict[str, float]):
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", kept=f"{metrics['kept_fraction']:.3f}",
-                                 kl=f"{metrics['kl/all']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            name = "surrogate" if "surrogate_loss" in metrics else "loss"
+            self.bar.set_postfix({name: f"{metrics['loss']:.4f}", "kept": f"{metrics['kept_fraction']:.3f}",
+                                  "kl": f"{metrics['kl/all']:.3f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"})
 
     def write(self, msg: str):
         if self.bar is not None:
@@ -71,6 +76,33 @@ class Logger:
         if self.tb is not None:
             self.tb.close()
         self.jsonl.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> int:
+    """Keep the records of ``path`` up to ``step`` (a resume point): the interrupted run's records after
+    its checkpoint, and its summary, are dropped (rewritten atomically). Returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            dropped += 1
+            continue
+        s = rec.get("step", 0)
+        if s > step or (rec.get("kind") == "summary" and s >= step):
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
+    return dropped
 
 
 class _SilentLogger:

@@ -147,7 +147,7 @@ def _local_or_raise(path: str, role: str) -> str:
         return snapshot_download(path)
     raise FileNotFoundError(
         f"{role} model {path!r} is not a local directory, not in the Hugging Face cache, and the hub cannot be "
-        f"reached (no network). Download it on a machine with network (e.g. `huggingface-cli download {path} "
+        f"reached (no network). Download it on a machine with network (e.g. `hf download {path} "
         f"--local-dir /models/{path.split('/')[-1]}`) and point the config at it: {role}.path=/models/"
         f"{path.split('/')[-1]}; or use {role}.random_init=true with {role}.config_file=<bundled config.json> "
         "for throughput measurements with random weights.")
@@ -185,3 +185,28 @@ def load_model(m: ModelConfig, role: str, device, *, builtin_dir: Optional[str] 
         path = _local_or_raise(m.path, role)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=m.attn_implementation)
     return model.to(device)
+
+
+def declared_vocab_size(m: ModelConfig) -> Optional[int]:
+    """The embedding rows a model will have, read from its config without loading weights (None if it
+    cannot be known before loading): built-in models have Qwen3's 151,936."""
+    import json
+
+    if m.path == "builtin" and not m.random_init:
+        return QWEN3_VOCAB
+    candidates = []
+    if m.random_init and m.config_file:
+        try:
+            candidates.append(resolve_config_file(m.config_file))
+        except FileNotFoundError:
+            return None
+    candidates.append(Path(m.path).expanduser() / "config.json")
+    for f in candidates:
+        if f.is_file():
+            try:
+                conf = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+            v = conf.get("vocab_size", conf.get("text_config", {}).get("vocab_size"))
+            return int(v) if isinstance(v, int) else None
+    return None

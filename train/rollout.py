@@ -28,6 +28,9 @@ class Rollout:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     prompt_len: int
+    # [B] bool: the sequence met a non-finite logit (NaN/+inf, or no finite one) while generating; it was
+    # ended there with EOS. None: not tracked (e.g. vLLM). A NaN model never passes for a working one.
+    nonfinite: Optional[torch.Tensor] = None
 
     @property
     def response_ids(self) -> List[List[int]]:
@@ -92,6 +95,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eo
     was_training = model.training
     model.eval()
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
     pos = position_ids_from_mask(mask)
     step_ids, step_pos, full_mask = ids, pos, mask
     new_tokens, new_mask = [], []
@@ -101,7 +105,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eo
         logits = out.logits[:, -1]
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
-        tok = logits.argmax(-1) if greedy else _sample(logits, temperature, top_p, generator)
+        # NaN probabilities would "sample" the last id: flag the row and end it with EOS instead
+        bad = (logits.isnan().any(-1) | logits.isposinf().any(-1) | ~logits.isfinite().any(-1)) & ~done
+        nonfinite |= bad
+        tok = logits.argmax(-1) if greedy else _sample(torch.where(bad[:, None], 0.0, logits.float()), temperature,
+                                                        top_p, generator)
+        tok = torch.where(bad, eos[0], tok)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         new_tokens.append(tok)
         new_mask.append((~done).long())
@@ -118,7 +127,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eo
     input_ids = torch.cat([ids, resp], 1)
     attention_mask = torch.cat([mask, resp_mask], 1)
     response_mask = torch.cat([torch.zeros_like(mask), resp_mask], 1)
-    return Rollout(input_ids, attention_mask, response_mask, width)
+    return Rollout(input_ids, attention_mask, response_mask, width, nonfinite)
 
 
 def rollout_from_tokens(prompts, responses, pad_id: int, eos_ids, device) -> Rollout:

@@ -19,10 +19,14 @@ DCP checkpoints (checkpoint.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,9 +39,11 @@ from taopd_kernels import TeachabilityStats, fused_teachability_kl, teachability
 
 import taopd_train.parallel as parallel
 from taopd_train import checkpoint, head
-from taopd_train.config import DTYPES, Config, ConfigError, load_config, to_dict
+from taopd_train.checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
+from taopd_train.config import (DTYPES, Config, ConfigError, config_changes, load_config, student_dtypes,
+                                student_precision, to_dict)
 from taopd_train.metrics import Logger, _SilentLogger, peak_memory_mb, plot_curves
-from taopd_train.models import load_model, load_tokenizer
+from taopd_train.models import declared_vocab_size, load_model, load_tokenizer
 from taopd_train.rollout import Rollout, generate, make_rollout_engine, rollout_from_tokens
 from taopd_train.task import build_task
 
@@ -63,18 +69,66 @@ class Models:
     teacher: torch.nn.Module
     tokenizer: object
     task: object
+    # bf16-mixed in one process: the student's forwards run under autocast to this dtype (None: no
+    # autocast; under FSDP2 the MixedPrecisionPolicy casts instead). compute_dtype: the dtype the
+    # student's hidden states and lm_head weight reach the loss head in (None: as they are).
+    autocast_dtype: Optional[torch.dtype] = None
+    compute_dtype: Optional[torch.dtype] = None
+
+
+def student_compute(models: Models):
+    """The context the student's forwards run in (autocast for bf16-mixed in one process)."""
+    if models.autocast_dtype is None:
+        return contextlib.nullcontext()
+    device = next(models.student.parameters()).device
+    return torch.autocast(device_type=device.type, dtype=models.autocast_dtype)
+
+
+def _head_inputs(models: Models, h_s, w_s, b_s):
+    """The student's hidden states / lm_head in the compute dtype (a differentiable cast: the gradient
+    reaches the fp32 master weight), for a loss head that runs outside autocast."""
+    cd = models.compute_dtype
+    if cd is None:
+        return h_s, w_s, b_s
+    return h_s.to(cd), w_s.to(cd), None if b_s is None else b_s.to(cd)
+
+
+def _no_autocast(models: Models):
+    if models.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(models.student.parameters()).device.type, enabled=False)
+
+
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".txt")
+
+
+def check_data_files(cfg: Config) -> None:
+    """A ``data.source`` / ``data.eval_source`` that names a local file must exist (else it would be
+    tried as a Hugging Face dataset name and fail with a download error)."""
+    for key in ("source", "eval_source"):
+        src = getattr(cfg.data, key)
+        if not src or src == "arithmetic":
+            continue
+        p = Path(src).expanduser()
+        looks_local = (p.suffix.lower() in _DATA_SUFFIXES or src.startswith(("/", "./", "../", "~"))
+                       or p.parent.is_dir() and p.parent != Path("."))
+        if looks_local and not p.exists():
+            raise FileNotFoundError(f"data.{key}={src!r}: no such file ({p.resolve()}); point data.{key} at a local "
+                                    ".jsonl/.json/.parquet file (or name a Hugging Face dataset)")
 
 
 def build_models(cfg: Config, device: torch.device, student_path: Optional[str] = None, log=print) -> Models:
     """Tokenizer, task and both models: the one place where models are constructed."""
+    check_data_files(cfg)
     tokenizer = load_tokenizer(cfg)
+    check_vocab_config(cfg, tokenizer)  # before any model is loaded or prepared
     task = build_task(cfg.data, cfg.seed)
     builtin = {}
     if "builtin" in (cfg.student.path, cfg.teacher.path) and not (cfg.student.random_init and cfg.teacher.random_init):
         from taopd_train.prepare import prepare_builtin
 
         builtin = prepare_builtin(cfg, task, tokenizer, device, log=log)
-    scfg = cfg.student
+    scfg = dataclasses.replace(cfg.student, dtype=student_dtypes(cfg)[0])  # precision decides the student's dtype
     if student_path is not None:  # resuming: the checkpoint's weights
         scfg = dataclasses.replace(scfg, path=student_path, random_init=False)
     teacher = load_model(cfg.teacher, "teacher", device, builtin_dir=builtin.get("teacher"), seed=cfg.seed + 1)
@@ -89,8 +143,17 @@ def wrap_models(cfg: Config, models: Models, ctx: parallel.DistContext) -> None:
     In one process the models stay as they are (the loss head is called the same way)."""
     dc = cfg.distributed
     param_dtype = DTYPES[dc.param_dtype] if dc.param_dtype else None
+    compute = DTYPES[student_dtypes(cfg)[1]]
+    mixed = student_precision(cfg) == "bf16-mixed"
     if ctx.distributed:
-        parallel.shard_model(models.student, param_dtype=param_dtype, reduce_dtype=DTYPES[dc.reduce_dtype])
+        # bf16-mixed: fp32 parameters (master weights, AdamW state), bf16 all-gathers, fp32 reduce-scatter
+        student_param_dtype = param_dtype or (compute if mixed else None)
+        parallel.shard_model(models.student, param_dtype=student_param_dtype, reduce_dtype=DTYPES[dc.reduce_dtype])
+        models.autocast_dtype = None
+        models.compute_dtype = student_param_dtype if mixed else None
+    else:
+        models.autocast_dtype = compute if mixed else None
+        models.compute_dtype = compute if mixed else None
     parallel.prepare_teacher(models.teacher, dc.teacher if ctx.distributed else "replicate", param_dtype=param_dtype)
 
 
@@ -156,10 +219,11 @@ def rollout(cfg: Config, models: Models, examples, step: int, engine=None) -> Ro
                                top_p=cfg.rollout.top_p, seed=step_seed(cfg.seed, step, 2 + 1000 * rank))
         return rollout_from_tokens(prompts, resp, models.tokenizer.pad_id, models.tokenizer.eos_ids, device)
     gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 2 + 1000 * rank))
-    return generate(models.student, prompts,
-                    max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
-                    pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                    generator=gen, vocab_limit=vocab_limit(cfg, models), all_done=parallel.all_ranks_done)
+    with student_compute(models):
+        return generate(models.student, prompts,
+                        max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
+                        pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                        generator=gen, vocab_limit=vocab_limit(cfg, models), all_done=parallel.all_ranks_done)
 
 
 @dataclass
@@ -212,11 +276,14 @@ def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch]):
             w_t, b_t = w, b
 
         def stats_head(h_s, w_s, b_s):
-            return teachability_stats(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=None,
-                                      check_finite=cfg.loss.check_finite, **_head_kwargs(cfg, models, mb))
+            h_s, w_s, b_s = _head_inputs(models, h_s, w_s, b_s)
+            with _no_autocast(models):
+                return teachability_stats(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=None,
+                                          check_finite=cfg.loss.check_finite, **_head_kwargs(cfg, models, mb))
 
-        stats.append(head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, stats_head,
-                                              mb.position_ids))
+        with student_compute(models):
+            stats.append(head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, stats_head,
+                                                  mb.position_ids))
         teacher_out.append((h_t, w_t, b_t))
     return stats, teacher_out
 
@@ -252,6 +319,11 @@ def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tupl
     lo = cfg.loss
 
     def loss_head(h_s, w_s, b_s):  # inside the student's forward: the full lm_head weight, even under FSDP
+        h_s, w_s, b_s = _head_inputs(models, h_s, w_s, b_s)
+        with _no_autocast(models):
+            return _loss(h_s, w_s, b_s)
+
+    def _loss(h_s, w_s, b_s):
         loss, _ = fused_teachability_kl(
             h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=lo.strategy, estimator=lo.estimator,
             keep_ratio=lo.keep_ratio, min_per_sequence=lo.min_per_sequence, seed=0, keep_mask=keep_mask,
@@ -260,21 +332,30 @@ def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tupl
             **_head_kwargs(cfg, models, mb))
         return loss
 
-    loss = head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, loss_head, mb.position_ids)
+    with student_compute(models):
+        loss = head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, loss_head, mb.position_ids)
     loss.backward()
     return float(loss.detach())
 
 
-def optimizer_step(cfg: Config, student, opt, sched) -> float:
+def optimizer_step(cfg: Config, student, opt, sched, loss: float = 0.0) -> float:
+    """Clip, AdamW, schedule. A non-finite gradient norm (or ``loss``) skips the AdamW step (the
+    gradients are dropped, the schedule advances) and is returned as it is: the caller logs it."""
     params = [p for p in student.parameters() if p.grad is not None]
     # clip_grad_norm_ also handles FSDP's sharded (DTensor) gradients; its norm is then a DTensor.
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
     gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    opt.step()
+    if math.isfinite(gnorm) and math.isfinite(loss):
+        opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     return gnorm
+
+
+def _skip_step(opt, sched) -> None:
+    opt.zero_grad(set_to_none=True)
+    sched.step()
 
 
 def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) -> Dict[str, float]:
@@ -286,23 +367,52 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
     mine = parallel.shard_range(len(examples), rank, world)
     ro = rollout(cfg, models, examples[mine.start:mine.stop], step, engine)
     t_roll = time.perf_counter()
+    device = ro.input_ids.device
+    lr = sched.get_last_lr()[0]
+    bad_rollouts = float(ro.nonfinite.sum()) if ro.nonfinite is not None else 0.0
+    bad_rollouts = float(parallel.all_reduce_sum(torch.tensor([bad_rollouts], dtype=torch.float64, device=device)))
+    if bad_rollouts:  # the student's logits are not finite: nothing of this step can be trusted
+        _skip_step(opt, sched)
+        return {"loss": float("nan"), "grad_norm": float("nan"), "lr": lr, "skipped": True,
+                "nonfinite": f"{int(bad_rollouts)} rollouts met non-finite student logits", "kept_fraction": 0.0,
+                "kl/all": float("nan"), "tokens_per_s": 0.0, "step_time_s": time.perf_counter() - t0}
     mbs = micro_batches(cfg, ro, seq_offset=mine.start)
     stats, teacher_hidden = compute_stats(cfg, models, mbs)
     masks, normalizer, allstats = select(cfg, stats, mbs, step)
     loss = 0.0
     for mb, h_t, st, keep in zip(mbs, teacher_hidden, stats, masks):
         loss += loss_backward(cfg, models, mb, h_t, st, keep, normalizer)
-    lr = sched.get_last_lr()[0]
-    gnorm = optimizer_step(cfg, models.student, opt, sched)
-    if engine is not None:
+    # the KL estimate of the sampled estimator: mean of logp_s(y) - logp_t(y) over kept positions
+    kept = allstats.kept.bool() if allstats.kept is not None else allstats.valid.bool()
+    if allstats.logp_student_sampled is not None and allstats.logp_teacher_sampled is not None:
+        w = (allstats.logp_student_sampled - allstats.logp_teacher_sampled).double()
+        kl_sum, kl_n = torch.where(kept, w, 0.0).sum(), kept.sum().double()
+    else:
+        kl_sum = kl_n = torch.zeros((), dtype=torch.float64, device=device)
+    dropped = allstats.dropped.sum().double() if allstats.dropped is not None else kl_n.new_zeros(())
+    totals = torch.stack([torch.tensor(loss, dtype=torch.float64, device=device),
+                          ro.response_mask.sum().double(), ro.attention_mask.sum().double(),
+                          dropped.to(device), kl_sum.to(device), kl_n.to(device)])
+    loss, resp_total, tokens, dropped, kl_sum, kl_n = parallel.all_reduce_sum(totals).tolist()
+    # the decision is the same on every rank: the loss is the global sum, the gradient norm global
+    gnorm = optimizer_step(cfg, models.student, opt, sched, loss=loss if not dropped else float("nan"))
+    skipped = not (math.isfinite(loss) and math.isfinite(gnorm)) or bool(dropped)
+    if engine is not None and not skipped:
         engine.sync_weights(models.student)
     dt = time.perf_counter() - t0
     s = allstats.summary(all_reduce=parallel.all_reduce_sum)
-    device = ro.input_ids.device
-    loss, resp_total, tokens = parallel.all_reduce_sum(torch.tensor(
-        [loss, float(ro.response_mask.sum()), float(ro.attention_mask.sum())], dtype=torch.float64, device=device)).tolist()
     resp_len = torch.tensor(resp_total / len(examples))
+    extra = {}
+    if skipped:
+        why = [f"{name} {v}" for name, v in (("loss", loss), ("grad_norm", gnorm)) if not math.isfinite(v)]
+        if dropped:
+            why.append(f"{int(dropped)} positions without a finite logit")
+        extra = {"skipped": True, "nonfinite": ", ".join(why)}
+    if cfg.loss.estimator == "sampled":  # the loss is a surrogate: say so, and log the KL estimate beside it
+        extra["surrogate_loss"] = loss
+    extra["kl_sampled/kept"] = kl_sum / kl_n if kl_n else float("nan")
     return {
+        **extra,
         "loss": loss, "kept_fraction": s["kept_fraction"], "num_kept": s["num_kept"], "num_valid": s["num_valid"],
         "kl/all": s["kl_reverse/all"], "kl/kept": s["kl_reverse/kept"],
         "kl_forward/all": s["kl_forward/all"], "kl_forward/kept": s["kl_forward/kept"],
@@ -321,19 +431,316 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
 def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) -> Dict[str, object]:
     """Greedy decoding on the held-out prompts; the task's answer check. Returns accuracy and a few samples."""
     examples = models.task.eval_examples()[:limit]
-    correct, samples = 0, []
+    correct, samples, nonfinite = 0, [], 0
     for s in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[s:s + cfg.eval.batch_size]
-        ro = generate(model, encode_prompts(cfg, models.tokenizer, chunk), max_new_tokens=cfg.eval.max_new_tokens,
-                      eos_ids=models.tokenizer.eos_ids, pad_id=models.tokenizer.pad_id, greedy=True,
-                      vocab_limit=vocab_limit(cfg, models), all_done=parallel.all_ranks_done)
+        with student_compute(models) if model is models.student else contextlib.nullcontext():
+            ro = generate(model, encode_prompts(cfg, models.tokenizer, chunk), max_new_tokens=cfg.eval.max_new_tokens,
+                          eos_ids=models.tokenizer.eos_ids, pad_id=models.tokenizer.pad_id, greedy=True,
+                          vocab_limit=vocab_limit(cfg, models), all_done=parallel.all_ranks_done)
+        if ro.nonfinite is not None:
+            nonfinite += int(ro.nonfinite.sum())
         for ex, resp in zip(chunk, ro.response_ids):
             text = models.tokenizer.decode(resp)
             ok = models.task.check(text, ex.answer)
             correct += ok
             if len(samples) < 4:
                 samples.append({"prompt": ex.prompt[-200:], "response": text[-200:], "answer": ex.answer, "ok": ok})
-    return {"accuracy": correct / max(1, len(examples)), "n": len(examples), "samples": samples}
+    out = {"accuracy": correct / max(1, len(examples)), "n": len(examples), "samples": samples}
+    if nonfinite:
+        out["nonfinite_sequences"] = nonfinite  # the model's logits were NaN/inf: its answers mean nothing
+    return out
+
+
+# ================================================================== checks at start
+
+
+def check_vocab_config(cfg: Config, tokenizer) -> None:
+    """Before any model is loaded or prepared: ``loss.vocab_size`` / ``loss.top_k`` against the
+    vocabulary sizes the model configs declare, and the tokenizer against both embeddings."""
+    sizes = {role: declared_vocab_size(getattr(cfg, role)) for role in ("student", "teacher")}
+    _check_vocab(cfg, tokenizer, sizes, sizes, log=None)
+
+
+def check_vocab(cfg: Config, models: Models, log=print) -> int:
+    """On the loaded models: the vocabulary the loss and the rollouts use (logged, with what is sliced
+    from which head); ``loss.vocab_size`` and ``loss.top_k`` in range; the student's tokenizer readable
+    by both models. Returns the vocabulary size used. Errors are ConfigErrors naming the config key."""
+    heads = {"student": head.lm_head_weight(models.student).shape[0],
+             "teacher": head.lm_head_weight(models.teacher).shape[0]}
+    embeddings = {"student": models.student.get_input_embeddings().weight.shape[0],
+                  "teacher": models.teacher.get_input_embeddings().weight.shape[0]}
+    return _check_vocab(cfg, models.tokenizer, heads, embeddings, log)
+
+
+def _model_key(cfg: Config, role: str) -> str:
+    m = getattr(cfg, role)
+    return f"{role}.config_file={m.config_file!r}" if m.random_init and m.config_file else f"{role}.path={m.path!r}"
+
+
+def _check_vocab(cfg, tokenizer, heads: dict, embeddings: dict, log) -> Optional[int]:
+    lo = cfg.loss
+    n_tok = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    for role in ("teacher", "student"):
+        rows = embeddings.get(role)
+        if rows and n_tok and n_tok > rows:
+            raise ConfigError(
+                f"{_model_key(cfg, role)}: its embedding has {rows:,} rows, but the student's tokenizer has "
+                f"{n_tok:,} tokens (ids up to {n_tok - 1:,}): the {role} cannot read the student's tokens. On-policy "
+                f"distillation here needs one vocabulary: use a {role} with the student's tokenizer")
+    if not (heads.get("student") and heads.get("teacher")):
+        if lo.vocab_size and any(h and lo.vocab_size > h for h in heads.values()):
+            role, h = next((r, h) for r, h in heads.items() if h and lo.vocab_size > h)
+            raise ConfigError(f"loss.vocab_size={lo.vocab_size}: larger than the {role}'s lm_head ({h:,} rows)")
+        return None
+    smaller = min(heads.values())
+    if lo.vocab_size is not None and lo.vocab_size > smaller:
+        raise ConfigError(f"loss.vocab_size={lo.vocab_size}: must be <= {smaller:,}, the smaller lm_head (student "
+                          f"{heads['student']:,} rows, teacher {heads['teacher']:,} rows); null uses {smaller:,}")
+    v = lo.vocab_size or smaller
+    if lo.top_k > v:
+        raise ConfigError(f"loss.top_k={lo.top_k}: must be <= the vocabulary the loss uses ({v:,} ids; loss.vocab_size)")
+    eos = [e for e in (getattr(tokenizer, "eos_ids", None) or []) if e >= v]
+    if eos:
+        raise ConfigError(f"loss.vocab_size={v}: the EOS id {eos[0]:,} is not among the first {v:,} ids, so no "
+                          "rollout could end; use a larger loss.vocab_size (or null)")
+    if log is not None:
+        how = "loss.vocab_size" if lo.vocab_size else "the smaller lm_head"
+        msg = (f"[vocab] tokenizer {n_tok:,} tokens; lm_head rows: student {heads['student']:,}, teacher "
+               f"{heads['teacher']:,}; the loss and the rollouts use ids 0..{v - 1:,} ({v:,}, {how})")
+        for role in ("student", "teacher"):
+            if heads[role] > v:
+                msg += f"; {role} lm_head rows {v:,}..{heads[role] - 1:,} ({heads[role] - v:,}) are sliced off"
+        log(msg)
+    return v
+
+
+def _vocab_of(tokenizer) -> Optional[Dict[str, int]]:
+    """token string -> id of an HF tokenizer or the driver's tokenizer wrappers (byte-level strings)."""
+    hf = getattr(tokenizer, "_tok", tokenizer)
+    if hasattr(hf, "get_vocab"):
+        return hf.get_vocab()
+    if type(tokenizer).__name__ == "QwenBPETokenizer":
+        return checkpoint.builtin_hf_tokenizer(tokenizer).get_vocab()
+    return None
+
+
+def compare_tokenizers(student_tok, teacher_tok) -> str:
+    """Raise ConfigError unless both tokenizers give the same id to every token they share (and share
+    most of their vocabulary); return a line that says what was compared."""
+    s, t = _vocab_of(student_tok), _vocab_of(teacher_tok)
+    if s is None or t is None:
+        return "[vocab] tokenizers not compared (no vocabulary to read)"
+    shared = s.keys() & t.keys()
+    differ = sorted((tok for tok in shared if s[tok] != t[tok]), key=lambda x: s[x])
+    by_id_t = {i: tok for tok, i in t.items()}
+    if differ or len(shared) < 0.9 * min(len(s), len(t)):
+        examples = "; ".join(f"{tok!r}: student id {s[tok]}, teacher id {t[tok]}" for tok in differ[:3])
+        only = sorted((i, tok) for tok, i in s.items() if tok not in t)[:3]
+        only_txt = "; ".join(f"student id {i} {tok!r} is teacher id {i} {by_id_t.get(i)!r}" for i, tok in only)
+        raise ConfigError(
+            f"teacher.path: the student's and the teacher's tokenizers differ: {len(differ):,} of the {len(shared):,} "
+            f"tokens they share have different ids{' (' + examples + ')' if examples else ''}; "
+            f"{len(s) - len(shared):,} student tokens are not in the teacher's vocabulary"
+            f"{' (' + only_txt + ')' if only_txt else ''}; vocabulary sizes: student {len(s):,}, teacher {len(t):,}. "
+            "The loss compares the two models' distributions id by id, so they must share one tokenizer")
+    extra = f" (student {len(s):,} tokens, teacher {len(t):,})" if len(s) != len(t) else ""
+    return f"[vocab] student and teacher tokenizers agree: the same ids for all {len(shared):,} shared tokens{extra}"
+
+
+def teacher_tokenizer(cfg: Config):
+    """The teacher's own tokenizer, if it has one (a local HF folder with tokenizer files); else None."""
+    m = cfg.teacher
+    if m.path == "builtin" or (m.random_init and not Path(m.path).expanduser().is_dir()):
+        return None
+    from taopd_train.models import _local_or_raise
+
+    path = Path(_local_or_raise(m.path, "teacher"))
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                              "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def report_precision(cfg: Config, models: Models, log=print) -> Optional[dict]:
+    """Log the student's precision and its memory cost; for pure low-precision students, estimate how
+    many AdamW updates of size lr round away (and warn). Returns a sample to measure after one step."""
+    p = student_precision(cfg)
+    n = sum(t.numel() for t in models.student.parameters())
+    how = "FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)" if models.autocast_dtype is None \
+        else "torch.autocast(bfloat16)"
+    if p == "bf16-mixed":
+        log(f"[precision] bf16-mixed: student weights and AdamW moments in float32 (master copy), forwards in "
+            f"bfloat16 ({how}); teacher in {cfg.teacher.dtype}. Student training state: {n * 16 / 2**30:.2f} GiB "
+            f"for {n:,} parameters (4 + 4 grad + 8 AdamW bytes each; bf16-pure: {n * 8 / 2**30:.2f} GiB)")
+        return None
+    if p == "fp32":
+        log(f"[precision] fp32: student weights, AdamW moments and forwards in float32; teacher in {cfg.teacher.dtype}")
+        return None
+    dtype = DTYPES[student_dtypes(cfg)[0]]
+    frac = rounded_away_fraction(models.student, cfg.optim.lr, dtype)
+    msg = (f"[precision] {p}: student weights and AdamW moments in {dtype}; an AdamW update of lr={cfg.optim.lr:g} "
+           f"is below half a {dtype} step for {frac:.1%} of the trainable weights (sampled) and rounds away")
+    log(msg + ("" if frac < 0.01 else "; warning: use precision=bf16-mixed (fp32 master weights) to train them"))
+    return sample_weights(models.student)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rounded_away_fraction(model, lr: float, dtype: torch.dtype, per_tensor: int = 65536) -> float:
+    """Fraction of (a sample of) the trainable weights w whose dtype spacing/2 exceeds lr: an update of
+    size lr leaves them unchanged."""
+    eps = torch.finfo(dtype).eps
+    lost = total = 0
+    for t in model.parameters():
+        if not t.requires_grad:
+            continue
+        w = _local(t).detach().reshape(-1)[:per_tensor].float().abs()
+        if not w.numel():
+            continue
+        spacing = torch.exp2(torch.floor(torch.log2(w.clamp_min(torch.finfo(torch.float32).tiny)))) * eps
+        lost += int((spacing / 2 > lr).sum())
+        total += w.numel()
+    return lost / max(total, 1)
+
+
+def sample_weights(model, per_tensor: int = 65536) -> dict:
+    return {n: _local(t).detach().reshape(-1)[:per_tensor].clone() for n, t in model.named_parameters()
+            if t.requires_grad}
+
+
+def changed_fraction(model, before: dict) -> float:
+    changed = total = 0
+    for n, t in model.named_parameters():
+        if n in before:
+            now = _local(t).detach().reshape(-1)[:before[n].numel()]
+            changed += int((now != before[n]).sum())
+            total += now.numel()
+    return changed / max(total, 1)
+
+
+def check_resume_config(cfg: Config, saved: Optional[dict], ckpt: Path, start: int, log=print) -> Config:
+    """Compare the checkpoint's config with this run's: changes that define the run are refused unless
+    ``checkpoint.allow_changes``; allowed ones are logged and take effect. Returns the config to use
+    (with allow_changes, the student's architecture stays the checkpoint's: its weights are loaded)."""
+    if not saved:
+        log(f"[resume] warning: {ckpt} records no config; nothing could be compared")
+        return cfg
+    changes = config_changes(saved, cfg)
+    defining = [c for c in changes if c[3] in ("defining", "checkpoint")]
+    if defining and not cfg.checkpoint.allow_changes:
+        what = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n, _ in defining)
+        raise ConfigError(f"checkpoint.resume: {ckpt} was trained with other settings that define the run ({what}). "
+                          "Resume with the checkpoint's settings, start a new run in another logging.out_dir, or set "
+                          "checkpoint.allow_changes=true to resume with the changes")
+    revert = {}
+    for key, old, new, kind in changes:
+        if kind == "allowed":
+            log(f"[resume] {key}: {old!r} -> {new!r} (takes effect from step {start})")
+        elif kind == "unknown":
+            log(f"[resume] {key}: {old!r} in the checkpoint's config, {new!r} now (known to one driver version only)")
+        elif kind == "checkpoint":
+            revert[key] = old
+            log(f"[resume] {key}: {old!r} -> {new!r} not applied: the checkpoint's student is loaded, so {key} stays "
+                f"{old!r}")
+        else:
+            log(f"[resume] {key}: {old!r} -> {new!r} (a run-defining change, allowed by checkpoint.allow_changes: "
+                f"takes effect from step {start})")
+    if not revert:
+        return cfg
+    from taopd_train.config import _build, validate
+
+    d = to_dict(cfg)
+    for key, old in revert.items():
+        node = d
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = old
+    cfg = _build(Config, d)
+    validate(cfg)
+    return cfg
+
+
+def apply_optim_config(cfg: Config, opt, sched) -> None:
+    """After loading a checkpoint's optimizer and scheduler: this config's lr (and schedule), betas, eps
+    and weight decay take effect (a loaded state_dict would otherwise keep the saved ones)."""
+    o = cfg.optim
+    for i, g in enumerate(opt.param_groups):
+        g["betas"] = tuple(o.betas)
+        g["eps"] = o.eps
+        g["weight_decay"] = o.weight_decay if i == 0 else 0.0
+        g["initial_lr"] = o.lr
+    sched.base_lrs = [o.lr for _ in opt.param_groups]
+    lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    sched._last_lr = lrs
+
+
+# ================================================================== signals
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM: the step in flight was finished and a checkpoint saved."""
+
+    def __init__(self, signum: int, checkpoint_path: Optional[Path], step: int):
+        self.signum, self.checkpoint, self.step = signum, checkpoint_path, step
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag the loop reads after each step (finish, save, exit); a second one
+    stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._prev = {}
+
+    def install(self) -> "_Signals":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._prev[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave the signals alone
+            self._prev = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.write(2, f"\n[signal] {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                    "and exiting (send it again to stop at once, without saving)\n".encode())
+
+    def restore(self) -> None:
+        for sig, h in self._prev.items():
+            signal.signal(sig, h)
+        self._prev = {}
+
+
+def _rank0_first(ctx, fn):
+    """Run ``fn`` on rank 0 only; every rank raises if it failed (no rank is left waiting)."""
+    err = None
+    if ctx.is_main:
+        try:
+            fn()
+        except (StorageError, LockError, OSError) as e:
+            err = e
+    if ctx.distributed:
+        flag = parallel.all_reduce_sum(torch.tensor([1.0 if err else 0.0], device=ctx.device))
+        if float(flag) and err is None:
+            raise RuntimeError("rank 0 could not start the run (its message says why)")
+    if err is not None:
+        raise err
 
 
 # ================================================================== the loop
@@ -347,18 +754,70 @@ def train(cfg: Config, log=None) -> dict:
     ctx = parallel.init_distributed(device=None if cfg.device == "auto" else cfg.device,
                                     backend=cfg.distributed.backend) \
         if parallel.launched_by_torchrun() else parallel.DistContext(device=pick_device(cfg))
-    device = ctx.device
     if cfg.rollout.batch_size % ctx.world_size:
         raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size}: must be divisible by the number of "
                           f"ranks ({ctx.world_size}), so that every rank runs the same number of micro-batches")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = Path(cfg.logging.out_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    root = checkpoint.checkpoint_root(cfg)
     say = (log or (lambda m: print(m, flush=True))) if ctx.is_main else (lambda m: None)
+    locks: List[checkpoint.RunLock] = []
 
-    ckpt = checkpoint.find_checkpoint(cfg)
+    def claim():  # storage first (before any model is loaded or prepared), then one run per folder
+        checkpoint.check_writable(out_dir, "logging.out_dir")
+        checkpoint.check_writable(root, "checkpoint.dir")
+        locks.append(checkpoint.RunLock(out_dir).acquire(say))
+        if out_dir.resolve() not in root.resolve().parents:
+            locks.append(checkpoint.RunLock(root).acquire(say))
+
+    signals = _Signals()
+    try:
+        _rank0_first(ctx, claim)
+        summary = _train(cfg, ctx, out_dir, say, log, signals, t_start)
+    finally:
+        signals.restore()
+        for lk in locks:
+            lk.release()
+    if ctx.initialized_here:
+        parallel.destroy_distributed(ctx)
+    return summary
+
+
+def _find(cfg: Config, ctx, say):
+    """(checkpoint path, trainer state) or (None, None): rank 0 verifies, every rank loads the same one."""
+    if not ctx.distributed:
+        return checkpoint.find_checkpoint_and_state(cfg, log=say) or (None, None)
+    import torch.distributed as dist
+
+    found, box = None, [None]
+    if ctx.is_main:
+        try:
+            found = checkpoint.find_checkpoint_and_state(cfg, log=say)
+            box = [None if found is None else ("ok", str(found[0]))]
+        except Exception as e:  # every rank stops with it, none waits
+            box = [("error", type(e).__name__, str(e))]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return None, None
+    if box[0][0] == "error":
+        raise CheckpointError(f"rank 0 found no usable checkpoint ({box[0][1]}: {box[0][2]})")
+    ckpt = Path(box[0][1])
+    return ckpt, (found[1] if ctx.is_main else checkpoint.load_trainer_state(ckpt))
+
+
+def _train(cfg: Config, ctx, out_dir: Path, say, log, signals: _Signals, t_start: float) -> dict:
+    device = ctx.device
+    ckpt, trainer = _find(cfg, ctx, say)
+    start = 0
+    if ckpt is not None:
+        start = int(trainer["step"])
+        if start > cfg.optim.steps:
+            raise ConfigError(f"optim.steps={cfg.optim.steps}: the checkpoint {ckpt} is already at step {start}; "
+                              f"raise optim.steps above {start} to continue it, or resume an earlier checkpoint")
+        cfg = check_resume_config(cfg, trainer.get("config"), ckpt, start, log=say)
     dcp_dir = ckpt / "dcp" if ckpt is not None and checkpoint.is_dcp_checkpoint(ckpt / "dcp") else None
     hf_dir = str(ckpt / "student") if ckpt is not None and dcp_dir is None else None
     if ctx.distributed and not ctx.is_main:
@@ -366,21 +825,30 @@ def train(cfg: Config, log=None) -> dict:
     models = build_models(cfg, device, student_path=hf_dir, log=say)
     if ctx.distributed and ctx.is_main:
         parallel.barrier()
+    check_vocab(cfg, models, log=say)
+    t_tok = teacher_tokenizer(cfg)
+    say(compare_tokenizers(models.tokenizer, t_tok) if t_tok is not None else
+        "[vocab] the teacher has no tokenizer of its own (built-in / random init): it reads the student's tokens")
     wrap_models(cfg, models, ctx)
+    pure_sample = report_precision(cfg, models, log=say)
     opt, sched = build_optimizer(cfg, models.student)
     state = {"history": {"train": [], "eval": []}, "teacher_accuracy": None, "student_before": None}
-    start = 0
     if ckpt is not None:
         if dcp_dir is not None:  # written by a sharded run: reshards to this world size (one process too)
             checkpoint.load_dcp(dcp_dir, models.student, opt)
-        trainer = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         if "optimizer" in trainer and ctx.distributed:
             say("[resume] warning: the optimizer state of a single-process checkpoint is not loaded into a "
                 "sharded run (its moments start from zero); the weights are")
             trainer.pop("optimizer")
         trainer = checkpoint.load_training_checkpoint(ckpt, opt, sched, trainer)
-        start, state = trainer["step"], trainer["state"]
+        apply_optim_config(cfg, opt, sched)
+        state = trainer["state"]
         say(f"[resume] from {ckpt} at step {start}")
+    if cfg.loss.estimator == "sampled":
+        say("[loss] estimator=sampled: the logged 'loss' (also 'surrogate_loss') is the policy-gradient surrogate "
+            "sum m*(logp_s(y)-logp_t(y))*logp_s(y)/sum m, whose gradient estimates the reverse KL's; it is not a KL. "
+            "'kl_sampled/kept' (mean logp_s(y)-logp_t(y) over kept positions) is the KL estimate, 'kl/kept' the "
+            "exact reverse KL")
     engine = None
     if cfg.rollout.engine != "hf":
         path = hf_dir or cfg.student.path
@@ -393,9 +861,19 @@ def train(cfg: Config, log=None) -> dict:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     t_prep = time.time() - t_start
 
-    logger = Logger(cfg, total=cfg.optim.steps, initial=start) if ctx.is_main else _SilentLogger()
+    logger = Logger(cfg, total=cfg.optim.steps, initial=start, resumed=ckpt is not None) if ctx.is_main \
+        else _SilentLogger()
     if logger.bar is None or log is not None:
         logger.write = say
+    try:
+        return _loop(cfg, ctx, models, opt, sched, engine, state, start, ckpt, logger, say, signals, out_dir,
+                     t_start, t_prep, pure_sample)
+    finally:
+        logger.close()
+
+
+def _loop(cfg, ctx, models, opt, sched, engine, state, start, ckpt, logger, say, signals, out_dir, t_start, t_prep,
+          pure_sample) -> dict:
     if state["teacher_accuracy"] is None and cfg.eval.at_start:
         ev = evaluate(cfg, models.teacher, models)
         state["teacher_accuracy"] = ev["accuracy"]
@@ -407,29 +885,72 @@ def train(cfg: Config, log=None) -> dict:
         logger.write(f"[eval] teacher accuracy {state['teacher_accuracy']:.3f} | student before "
                      f"{state['student_before']:.3f} (n={ev['n']})")
 
+    signals.install()
+    last_ckpt, last_save, streak, limit = ckpt, time.time(), 0, cfg.optim.max_nonfinite_steps
     t_loop = time.time()
     for step in range(start, cfg.optim.steps):
         metrics = train_step(cfg, models, opt, sched, step, engine)
         done = step + 1
         state["history"]["train"].append((done, metrics["loss"]))
-        if done % cfg.logging.every == 0 or done == cfg.optim.steps:
+        if metrics.get("skipped"):
+            streak += 1
             logger.log(done, metrics)
-        logger.progress(metrics)
+            logger.write(f"[nonfinite] step {done}: {metrics['nonfinite']}: the optimizer step was skipped ({streak} "
+                         f"in a row; the run stops at optim.max_nonfinite_steps={limit})")
+            if streak >= limit:
+                raise NonFiniteError(
+                    f"{streak} steps in a row with non-finite values (last: step {done}, {metrics['nonfinite']}); the "
+                    f"run stops. Those steps did not change the weights; the last good checkpoint is "
+                    f"{last_ckpt or 'none (none was saved)'}. Lower optim.lr, or use precision=bf16-mixed / fp32")
+        else:
+            streak = 0
+            if pure_sample is not None:  # the measured counterpart of report_precision's estimate
+                frac = changed_fraction(models.student, pure_sample)
+                say(f"[precision] after the first step, {frac:.1%} of the sampled student weights changed"
+                    + ("" if frac >= 0.5 else f"; warning: {student_precision(cfg)} rounds most updates away at "
+                       f"optim.lr={cfg.optim.lr:g}: use precision=bf16-mixed"))
+                pure_sample = None
+            if done % cfg.logging.every == 0 or done == cfg.optim.steps:
+                logger.log(done, metrics)
+            logger.progress(metrics)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.optim.steps:
             ev = evaluate(cfg, models.student, models)
             state["history"]["eval"].append((done, ev["accuracy"]))
-            logger.log(done, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
+            logger.log(done, {k: v for k, v in ev.items() if k != "n"}, kind="eval")
             logger.write(f"[eval] step {done}: student accuracy {ev['accuracy']:.3f}")
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != cfg.optim.steps:
-            checkpoint.save_training_checkpoint(cfg, models, opt, sched, done, state, export=False)
+        c = cfg.checkpoint
+        periodic = bool(c.every and done % c.every == 0)
+        timed = bool(c.every_minutes and time.time() - last_save >= 60 * c.every_minutes)
+        stop = signals.signum
+        if ctx.distributed:  # every rank takes the same decision (rank 0's clock, anyone's signal)
+            flags = parallel.all_reduce_sum(torch.tensor(
+                [float(timed and ctx.is_main), float(stop or 0), float(stop is not None)], dtype=torch.float64,
+                device=ctx.device)).tolist()
+            timed = flags[0] > 0
+            stop = stop or (int(flags[1] / flags[2]) if flags[2] else None)
+        if streak and not stop:  # in a non-finite streak: no periodic checkpoint rotates a good one out
+            periodic = timed = False
+        if done != cfg.optim.steps and (periodic or timed or stop):
+            last_ckpt = checkpoint.save_training_checkpoint(cfg, models, opt, sched, done, state, export=bool(stop))
+            last_save = time.time()
+            if timed and not periodic:
+                logger.write(f"[checkpoint] step {done}: {last_ckpt} ({c.every_minutes:g} minutes since the last)")
+        if stop:
+            if done == cfg.optim.steps:  # the last step: the regular end follows (it saves)
+                say(f"[signal] {signal.Signals(stop).name} at the last step: finishing normally")
+                break
+            raise Interrupted(stop, last_ckpt, done)
     train_time = time.time() - t_loop
 
     final = evaluate(cfg, models.student, models)
-    end_step = max(cfg.optim.steps, start)
+    end_step = cfg.optim.steps
     if not state["history"]["eval"] or state["history"]["eval"][-1][0] != end_step:
         state["history"]["eval"].append((end_step, final["accuracy"]))
-    logger.log(end_step, {"accuracy": final["accuracy"], "samples": final["samples"]}, kind="eval")
-    ckpt_path = checkpoint.save_training_checkpoint(cfg, models, opt, sched, end_step, state)
+    logger.log(end_step, {k: v for k, v in final.items() if k != "n"}, kind="eval")
+    if ckpt is not None and start == end_step:
+        ckpt_path = ckpt  # nothing trained since this checkpoint
+    else:
+        ckpt_path = checkpoint.save_training_checkpoint(cfg, models, opt, sched, end_step, state)
     if cfg.logging.plot and ctx.is_main:
         plot_curves(state["history"], out_dir / "curves.png", state["teacher_accuracy"])
     summary = {"teacher_accuracy": state["teacher_accuracy"], "student_before": state["student_before"],
@@ -440,15 +961,21 @@ def train(cfg: Config, log=None) -> dict:
     if t is not None and b is not None and t > b:
         summary["gap_closed"] = (a - b) / (t - b)
     logger.log(end_step, summary, kind="summary")
-    logger.close()
     if ctx.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     gap = f" | gap closed {summary['gap_closed'] * 100:.0f}%" if "gap_closed" in summary else ""
     say(f"[done] teacher {t if t is None else f'{t:.3f}'} | student before {b if b is None else f'{b:.3f}'} | "
         f"student after {a:.3f}{gap} | {summary['total_s']:.0f}s total ({t_prep:.0f}s preparation)")
-    if ctx.initialized_here:
-        parallel.destroy_distributed(ctx)
     return summary
+
+
+def _resume_command(argv: List[str], ckpt: Optional[Path]) -> str:
+    keep = [a for a in argv if not a.startswith("checkpoint.resume=")]
+    target = str(ckpt) if ckpt is not None else "latest"
+    cmd = "python train/run.py " + " ".join(shlex.quote(a) for a in keep + [f"checkpoint.resume={target}"])
+    if parallel.launched_by_torchrun():
+        cmd += "   (under torchrun: the same torchrun command with this checkpoint.resume=)"
+    return cmd
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -457,16 +984,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  epilog="Overrides: dotted key=value, e.g. loss.strategy=entropy optim.lr=1e-4")
     ap.add_argument("--config", default=None, help="a YAML file or a bundled config name (train/configs/)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    err = (lambda m: print(m, file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        err(f"config error: {e}")
         return 2
-    except FileNotFoundError as e:  # a model or data path that is not there: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, CheckpointError, LockError, StorageError) as e:
+        # a model, data or checkpoint that is not there or not usable; a folder in use or not writable
+        err(f"error: {e}")
         return 2
+    except NonFiniteError as e:
+        err(f"error: non-finite training: {e}")
+        return 3
+    except Interrupted as e:
+        where = f"checkpoint {e.checkpoint}" if e.checkpoint is not None else "no checkpoint"
+        err(f"[signal] stopped after step {e.step} ({signal.Signals(e.signum).name}); saved {where}. Resume with:\n  "
+            + _resume_command(argv, e.checkpoint))
+        return e.exit_code
+    except KeyboardInterrupt:
+        err("[signal] interrupted before the first training step finished: nothing was saved")
+        return 130
     return 0
 
 
