@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from taopd_train import checkpoint, run
+from taopd_train import checkpoint, precision, resume, run, vocab
 from taopd_train.config import ConfigError, TinyArch, load_config
 from taopd_train.models import tiny_qwen3_config
 
@@ -108,7 +108,7 @@ def _fraction_changed_after_two_steps(cfg):
     models = run.build_models(cfg, torch.device("cpu"), log=lambda m: None)
     run.wrap_models(cfg, models, run.parallel.DistContext())
     lines = []
-    sample = run.report_precision(cfg, models, log=lines.append)
+    sample = precision.report_precision(cfg, models, log=lines.append)
     opt, sched = run.build_optimizer(cfg, models.student)
     before = {n: p.detach().clone() for n, p in models.student.named_parameters()}
     for step in range(2):
@@ -137,7 +137,7 @@ def test_qwen3_precision_trains_every_weight_at_lr_1e6(tmp_path):
     print(f"bf16-pure: {frac_pure:.4%} changed")
     assert frac_pure < 0.1
     assert "rounds away" in log and "warning" in log and "bf16-mixed" in log
-    assert run.changed_fraction(models.student, sample) < 0.1  # the measured check the loop logs
+    assert precision.changed_fraction(models.student, sample) < 0.1  # the measured check the loop logs
 
 
 def test_precision_config():
@@ -370,7 +370,7 @@ def test_allowed_changes_take_effect(tmp_path, one_step):
     opt, sched = run.build_optimizer(cfg, models.student)
     checkpoint.load_training_checkpoint(one_step, opt, sched)
     assert opt.param_groups[0]["betas"] == (0.9, 0.98)  # what the checkpoint alone would give
-    run.apply_optim_config(cfg, opt, sched)
+    resume.apply_optim_config(cfg, opt, sched)
     assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["weight_decay"] == 0.05
     assert opt.param_groups[1]["weight_decay"] == 0.0 and sched.get_last_lr() == [1e-5, 1e-5]
 
@@ -506,7 +506,7 @@ def test_teacher_head_larger_than_student_is_sliced_and_logged(tmp_path):
     cfg = _cfg(tmp_path, files=files)
     models = run.build_models(cfg, torch.device("cpu"), log=lambda m: None)
     lines = []
-    assert run.check_vocab(cfg, models, log=lines.append) == 151_936
+    assert vocab.check_vocab(cfg, models, log=lines.append) == 151_936
     assert "teacher lm_head rows 151,936..152,063 (128) are sliced off" in lines[0]
     assert "student 151,936, teacher 152,064" in lines[0]
 
@@ -541,15 +541,15 @@ def _word_tokenizer(vocab):
 
 def test_tokenizers_are_compared(tmp_path):
     base = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "d": 4}
-    assert "agree" in run.compare_tokenizers(_word_tokenizer(base), _word_tokenizer(dict(base)))
-    assert "agree" in run.compare_tokenizers(_word_tokenizer(base), _word_tokenizer({**base, "e": 5}))
+    assert "agree" in vocab.compare_tokenizers(_word_tokenizer(base), _word_tokenizer(dict(base)))
+    assert "agree" in vocab.compare_tokenizers(_word_tokenizer(base), _word_tokenizer({**base, "e": 5}))
     swapped = {"<unk>": 0, "a": 2, "b": 1, "c": 3, "d": 4}
     with pytest.raises(ConfigError, match=r"2 of the 5 tokens they share have different ids \('a': student id 1, "
                                           r"teacher id 2"):
-        run.compare_tokenizers(_word_tokenizer(base), _word_tokenizer(swapped))
+        vocab.compare_tokenizers(_word_tokenizer(base), _word_tokenizer(swapped))
     other = {"<unk>": 0, "w": 1, "x": 2, "y": 3, "z": 4}
     with pytest.raises(ConfigError, match="4 student tokens are not in the teacher's vocabulary"):
-        run.compare_tokenizers(_word_tokenizer(base), _word_tokenizer(other))
+        vocab.compare_tokenizers(_word_tokenizer(base), _word_tokenizer(other))
 
 
 def test_teacher_folder_tokenizer_is_compared_at_start(tmp_path, capsys):

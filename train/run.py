@@ -39,11 +39,15 @@ from taopd_kernels import TeachabilityStats, fused_teachability_kl, teachability
 
 import taopd_train.parallel as parallel
 from taopd_train import checkpoint, head
+from taopd_train.precision import changed_fraction, report_precision
+from taopd_train.resume import apply_optim_config, check_resume_config
+from taopd_train.signals import Interrupted, Signals
+from taopd_train.vocab import check_vocab, check_vocab_config, compare_tokenizers, teacher_tokenizer
 from taopd_train.checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
-from taopd_train.config import (DTYPES, Config, ConfigError, config_changes, load_config, student_dtypes,
+from taopd_train.config import (DTYPES, Config, ConfigError, load_config, student_dtypes,
                                 student_precision, to_dict)
 from taopd_train.metrics import Logger, _SilentLogger, peak_memory_mb, plot_curves
-from taopd_train.models import declared_vocab_size, load_model, load_tokenizer
+from taopd_train.models import load_model, load_tokenizer
 from taopd_train.rollout import Rollout, generate, make_rollout_engine, rollout_from_tokens
 from taopd_train.task import build_task
 
@@ -452,281 +456,6 @@ def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) ->
     return out
 
 
-# ================================================================== checks at start
-
-
-def check_vocab_config(cfg: Config, tokenizer) -> None:
-    """Before any model is loaded or prepared: ``loss.vocab_size`` / ``loss.top_k`` against the
-    vocabulary sizes the model configs declare, and the tokenizer against both embeddings."""
-    sizes = {role: declared_vocab_size(getattr(cfg, role)) for role in ("student", "teacher")}
-    _check_vocab(cfg, tokenizer, sizes, sizes, log=None)
-
-
-def check_vocab(cfg: Config, models: Models, log=print) -> int:
-    """On the loaded models: the vocabulary the loss and the rollouts use (logged, with what is sliced
-    from which head); ``loss.vocab_size`` and ``loss.top_k`` in range; the student's tokenizer readable
-    by both models. Returns the vocabulary size used. Errors are ConfigErrors naming the config key."""
-    heads = {"student": head.lm_head_weight(models.student).shape[0],
-             "teacher": head.lm_head_weight(models.teacher).shape[0]}
-    embeddings = {"student": models.student.get_input_embeddings().weight.shape[0],
-                  "teacher": models.teacher.get_input_embeddings().weight.shape[0]}
-    return _check_vocab(cfg, models.tokenizer, heads, embeddings, log)
-
-
-def _model_key(cfg: Config, role: str) -> str:
-    m = getattr(cfg, role)
-    return f"{role}.config_file={m.config_file!r}" if m.random_init and m.config_file else f"{role}.path={m.path!r}"
-
-
-def _check_vocab(cfg, tokenizer, heads: dict, embeddings: dict, log) -> Optional[int]:
-    lo = cfg.loss
-    n_tok = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
-    for role in ("teacher", "student"):
-        rows = embeddings.get(role)
-        if rows and n_tok and n_tok > rows:
-            raise ConfigError(
-                f"{_model_key(cfg, role)}: its embedding has {rows:,} rows, but the student's tokenizer has "
-                f"{n_tok:,} tokens (ids up to {n_tok - 1:,}): the {role} cannot read the student's tokens. On-policy "
-                f"distillation here needs one vocabulary: use a {role} with the student's tokenizer")
-    if not (heads.get("student") and heads.get("teacher")):
-        if lo.vocab_size and any(h and lo.vocab_size > h for h in heads.values()):
-            role, h = next((r, h) for r, h in heads.items() if h and lo.vocab_size > h)
-            raise ConfigError(f"loss.vocab_size={lo.vocab_size}: larger than the {role}'s lm_head ({h:,} rows)")
-        return None
-    smaller = min(heads.values())
-    if lo.vocab_size is not None and lo.vocab_size > smaller:
-        raise ConfigError(f"loss.vocab_size={lo.vocab_size}: must be <= {smaller:,}, the smaller lm_head (student "
-                          f"{heads['student']:,} rows, teacher {heads['teacher']:,} rows); null uses {smaller:,}")
-    v = lo.vocab_size or smaller
-    if lo.top_k > v:
-        raise ConfigError(f"loss.top_k={lo.top_k}: must be <= the vocabulary the loss uses ({v:,} ids; loss.vocab_size)")
-    eos = [e for e in (getattr(tokenizer, "eos_ids", None) or []) if e >= v]
-    if eos:
-        raise ConfigError(f"loss.vocab_size={v}: the EOS id {eos[0]:,} is not among the first {v:,} ids, so no "
-                          "rollout could end; use a larger loss.vocab_size (or null)")
-    if log is not None:
-        how = "loss.vocab_size" if lo.vocab_size else "the smaller lm_head"
-        msg = (f"[vocab] tokenizer {n_tok:,} tokens; lm_head rows: student {heads['student']:,}, teacher "
-               f"{heads['teacher']:,}; the loss and the rollouts use ids 0..{v - 1:,} ({v:,}, {how})")
-        for role in ("student", "teacher"):
-            if heads[role] > v:
-                msg += f"; {role} lm_head rows {v:,}..{heads[role] - 1:,} ({heads[role] - v:,}) are sliced off"
-        log(msg)
-    return v
-
-
-def _vocab_of(tokenizer) -> Optional[Dict[str, int]]:
-    """token string -> id of an HF tokenizer or the driver's tokenizer wrappers (byte-level strings)."""
-    hf = getattr(tokenizer, "_tok", tokenizer)
-    if hasattr(hf, "get_vocab"):
-        return hf.get_vocab()
-    if type(tokenizer).__name__ == "QwenBPETokenizer":
-        return checkpoint.builtin_hf_tokenizer(tokenizer).get_vocab()
-    return None
-
-
-def compare_tokenizers(student_tok, teacher_tok) -> str:
-    """Raise ConfigError unless both tokenizers give the same id to every token they share (and share
-    most of their vocabulary); return a line that says what was compared."""
-    s, t = _vocab_of(student_tok), _vocab_of(teacher_tok)
-    if s is None or t is None:
-        return "[vocab] tokenizers not compared (no vocabulary to read)"
-    shared = s.keys() & t.keys()
-    differ = sorted((tok for tok in shared if s[tok] != t[tok]), key=lambda x: s[x])
-    by_id_t = {i: tok for tok, i in t.items()}
-    if differ or len(shared) < 0.9 * min(len(s), len(t)):
-        examples = "; ".join(f"{tok!r}: student id {s[tok]}, teacher id {t[tok]}" for tok in differ[:3])
-        only = sorted((i, tok) for tok, i in s.items() if tok not in t)[:3]
-        only_txt = "; ".join(f"student id {i} {tok!r} is teacher id {i} {by_id_t.get(i)!r}" for i, tok in only)
-        raise ConfigError(
-            f"teacher.path: the student's and the teacher's tokenizers differ: {len(differ):,} of the {len(shared):,} "
-            f"tokens they share have different ids{' (' + examples + ')' if examples else ''}; "
-            f"{len(s) - len(shared):,} student tokens are not in the teacher's vocabulary"
-            f"{' (' + only_txt + ')' if only_txt else ''}; vocabulary sizes: student {len(s):,}, teacher {len(t):,}. "
-            "The loss compares the two models' distributions id by id, so they must share one tokenizer")
-    extra = f" (student {len(s):,} tokens, teacher {len(t):,})" if len(s) != len(t) else ""
-    return f"[vocab] student and teacher tokenizers agree: the same ids for all {len(shared):,} shared tokens{extra}"
-
-
-def teacher_tokenizer(cfg: Config):
-    """The teacher's own tokenizer, if it has one (a local HF folder with tokenizer files); else None."""
-    m = cfg.teacher
-    if m.path == "builtin" or (m.random_init and not Path(m.path).expanduser().is_dir()):
-        return None
-    from taopd_train.models import _local_or_raise
-
-    path = Path(_local_or_raise(m.path, "teacher"))
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                                              "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def report_precision(cfg: Config, models: Models, log=print) -> Optional[dict]:
-    """Log the student's precision and its memory cost; for pure low-precision students, estimate how
-    many AdamW updates of size lr round away (and warn). Returns a sample to measure after one step."""
-    p = student_precision(cfg)
-    n = sum(t.numel() for t in models.student.parameters())
-    how = "FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)" if models.autocast_dtype is None \
-        else "torch.autocast(bfloat16)"
-    if p == "bf16-mixed":
-        log(f"[precision] bf16-mixed: student weights and AdamW moments in float32 (master copy), forwards in "
-            f"bfloat16 ({how}); teacher in {cfg.teacher.dtype}. Student training state: {n * 16 / 2**30:.2f} GiB "
-            f"for {n:,} parameters (4 + 4 grad + 8 AdamW bytes each; bf16-pure: {n * 8 / 2**30:.2f} GiB)")
-        return None
-    if p == "fp32":
-        log(f"[precision] fp32: student weights, AdamW moments and forwards in float32; teacher in {cfg.teacher.dtype}")
-        return None
-    dtype = DTYPES[student_dtypes(cfg)[0]]
-    frac = rounded_away_fraction(models.student, cfg.optim.lr, dtype)
-    msg = (f"[precision] {p}: student weights and AdamW moments in {dtype}; an AdamW update of lr={cfg.optim.lr:g} "
-           f"is below half a {dtype} step for {frac:.1%} of the trainable weights (sampled) and rounds away")
-    log(msg + ("" if frac < 0.01 else "; warning: use precision=bf16-mixed (fp32 master weights) to train them"))
-    return sample_weights(models.student)
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def rounded_away_fraction(model, lr: float, dtype: torch.dtype, per_tensor: int = 65536) -> float:
-    """Fraction of (a sample of) the trainable weights w whose dtype spacing/2 exceeds lr: an update of
-    size lr leaves them unchanged."""
-    eps = torch.finfo(dtype).eps
-    lost = total = 0
-    for t in model.parameters():
-        if not t.requires_grad:
-            continue
-        w = _local(t).detach().reshape(-1)[:per_tensor].float().abs()
-        if not w.numel():
-            continue
-        spacing = torch.exp2(torch.floor(torch.log2(w.clamp_min(torch.finfo(torch.float32).tiny)))) * eps
-        lost += int((spacing / 2 > lr).sum())
-        total += w.numel()
-    return lost / max(total, 1)
-
-
-def sample_weights(model, per_tensor: int = 65536) -> dict:
-    return {n: _local(t).detach().reshape(-1)[:per_tensor].clone() for n, t in model.named_parameters()
-            if t.requires_grad}
-
-
-def changed_fraction(model, before: dict) -> float:
-    changed = total = 0
-    for n, t in model.named_parameters():
-        if n in before:
-            now = _local(t).detach().reshape(-1)[:before[n].numel()]
-            changed += int((now != before[n]).sum())
-            total += now.numel()
-    return changed / max(total, 1)
-
-
-def check_resume_config(cfg: Config, saved: Optional[dict], ckpt: Path, start: int, log=print) -> Config:
-    """Compare the checkpoint's config with this run's: changes that define the run are refused unless
-    ``checkpoint.allow_changes``; allowed ones are logged and take effect. Returns the config to use
-    (with allow_changes, the student's architecture stays the checkpoint's: its weights are loaded)."""
-    if not saved:
-        log(f"[resume] warning: {ckpt} records no config; nothing could be compared")
-        return cfg
-    changes = config_changes(saved, cfg)
-    defining = [c for c in changes if c[3] in ("defining", "checkpoint")]
-    if defining and not cfg.checkpoint.allow_changes:
-        what = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n, _ in defining)
-        raise ConfigError(f"checkpoint.resume: {ckpt} was trained with other settings that define the run ({what}). "
-                          "Resume with the checkpoint's settings, start a new run in another logging.out_dir, or set "
-                          "checkpoint.allow_changes=true to resume with the changes")
-    revert = {}
-    for key, old, new, kind in changes:
-        if kind == "allowed":
-            log(f"[resume] {key}: {old!r} -> {new!r} (takes effect from step {start})")
-        elif kind == "unknown":
-            log(f"[resume] {key}: {old!r} in the checkpoint's config, {new!r} now (known to one driver version only)")
-        elif kind == "checkpoint":
-            revert[key] = old
-            log(f"[resume] {key}: {old!r} -> {new!r} not applied: the checkpoint's student is loaded, so {key} stays "
-                f"{old!r}")
-        else:
-            log(f"[resume] {key}: {old!r} -> {new!r} (a run-defining change, allowed by checkpoint.allow_changes: "
-                f"takes effect from step {start})")
-    if not revert:
-        return cfg
-    from taopd_train.config import _build, validate
-
-    d = to_dict(cfg)
-    for key, old in revert.items():
-        node = d
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = old
-    cfg = _build(Config, d)
-    validate(cfg)
-    return cfg
-
-
-def apply_optim_config(cfg: Config, opt, sched) -> None:
-    """After loading a checkpoint's optimizer and scheduler: this config's lr (and schedule), betas, eps
-    and weight decay take effect (a loaded state_dict would otherwise keep the saved ones)."""
-    o = cfg.optim
-    for i, g in enumerate(opt.param_groups):
-        g["betas"] = tuple(o.betas)
-        g["eps"] = o.eps
-        g["weight_decay"] = o.weight_decay if i == 0 else 0.0
-        g["initial_lr"] = o.lr
-    sched.base_lrs = [o.lr for _ in opt.param_groups]
-    lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
-    for g, lr in zip(opt.param_groups, lrs):
-        g["lr"] = lr
-    sched._last_lr = lrs
-
-
-# ================================================================== signals
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM: the step in flight was finished and a checkpoint saved."""
-
-    def __init__(self, signum: int, checkpoint_path: Optional[Path], step: int):
-        self.signum, self.checkpoint, self.step = signum, checkpoint_path, step
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
-
-
-class _Signals:
-    """SIGINT / SIGTERM set a flag the loop reads after each step (finish, save, exit); a second one
-    stops at once (KeyboardInterrupt)."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._prev = {}
-
-    def install(self) -> "_Signals":
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._prev[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave the signals alone
-            self._prev = {}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            self.restore()
-            raise KeyboardInterrupt
-        self.signum = signum
-        os.write(2, f"\n[signal] {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                    "and exiting (send it again to stop at once, without saving)\n".encode())
-
-    def restore(self) -> None:
-        for sig, h in self._prev.items():
-            signal.signal(sig, h)
-        self._prev = {}
-
-
 def _rank0_first(ctx, fn):
     """Run ``fn`` on rank 0 only; every rank raises if it failed (no rank is left waiting)."""
     err = None
@@ -771,7 +500,7 @@ def train(cfg: Config, log=None) -> dict:
         if out_dir.resolve() not in root.resolve().parents:
             locks.append(checkpoint.RunLock(root).acquire(say))
 
-    signals = _Signals()
+    signals = Signals()
     try:
         _rank0_first(ctx, claim)
         summary = _train(cfg, ctx, out_dir, say, log, signals, t_start)
@@ -808,7 +537,7 @@ def _find(cfg: Config, ctx, say):
     return ckpt, (found[1] if ctx.is_main else checkpoint.load_trainer_state(ckpt))
 
 
-def _train(cfg: Config, ctx, out_dir: Path, say, log, signals: _Signals, t_start: float) -> dict:
+def _train(cfg: Config, ctx, out_dir: Path, say, log, signals: Signals, t_start: float) -> dict:
     device = ctx.device
     ckpt, trainer = _find(cfg, ctx, say)
     start = 0

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ...stats import RowStats
-from .._tiles import keys_to_ids, keys_to_values, ordered_keys, union_disagreement
+from .._tiles import keys_to_ids, ordered_keys, union_disagreement
 from ._common import (
     MASKED_ID,
     NO_ID,
