@@ -248,3 +248,46 @@ def test_default_run_closes_half_the_gap(default_run):
     _, summary = default_run
     t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
     assert a >= b + 0.5 * (t - b), summary
+
+
+def test_wandb_logging_needs_the_package_and_logs_every_scalar(tmp_path, monkeypatch):
+    """logging.wandb: a clear config error without the package; with it, the run's scalars reach
+    wandb.log at their steps, the config is recorded, and a resumed run reuses the wandb run id."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from taopd_train.metrics import Logger
+
+    if "wandb" not in sys.modules:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            with pytest.raises(ConfigError, match="logging.wandb.*pip install wandb"):
+                load_config(None, ["logging.wandb=true"])
+    calls = []
+
+    class FakeRun:
+        id = "run-123"
+
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(None, ["logging.wandb=true", "logging.wandb_mode=offline", f"logging.out_dir={tmp_path}",
+                             "logging.progress_bar=false", "logging.tensorboard=false"])
+    logger = Logger(cfg, total=3, initial=0)
+    logger.log(1, {"loss": 0.5, "kept_fraction": 0.05, "note": "text", "flag": True})
+    logger.close()
+    init = calls[0][1]
+    assert init["mode"] == "offline" and init["id"] is None and init["config"]["logging"]["wandb"] is True
+    assert calls[1] == ("log", 1, {"train/loss": 0.5, "train/kept_fraction": 0.05}) and calls[2] == ("finish",)
+    assert (tmp_path / "wandb_id.txt").read_text() == "run-123"
+    Logger(cfg, total=3, initial=1, resumed=True).close()
+    assert calls[3][1]["id"] == "run-123" and calls[3][1]["resume"] == "allow"

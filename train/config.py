@@ -138,6 +138,10 @@ class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     plot: bool = True
+    wandb: bool = False  # Weights & Biases (needs `pip install wandb`); the run resumes with its checkpoint
+    wandb_project: str = "taopd"
+    wandb_run_name: Optional[str] = None  # default: the output folder's name
+    wandb_mode: Optional[str] = None  # online | offline (no network needed) | disabled; null: WANDB_MODE or wandb's default
 
 
 @dataclass
@@ -431,6 +435,18 @@ def validate(cfg: Config) -> None:
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
     _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", e.max_new_tokens)
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1", cfg.logging.every)
+    lg = cfg.logging
+    _check(lg.wandb_mode in (None, "online", "offline", "disabled"), "logging.wandb_mode",
+           "must be online, offline, disabled or null", lg.wandb_mode)
+    if lg.wandb:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec("wandb") is not None
+        except ValueError:  # a module object without a spec (e.g. a test's stand-in): it is there
+            found = True
+        _check(found, "logging.wandb", "needs the wandb package: `pip install wandb` (or logging.wandb=false); "
+               "logging.wandb_mode=offline logs without a network", lg.wandb)
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", "must be >= 0", c.every)
     _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0", c.keep_last)

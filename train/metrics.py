@@ -47,15 +47,19 @@ class Logger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True, file=sys.stderr)
+        self.wandb = _start_wandb(cfg, self.dir) if cfg.logging.wandb else None
 
     def log(self, step: int, metrics: Dict[str, object], kind: str = "train"):
         rec = {"kind": kind, "step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
+        scalars = {f"{kind}/{k}": v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=step)
 
     def progress(self, metrics: Dict[str, float]):
         if self.bar is not None:
@@ -75,7 +79,26 @@ class Logger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         self.jsonl.close()
+
+
+def _start_wandb(cfg, out_dir: Path):
+    """A wandb run for this output folder. Its id is kept in ``wandb_id.txt`` there, so a resumed run
+    continues the same wandb run (wandb's own resume), and the whole config is recorded."""
+    import wandb
+
+    from taopd_train.config import to_dict
+
+    id_file = out_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    lg = cfg.logging
+    run = wandb.init(project=lg.wandb_project, name=lg.wandb_run_name or out_dir.name, dir=str(out_dir),
+                     config=to_dict(cfg), id=run_id, resume="allow", mode=lg.wandb_mode)
+    if run_id is None and getattr(run, "id", None):
+        id_file.write_text(str(run.id))
+    return run
 
 
 def truncate_jsonl(path: Path, step: int) -> int:
