@@ -61,8 +61,8 @@ def tile_topk_keys(z: torch.Tensor, v0: int, k: int) -> torch.Tensor:
 
     ``torch.topk`` on float values gives the right set except where the k-th and (k+1)-th values tie (it
     may then pick any of the tied ids). So the candidates are the entries strictly above the k-th value t
-    (all among the k+1 returned) plus the k lowest-id entries equal to t (found by a second topk on
-    column ranks); the exact set is the top-k of those disjoint candidates by ordered key.
+    (all among the k+1 returned) plus the k lowest-id entries equal to t (a running count and a binary
+    search); the exact set is the top-k of those disjoint candidates by ordered key.
     """
     cols = z.shape[1]
     if cols <= k:
@@ -70,10 +70,12 @@ def tile_topk_keys(z: torch.Tensor, v0: int, k: int) -> torch.Tensor:
         return ordered_keys(z, ids)
     values, pos = torch.topk(z, k + 1, dim=1)
     kth = values[:, k - 1:k]
-    low_first = torch.arange(cols, 0, -1, device=z.device, dtype=torch.int32)  # higher for lower columns
-    tied_rank = torch.where(z == kth, low_first, torch.zeros_like(low_first))
-    tied_pos = torch.topk(tied_rank, k, dim=1).indices
-    tied_ok = tied_rank.gather(1, tied_pos) > 0
+    # The j-th entry equal to the k-th value, in column order, for j = 1..k: where the running count of
+    # such entries first reaches j (a cumsum and a binary search per row; no second topk over the tile).
+    tied_count = (z == kth).cumsum(1, dtype=torch.int32)
+    j = torch.arange(1, k + 1, device=z.device, dtype=torch.int32).expand(z.shape[0], k).contiguous()
+    tied_pos = torch.searchsorted(tied_count, j).clamp(max=cols - 1)
+    tied_ok = j <= tied_count[:, -1:]
     lowest = torch.iinfo(torch.int64).min
     above = torch.where(values > kth, ordered_keys(values, pos + v0), lowest)
     tied = torch.where(tied_ok, ordered_keys(kth.expand(-1, k), tied_pos + v0), lowest)
