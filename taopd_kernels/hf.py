@@ -120,11 +120,11 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional
     return hidden
 
 
-def head_inputs(model, input_ids, attention_mask=None, *, grad: bool = True, **model_kwargs) -> HeadInputs:
-    """``HeadInputs`` of one model; ``grad=False`` runs under ``torch.no_grad`` and detaches everything."""
+def head_from_hidden(model, hidden: torch.Tensor, *, grad: bool = True) -> HeadInputs:
+    """``HeadInputs`` from final hidden states already computed: the lm_head's weight and bias, a logit
+    scale folded in (``(s h) W^T + s b``); ``grad=False`` detaches everything."""
     weight, bias, scale = lm_head_params(model)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
         if scale != 1.0:
             hidden = hidden * scale
             bias = None if bias is None else bias * scale
@@ -133,6 +133,13 @@ def head_inputs(model, input_ids, attention_mask=None, *, grad: bool = True, **m
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     return HeadInputs(hidden, weight, bias, scale)
+
+
+def head_inputs(model, input_ids, attention_mask=None, *, grad: bool = True, **model_kwargs) -> HeadInputs:
+    """``HeadInputs`` of one model; ``grad=False`` runs under ``torch.no_grad`` and detaches everything."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    return head_from_hidden(model, hidden, grad=grad)
 
 
 def student_head_inputs(model, input_ids, attention_mask=None, **model_kwargs) -> HeadInputs:

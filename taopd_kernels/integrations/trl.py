@@ -120,15 +120,7 @@ class TAOPDTrainer(DistillationTrainer):
             return hf.final_hidden_states(unwrapped, input_ids, attention_mask)
 
     def _head(self, model, hidden, grad: bool) -> hf.HeadInputs:
-        weight, bias, scale = hf.lm_head_params(self.accelerator.unwrap_model(model))
-        if scale != 1.0:
-            hidden = hidden * scale
-            bias = None if bias is None else bias * scale
-        hidden = hidden.to(weight.device)
-        if not grad:
-            hidden, weight = hidden.detach(), weight.detach()
-            bias = None if bias is None else bias.detach()
-        return hf.HeadInputs(hidden, weight, bias, scale)
+        return hf.head_from_hidden(self.accelerator.unwrap_model(model), hidden, grad=grad)
 
     def _log_selection(self, stats: TeachabilityStats, mode: str):
         summary = stats.summary()
