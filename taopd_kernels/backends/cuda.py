@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import struct
 from typing import Callable, Optional
 
 import torch
@@ -183,7 +184,7 @@ def _row_softmax(zs, zt, vocab_size: int, temperature: float, full: bool, chunk_
     """(max, log S0, E_ps[x_s - x_t] or None) of the scaled logits x = float32(z) * float32(1 / tau) the
     kernel forms, over vocabulary tiles of these rows (bounded temporaries). The gradient kernel takes
     p_s = e^((x_s - max) - log S0) from them: consistent with its own logits, and never x_s - lse."""
-    inv_tau = torch.tensor(1.0 / temperature, dtype=torch.float32).item()
+    inv_tau = struct.unpack("f", struct.pack("f", 1.0 / temperature))[0]  # float32(1 / tau), as the kernel has it
     soft = _OnlineSoftmax(zs.shape[0], zs.device)
     for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
         xs = zs[:, v0:v1].float() * inv_tau
