@@ -58,8 +58,9 @@ def _default_teacher() -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "arithmetic"  # "arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
+    source: str = "arithmetic"  # "arithmetic" / "long_arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
     max_operand: int = 99  # arithmetic: operands in [0, max_operand]
+    digits: int = 5  # long_arithmetic: digits per operand (responses of ~10 tokens per digit)
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     split: str = "train"
@@ -348,6 +349,7 @@ def validate(cfg: Config) -> None:
                "needs a config_file (or a path holding config.json)", m.random_init)
     d = cfg.data
     _check(d.max_operand >= 1, "data.max_operand", "must be >= 1", d.max_operand)
+    _check(1 <= d.digits <= 12, "data.digits", "must be in [1, 12]", d.digits)
     _check(d.eval_size >= 1, "data.eval_size", "must be >= 1", d.eval_size)
     _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", d.max_prompt_tokens)
     r = cfg.rollout

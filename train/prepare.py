@@ -39,13 +39,22 @@ DISTRACTORS = 64
 
 def task_token_ids(task, tokenizer) -> List[int]:
     ids = {tokenizer.eos_id}
+    if task.name == "long_arithmetic":  # every character is one token (checked on held-out and train samples)
+        for ch in task.alphabet():
+            ids.update(tokenizer.encode(ch))
+        rng = random.Random(0)
+        for ex in task.eval_examples() + [task.train_example(rng) for _ in range(256)]:
+            got = set(tokenizer.prompt_ids(ex.prompt)) | set(tokenizer.encode(ex.target))
+            if not got <= ids:
+                raise ValueError(f"long_arithmetic: {ex.prompt!r} tokenizes outside the task alphabet")
+        return sorted(ids)
     for ex in task.eval_examples():
         ids.update(tokenizer.prompt_ids(ex.prompt))
-        ids.update(tokenizer.encode(ex.answer))
+        ids.update(tokenizer.encode(ex.target))
     for a in range(task.max_operand + 1):  # covers every train pair's tokens (digits and operators)
         ex = task.format(a, a)
         ids.update(tokenizer.prompt_ids(ex.prompt))
-        ids.update(tokenizer.encode(ex.answer))
+        ids.update(tokenizer.encode(ex.target))
     return sorted(ids)
 
 
@@ -54,7 +63,7 @@ def sft_batch(examples, tokenizer, device, id_map: Dict[int, int] = None):
     seqs, starts = [], []
     for ex in examples:
         p = tokenizer.prompt_ids(ex.prompt)
-        r = tokenizer.encode(ex.answer) + [tokenizer.eos_id]
+        r = tokenizer.encode(ex.target) + [tokenizer.eos_id]
         seqs.append(p + r)
         starts.append(len(p))
     width = max(len(s) for s in seqs)
@@ -112,7 +121,7 @@ def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float
     inv = {v: k for k, v in id_map.items()}
     examples = task.eval_examples()[:limit]
     prompts = [[id_map[t] for t in tokenizer.prompt_ids(ex.prompt)] for ex in examples]
-    ro = generate(model, prompts, max_new_tokens=6, eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
+    ro = generate(model, prompts, max_new_tokens=getattr(task, "max_response_tokens", 6), eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
                   greedy=True)
     correct = 0
     for ex, resp in zip(examples, ro.response_ids):
@@ -210,7 +219,8 @@ def cache_key(cfg, role: str) -> str:
         "steps": sft[f"{role}_steps"], "target": sft[f"{role}_target"],
         "sft": {k: v for k, v in sft.items() if k not in ("cache_dir", "teacher_steps", "student_steps",
                                                           "teacher_target", "student_target")},
-        "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size], "seed": cfg.seed,
+        "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
+        + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []), "seed": cfg.seed,
         "distractors": DISTRACTORS, "torch": torch.__version__.split("+")[0],
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -218,8 +228,10 @@ def cache_key(cfg, role: str) -> str:
 
 def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
     """Directories of the built-in models the config asks for, training and caching them if needed."""
-    if cfg.data.source != "arithmetic":
-        raise ValueError("student.path/teacher.path=builtin need data.source=arithmetic (the built-in task)")
+    from taopd_train.task import BUILTIN_TASKS
+
+    if cfg.data.source not in BUILTIN_TASKS:
+        raise ValueError(f"student.path/teacher.path=builtin need a built-in task: data.source in {BUILTIN_TASKS}")
     root = Path(cfg.sft.cache_dir).expanduser()
     out = {}
     for role, arch, steps, target, seed_off in (

@@ -1,9 +1,12 @@
 """Prompts, answers and answer checking.
 
-Two sources of prompts:
+Three sources of prompts:
 - ``arithmetic``: a synthetic task generated in code (two-digit addition, the sum written least
   significant digit first, e.g. ``37+45=`` -> ``28``), with exact answer checking. Held-out prompts
   are a fixed, seeded set of operand pairs that training never samples.
+- ``long_arithmetic``: multi-digit addition with its working written out, column by column (digits,
+  carry in, two-digit column sum), then the final answer: responses of ~50 tokens whose positions
+  differ in how teachable they are (copies of prompt digits, carries, digit sums, the reversed answer).
 - a local JSONL / Parquet file, or a Hugging Face dataset by name, with configurable prompt / answer
   fields; answers are checked as math answers (``\\boxed{..}`` or the last number, normalised).
 """
@@ -25,7 +28,13 @@ from typing import Callable, List, Optional
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    answer: str
+    answer: str  # what the answer check compares against
+    solution: Optional[str] = None  # the full SFT target when it is more than the answer (worked solutions)
+
+    @property
+    def target(self) -> str:
+        """The response SFT trains on: the worked solution if there is one, else the answer."""
+        return self.answer if self.solution is None else self.solution
 
 
 class ArithmeticTask:
@@ -64,6 +73,72 @@ class ArithmeticTask:
 
     def alphabet(self) -> str:
         return "0123456789+="
+
+
+class LongArithmeticTask:
+    """n-digit addition (operands zero-padded to ``digits`` digits) with the working written out.
+
+    ``01234+56789=`` -> ``4+9+0=13;3+8+1=12;2+7+1=10;1+6+1=08;0+5+0=05=58023``: one column per
+    ``;``-separated step, least significant first: the two operand digits, the carry in, and the
+    column sum as two digits (carry out, digit); after the last column ``=`` and the sum, most
+    significant digit first, without leading zeros. Every character is one Qwen BPE token, so a
+    5-digit problem has a 50-51-token response (plus EOS). Positions differ in how teachable they
+    are: the operand digits are copies from the prompt, the carry in a copy of the previous column's
+    carry out, the column sum arithmetic, the final answer a reversed copy of the digits computed.
+    The answer check is exact on the final answer (the text after the last ``=``). Held-out prompts
+    are a fixed, seeded set of operand pairs that training never samples.
+    """
+
+    name = "long_arithmetic"
+
+    def __init__(self, digits: int = 5, num_eval: int = 256, seed: int = 0):
+        if digits < 1:
+            raise ValueError(f"data.digits={digits}: must be >= 1")
+        self.digits = digits
+        self.max_operand = 10 ** digits - 1
+        if num_eval >= (self.max_operand + 1) ** 2 // 2:
+            raise ValueError(f"data.eval_size={num_eval} is too large for {digits}-digit operands")
+        rng = random.Random(seed + 2_000_003)
+        pairs = set()
+        while len(pairs) < num_eval:
+            pairs.add((rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)))
+        self.eval_pairs = sorted(pairs)
+        self._held_out = frozenset(pairs)
+        # the longest response in tokens: the columns (8 each), their separators, '=', the answer, EOS
+        self.max_response_tokens = 8 * digits + (digits - 1) + 1 + (digits + 1) + 1
+
+    def format(self, a: int, b: int) -> Example:
+        n = self.digits
+        da, db = f"{a:0{n}d}"[::-1], f"{b:0{n}d}"[::-1]
+        carry, cols = 0, []
+        for x, y in zip(da, db):
+            s = int(x) + int(y) + carry
+            cols.append(f"{x}+{y}+{carry}={s // 10}{s % 10}")
+            carry = s // 10
+        answer = str(a + b)
+        return Example(prompt=f"{a:0{n}d}+{b:0{n}d}=", answer=answer, solution=";".join(cols) + "=" + answer)
+
+    def train_example(self, rng: random.Random) -> Example:
+        while True:
+            pair = (rng.randint(0, self.max_operand), rng.randint(0, self.max_operand))
+            if pair not in self._held_out:
+                return self.format(*pair)
+
+    def eval_examples(self) -> List[Example]:
+        return [self.format(a, b) for a, b in self.eval_pairs]
+
+    @staticmethod
+    def final_answer(response: str) -> Optional[str]:
+        """The text after the last '=' (None if there is none)."""
+        text = response.strip()
+        return text.rsplit("=", 1)[1] if "=" in text else None
+
+    @classmethod
+    def check(cls, response: str, answer: str) -> bool:
+        return cls.final_answer(response) == answer
+
+    def alphabet(self) -> str:
+        return "0123456789+=;"
 
 
 # ---------------------------------------------------------------- prompts from a file or a dataset
@@ -216,9 +291,14 @@ def math_equal(pred: Optional[str], ref: Optional[str]) -> bool:
     return math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
 
 
+BUILTIN_TASKS = ("arithmetic", "long_arithmetic")  # generated in code; the built-in models can be prepared on them
+
+
 def build_task(data_cfg, seed: int):
     if data_cfg.source == "arithmetic":
         return ArithmeticTask(max_operand=data_cfg.max_operand, num_eval=data_cfg.eval_size, seed=seed)
+    if data_cfg.source == "long_arithmetic":
+        return LongArithmeticTask(digits=getattr(data_cfg, "digits", 5), num_eval=data_cfg.eval_size, seed=seed)
     return PromptDataset(data_cfg.source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
                          split=data_cfg.split, eval_source=data_cfg.eval_source, eval_split=data_cfg.eval_split,
                          num_eval=data_cfg.eval_size, seed=seed)
