@@ -4,9 +4,10 @@ Three sources of prompts:
 - ``arithmetic``: a synthetic task generated in code (two-digit addition, the sum written least
   significant digit first, e.g. ``37+45=`` -> ``28``), with exact answer checking. Held-out prompts
   are a fixed, seeded set of operand pairs that training never samples.
-- ``long_arithmetic``: multi-digit addition with its working written out, column by column (digits,
-  carry in, two-digit column sum), then the final answer: responses of ~50 tokens whose positions
-  differ in how teachable they are (copies of prompt digits, carries, digit sums, the reversed answer).
+- ``long_arithmetic``: repeated addition with every partial result written out (``4821+7*6=``: the
+  running total after each of six additions of 7, least significant digit first, then the final
+  total): responses of ~60 tokens whose positions differ in how teachable they are (copies, digit
+  sums, carries, the reversed final answer), exact answer checking.
 - a local JSONL / Parquet file, or a Hugging Face dataset by name, with configurable prompt / answer
   fields; answers are checked as math answers (``\\boxed{..}`` or the last number, normalised).
 """
@@ -76,56 +77,56 @@ class ArithmeticTask:
 
 
 class LongArithmeticTask:
-    """n-digit addition (operands zero-padded to ``digits`` digits) with the working written out.
+    """Repeated addition with every partial result written out: start + k, ``chain`` times.
 
-    ``01234+56789=`` -> ``4+9+0=13;3+8+1=12;2+7+1=10;1+6+1=08;0+5+0=05=58023``: one column per
-    ``;``-separated step, least significant first: the two operand digits, the carry in, and the
-    column sum as two digits (carry out, digit); after the last column ``=`` and the sum, most
-    significant digit first, without leading zeros. Every character is one Qwen BPE token, so a
-    5-digit problem has a 50-51-token response (plus EOS). Positions differ in how teachable they
-    are: the operand digits are copies from the prompt, the carry in a copy of the previous column's
-    carry out, the column sum arithmetic, the final answer a reversed copy of the digits computed.
-    The answer check is exact on the final answer (the text after the last ``=``). Held-out prompts
-    are a fixed, seeded set of operand pairs that training never samples.
+    ``4821+7*6=`` -> ``12840+7;92840+7;...;07940=4863``: the running total after 0, 1, ..., chain
+    additions of k, each written with ``digits + 1`` digits, least significant first (zero-padded),
+    followed by ``+k;`` while additions remain; then ``=`` and the final total in ordinary notation.
+    Every character is one Qwen BPE token, so with the defaults (4-digit start, chain 6) a response is
+    59-60 tokens (plus EOS). Positions differ in how teachable they are: separators and the repeated
+    ``+k`` are copies, a digit that receives no carry is a copy of the same digit one total earlier
+    (a fixed offset back), the lowest digit is a sum, a carried digit depends on the carry chain, and
+    the final answer is the last total reversed. The answer check is exact on the final answer (the
+    text after the last ``=``). Held-out prompts are a fixed set of (start, k) pairs, the same for
+    every run seed (so that seeds compare on one held-out set), that training never samples.
     """
 
     name = "long_arithmetic"
 
-    def __init__(self, digits: int = 5, num_eval: int = 256, seed: int = 0):
-        if digits < 1:
-            raise ValueError(f"data.digits={digits}: must be >= 1")
-        self.digits = digits
+    def __init__(self, digits: int = 4, num_eval: int = 256, seed: int = 0, chain: int = 6):
+        if digits < 1 or chain < 1:
+            raise ValueError(f"long_arithmetic: digits={digits} and chain={chain} must be >= 1")
+        self.digits, self.chain = digits, chain
         self.max_operand = 10 ** digits - 1
-        if num_eval >= (self.max_operand + 1) ** 2 // 2:
-            raise ValueError(f"data.eval_size={num_eval} is too large for {digits}-digit operands")
-        rng = random.Random(seed + 2_000_003)
+        if num_eval >= (self.max_operand + 1) * 9 // 2:
+            raise ValueError(f"data.eval_size={num_eval} is too large for {digits}-digit starts")
+        del seed  # the held-out set does not depend on the run seed
+        rng = random.Random(2_000_003 + digits)
         pairs = set()
         while len(pairs) < num_eval:
-            pairs.add((rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)))
+            pairs.add((rng.randint(0, self.max_operand), rng.randint(1, 9)))
         self.eval_pairs = sorted(pairs)
         self._held_out = frozenset(pairs)
-        # the longest response in tokens: the columns (8 each), their separators, '=', the answer, EOS
-        self.max_response_tokens = 8 * digits + (digits - 1) + 1 + (digits + 1) + 1
+        width = digits + 1
+        # the longest response in tokens: chain steps of (total, '+', k, ';'), the last total, '=', answer, EOS
+        self.max_response_tokens = chain * (width + 3) + width + 1 + width + 1
 
-    def format(self, a: int, b: int) -> Example:
-        n = self.digits
-        da, db = f"{a:0{n}d}"[::-1], f"{b:0{n}d}"[::-1]
-        carry, cols = 0, []
-        for x, y in zip(da, db):
-            s = int(x) + int(y) + carry
-            cols.append(f"{x}+{y}+{carry}={s // 10}{s % 10}")
-            carry = s // 10
-        answer = str(a + b)
-        return Example(prompt=f"{a:0{n}d}+{b:0{n}d}=", answer=answer, solution=";".join(cols) + "=" + answer)
+    def format(self, start: int, k: int) -> Example:
+        width = self.digits + 1
+        totals = [start + i * k for i in range(self.chain + 1)]
+        rev = [f"{t:0{width}d}"[::-1] for t in totals]
+        answer = str(totals[-1])
+        solution = "".join(f"{r}+{k};" for r in rev[:-1]) + f"{rev[-1]}={answer}"
+        return Example(prompt=f"{start}+{k}*{self.chain}=", answer=answer, solution=solution)
 
     def train_example(self, rng: random.Random) -> Example:
         while True:
-            pair = (rng.randint(0, self.max_operand), rng.randint(0, self.max_operand))
+            pair = (rng.randint(0, self.max_operand), rng.randint(1, 9))
             if pair not in self._held_out:
                 return self.format(*pair)
 
     def eval_examples(self) -> List[Example]:
-        return [self.format(a, b) for a, b in self.eval_pairs]
+        return [self.format(a, k) for a, k in self.eval_pairs]
 
     @staticmethod
     def final_answer(response: str) -> Optional[str]:
@@ -138,7 +139,7 @@ class LongArithmeticTask:
         return cls.final_answer(response) == answer
 
     def alphabet(self) -> str:
-        return "0123456789+=;"
+        return "0123456789+*=;"
 
 
 # ---------------------------------------------------------------- prompts from a file or a dataset
@@ -298,7 +299,7 @@ def build_task(data_cfg, seed: int):
     if data_cfg.source == "arithmetic":
         return ArithmeticTask(max_operand=data_cfg.max_operand, num_eval=data_cfg.eval_size, seed=seed)
     if data_cfg.source == "long_arithmetic":
-        return LongArithmeticTask(digits=getattr(data_cfg, "digits", 5), num_eval=data_cfg.eval_size, seed=seed)
+        return LongArithmeticTask(digits=getattr(data_cfg, "digits", 4), num_eval=data_cfg.eval_size, seed=seed)
     return PromptDataset(data_cfg.source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
                          split=data_cfg.split, eval_source=data_cfg.eval_source, eval_split=data_cfg.eval_split,
                          num_eval=data_cfg.eval_size, seed=seed)
