@@ -60,7 +60,7 @@ def _default_teacher() -> ModelConfig:
 class DataConfig:
     source: str = "arithmetic"  # "arithmetic" / "long_arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
     max_operand: int = 99  # arithmetic: operands in [0, max_operand]
-    digits: int = 5  # long_arithmetic: digits per operand (responses of ~10 tokens per digit)
+    digits: int = 4  # long_arithmetic: digits of the start number (responses of ~8 tokens per partial result)
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     split: str = "train"
@@ -164,6 +164,7 @@ class SFTConfig:
     calib_steps: int = 0  # optional full-vocabulary CE steps after the expansion
     calib_lr: float = 1e-4
     calib_batch_size: int = 32
+    seed: Optional[int] = None  # seed of the preparation; null: the run's ``seed`` (compare.py pins it across run seeds)
 
 
 @dataclass

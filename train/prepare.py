@@ -211,18 +211,26 @@ def full_vocab_ce(full, task, tokenizer, sft, rng, device) -> float:
     return float(F.cross_entropy(h @ lm_head_weight(full).T, labels))
 
 
+def prep_seed(cfg) -> int:
+    """The seed the built-in models are prepared with: ``sft.seed``, else the run's ``seed``."""
+    return cfg.seed if cfg.sft.seed is None else cfg.sft.seed
+
+
 def cache_key(cfg, role: str) -> str:
     """Everything that affects one prepared model (so changing the student's SFT keeps the cached teacher)."""
     sft = dataclasses.asdict(cfg.sft)
-    blob = json.dumps({
+    blob = {
         "v": PREP_VERSION, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
         "steps": sft[f"{role}_steps"], "target": sft[f"{role}_target"],
         "sft": {k: v for k, v in sft.items() if k not in ("cache_dir", "teacher_steps", "student_steps",
-                                                          "teacher_target", "student_target")},
+                                                          "teacher_target", "student_target", "seed")},
         "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
-        + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []), "seed": cfg.seed,
+        + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []), "seed": prep_seed(cfg),
         "distractors": DISTRACTORS, "torch": torch.__version__.split("+")[0],
-    }, sort_keys=True)
+    }
+    if cfg.sft.seed is not None and cfg.data.source == "arithmetic":  # its held-out split follows the run's seed
+        blob["split_seed"] = cfg.seed
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -247,7 +255,7 @@ def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # tiny tensors: one thread is faster and deterministic
             try:
-                model, info = train_builtin(arch, steps, task, tokenizer, cfg.sft, seed=cfg.seed * 1000 + seed_off,
+                model, info = train_builtin(arch, steps, task, tokenizer, cfg.sft, seed=prep_seed(cfg) * 1000 + seed_off,
                                             device=device, log=log, tag=role, target=target)
             finally:
                 torch.set_num_threads(threads)
