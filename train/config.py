@@ -165,6 +165,7 @@ class SFTConfig:
     calib_lr: float = 1e-4
     calib_batch_size: int = 32
     seed: Optional[int] = None  # seed of the preparation; null: the run's ``seed`` (compare.py pins it across run seeds)
+    shipped: bool = True  # use the compact weights in train/prepared/ that match this preparation (false: SFT here)
 
 
 @dataclass
