@@ -50,6 +50,7 @@ def test_compare_writes_every_file_and_resumes(tmp_path, monkeypatch):
         assert RUN_FIELDS <= set(r)
         assert [p[0] for p in r["accuracy_curve"]] == [0, 1]
         assert r["heldout_kl_reverse"] >= 0 and r["heldout_kl_forward"] >= 0
+        assert r["kl_curve"][-1] == [r["accuracy_curve"][-1][0], r["heldout_kl_reverse"], r["heldout_kl_forward"]]
         assert 0 < r["kept_fraction"] <= 1 and r["loss_head_s"] > 0 and r["total_s"] > 0
         assert r["keep_ratio"] == (1.0 if r["strategy"] == "all" else cfg.loss.keep_ratio)
     by = {(r["strategy"], r["seed"]): r for r in data["runs"]}

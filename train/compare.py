@@ -309,12 +309,12 @@ def plot_compare(result: dict, path: Path) -> None:
     for r in result["runs"]:
         by.setdefault(r["strategy"], []).append(r)
     for s, rs in by.items():
-        for ax, key, col in ((a1, "accuracy_curve", 1), (a2, "kl_curve", 2)):
+        for ax, key in ((a1, "accuracy_curve"), (a2, "kl_curve")):  # [step, accuracy] / [step, KL_rev, KL_fwd]
             steps = sorted({p[0] for r in rs for p in r[key]})
             vals = np.full((len(rs), len(steps)), np.nan)
             for i, r in enumerate(rs):
                 for p in r[key]:
-                    vals[i, steps.index(p[0])] = p[col] if key == "kl_curve" else p[1]
+                    vals[i, steps.index(p[0])] = p[1]
             mean = np.nanmean(vals, 0)
             line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{s} (n={len(rs)})")
             if len(rs) > 1:
