@@ -58,8 +58,9 @@ def _default_teacher() -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "arithmetic"  # "arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
+    source: str = "arithmetic"  # "arithmetic" / "long_arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
     max_operand: int = 99  # arithmetic: operands in [0, max_operand]
+    digits: int = 4  # long_arithmetic: digits of the start number (responses of ~8 tokens per partial result)
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     split: str = "train"
@@ -171,6 +172,8 @@ class SFTConfig:
     calib_steps: int = 0  # optional full-vocabulary CE steps after the expansion
     calib_lr: float = 1e-4
     calib_batch_size: int = 32
+    seed: Optional[int] = None  # seed of the preparation; null: the run's ``seed`` (compare.py pins it across run seeds)
+    shipped: bool = True  # use the compact weights in train/prepared/ that match this preparation (false: SFT here)
 
 
 @dataclass
@@ -384,6 +387,7 @@ def validate(cfg: Config) -> None:
                "needs a config_file (or a path holding config.json)", m.random_init)
     d = cfg.data
     _check(d.max_operand >= 1, "data.max_operand", "must be >= 1", d.max_operand)
+    _check(1 <= d.digits <= 12, "data.digits", "must be in [1, 12]", d.digits)
     _check(d.eval_size >= 1, "data.eval_size", "must be >= 1", d.eval_size)
     _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", d.max_prompt_tokens)
     r = cfg.rollout

@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +33,28 @@ from taopd_train.head import lm_head_weight
 from taopd_train.models import QWEN3_VOCAB, tiny_qwen3_config
 from taopd_train.rollout import generate
 
-PREP_VERSION = 3
+PREP_VERSION = 4  # 4: expansion noise from a CPU generator; shipped compact weights
 DISTRACTORS = 64
 
 
 def task_token_ids(task, tokenizer) -> List[int]:
     ids = {tokenizer.eos_id}
+    if task.name == "long_arithmetic":  # every character is one token (checked on held-out and train samples)
+        for ch in task.alphabet():
+            ids.update(tokenizer.encode(ch))
+        rng = random.Random(0)
+        for ex in task.eval_examples() + [task.train_example(rng) for _ in range(256)]:
+            got = set(tokenizer.prompt_ids(ex.prompt)) | set(tokenizer.encode(ex.target))
+            if not got <= ids:
+                raise ValueError(f"long_arithmetic: {ex.prompt!r} tokenizes outside the task alphabet")
+        return sorted(ids)
     for ex in task.eval_examples():
         ids.update(tokenizer.prompt_ids(ex.prompt))
-        ids.update(tokenizer.encode(ex.answer))
+        ids.update(tokenizer.encode(ex.target))
     for a in range(task.max_operand + 1):  # covers every train pair's tokens (digits and operators)
         ex = task.format(a, a)
         ids.update(tokenizer.prompt_ids(ex.prompt))
-        ids.update(tokenizer.encode(ex.answer))
+        ids.update(tokenizer.encode(ex.target))
     return sorted(ids)
 
 
@@ -54,7 +63,7 @@ def sft_batch(examples, tokenizer, device, id_map: Dict[int, int] = None):
     seqs, starts = [], []
     for ex in examples:
         p = tokenizer.prompt_ids(ex.prompt)
-        r = tokenizer.encode(ex.answer) + [tokenizer.eos_id]
+        r = tokenizer.encode(ex.target) + [tokenizer.eos_id]
         seqs.append(p + r)
         starts.append(len(p))
     width = max(len(s) for s in seqs)
@@ -112,7 +121,7 @@ def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float
     inv = {v: k for k, v in id_map.items()}
     examples = task.eval_examples()[:limit]
     prompts = [[id_map[t] for t in tokenizer.prompt_ids(ex.prompt)] for ex in examples]
-    ro = generate(model, prompts, max_new_tokens=6, eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
+    ro = generate(model, prompts, max_new_tokens=getattr(task, "max_response_tokens", 6), eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
                   greedy=True)
     correct = 0
     for ex, resp in zip(examples, ro.response_ids):
@@ -121,9 +130,13 @@ def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float
     return correct / len(examples)
 
 
-def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
-                  target: float = 1.0):
-    """Compact SFT, expansion to the Qwen3 vocabulary, full-vocabulary calibration. Returns (model, info)."""
+def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
+                target: float = 1.0):
+    """Compact SFT (step 1 of the module docstring) with its early stop. Returns (compact model, info).
+
+    Seeded, on one thread (``prepare_builtin``), with deterministic algorithms: the same trajectory on
+    machines whose float kernels agree. Kernels differ between CPUs (vector widths, BLAS builds), so
+    the run is not bitwise reproducible across machines: that is what the shipped weights are for."""
     vocab = task_token_ids(task, tokenizer)
     id_map = {t: i for i, t in enumerate(vocab)}
     k, r = len(vocab), DISTRACTORS
@@ -153,32 +166,102 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
             if acc_compact >= target:  # early stop: the teacher is good enough / the student weak enough
                 break
     log(f"[prepare] {tag}: compact-model accuracy {acc_compact:.3f}")
+    del opt
+    return model, {"compact_accuracy": acc_compact, "compact_loss": loss, "steps": done, "sft_seconds": time.time() - t0,
+                   "vocab": vocab}
 
-    # expansion to the full Qwen3 vocabulary
+
+def expand(model, vocab: List[int], arch, *, seed: int, device):
+    """Step 2 of the module docstring: the compact model's rows to their Qwen ids in a 151,936-row tied
+    embedding, every other row its distractor's plus noise of std 1e-3. The noise comes from a seeded
+    CPU generator, so the expansion is the same on every machine and device."""
+    from transformers import Qwen3ForCausalLM
+
+    k, r = len(vocab), DISTRACTORS
     torch.manual_seed(seed + 1)
     full = Qwen3ForCausalLM(tiny_qwen3_config(arch, vocab_size=QWEN3_VOCAB)).to(device)
     state = {n: v for n, v in model.state_dict().items() if "embed_tokens" not in n and "lm_head" not in n}
     _, unexpected = full.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     with torch.no_grad():
-        small = model.get_input_embeddings().weight
+        small = model.get_input_embeddings().weight.to(device)
         emb = full.get_input_embeddings().weight  # tied: also the lm_head weight
         is_task = torch.zeros(QWEN3_VOCAB, dtype=torch.bool, device=device)
         is_task[torch.tensor(vocab, device=device)] = True
         others = (~is_task).nonzero().squeeze(1)
-        emb[others] = small[k + torch.arange(others.numel(), device=device) % r]
-        emb[others] += 1e-3 * torch.randn(others.numel(), emb.shape[1], device=device)
+        gen = torch.Generator(device="cpu").manual_seed(seed + 2)
+        noise = torch.randn(others.numel(), emb.shape[1], generator=gen, dtype=torch.float32)
+        emb[others] = small[k + torch.arange(others.numel(), device=device) % r] + 1e-3 * noise.to(device, emb.dtype)
         emb[torch.tensor(vocab, device=device)] = small[:k]
-    del model, opt
+    return full
 
+
+def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
+                  target: float = 1.0, shipped: Optional[Path] = None):
+    """Compact SFT (or the shipped compact weights ``shipped``), expansion to the Qwen3 vocabulary,
+    full-vocabulary calibration. Returns (model, info)."""
+    t0 = time.time()
+    if shipped is not None:
+        model, info = load_compact(shipped, arch, device, tokenizer.eos_id)
+        vocab = info["vocab"]
+        if vocab != task_token_ids(task, tokenizer):
+            raise ValueError(f"{shipped}: its vocabulary is not this task's tokens")
+        id_map = {t: i for i, t in enumerate(vocab)}
+        acc = compact_accuracy(model, task, tokenizer, id_map, device)
+        log(f"[prepare] {tag}: shipped compact weights {shipped.name} (accuracy {acc:.3f}, recorded "
+            f"{info['compact_accuracy']:.3f} after {info['steps']} SFT steps)")
+        info = dict(info, compact_accuracy_measured=acc, source="shipped")
+    else:
+        model, info = compact_sft(arch, steps, task, tokenizer, sft, seed=seed, device=device, log=log, tag=tag,
+                                  target=target)
+        vocab = info["vocab"]
+        info["source"] = "trained"
+    full = expand(model, vocab, arch, seed=seed, device=device)
+    compact_state = model.state_dict()
+    del model
+    rng = random.Random(seed + 11)
     calib_loss = calibrate(full, task, tokenizer, sft, rng, device)
     full_ce = full_vocab_ce(full, task, tokenizer, sft, random.Random(seed + 7), device)
     log(f"[prepare] {tag}: expanded to {QWEN3_VOCAB} rows; full-vocabulary CE {full_ce:.4f} "
-        f"(compact {loss:.4f}) ({time.time() - t0:.0f}s)")
+        f"(compact {info['compact_loss']:.4f}) ({time.time() - t0:.0f}s)")
     full.generation_config.eos_token_id = tokenizer.eos_id
     full.generation_config.pad_token_id = tokenizer.pad_id
-    return full, {"compact_accuracy": acc_compact, "compact_loss": loss, "full_vocab_ce": full_ce,
-                  "calib_loss": calib_loss, "steps": done, "seconds": time.time() - t0}
+    info = dict(info, full_vocab_ce=full_ce, calib_loss=calib_loss, seconds=time.time() - t0)
+    return full, info, compact_state
+
+
+# ---------------------------------------------------------------- shipped compact weights
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "prepared"
+
+
+def save_compact(path: Path, state: dict, info: dict) -> None:
+    """The compact model's weights (float32 safetensors) with its SFT record in the metadata."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: info[k] for k in ("compact_accuracy", "compact_loss", "steps", "vocab")}
+    tensors = {n: v.detach().float().cpu().contiguous() for n, v in state.items() if n != "lm_head.weight"}
+    save_file(tensors, str(path), metadata={"info": json.dumps(meta)})
+
+
+def load_compact(path: Path, arch, device, eos_id: int):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import Qwen3ForCausalLM
+
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["info"])
+    state = load_file(str(path))
+    vocab = info["vocab"]
+    # as in compact_sft: the special (EOS / pad) id is EOS's compact id
+    cfg = tiny_qwen3_config(arch, vocab_size=state["model.embed_tokens.weight"].shape[0],
+                            special_id=vocab.index(eos_id))
+    model = Qwen3ForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    model.tie_weights()
+    return model.to(device).eval(), info
 
 
 def calibrate(full, task, tokenizer, sft, rng, device) -> float:
@@ -202,24 +285,58 @@ def full_vocab_ce(full, task, tokenizer, sft, rng, device) -> float:
     return float(F.cross_entropy(h @ lm_head_weight(full).T, labels))
 
 
+def prep_seed(cfg) -> int:
+    """The seed the built-in models are prepared with: ``sft.seed``, else the run's ``seed``."""
+    return cfg.seed if cfg.sft.seed is None else cfg.sft.seed
+
+
 def cache_key(cfg, role: str) -> str:
     """Everything that affects one prepared model (so changing the student's SFT keeps the cached teacher)."""
     sft = dataclasses.asdict(cfg.sft)
-    blob = json.dumps({
+    blob = {
         "v": PREP_VERSION, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
         "steps": sft[f"{role}_steps"], "target": sft[f"{role}_target"],
         "sft": {k: v for k, v in sft.items() if k not in ("cache_dir", "teacher_steps", "student_steps",
-                                                          "teacher_target", "student_target")},
-        "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size], "seed": cfg.seed,
+                                                          "teacher_target", "student_target", "seed", "shipped")},
+        "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
+        + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []), "seed": prep_seed(cfg),
         "distractors": DISTRACTORS, "torch": torch.__version__.split("+")[0],
-    }, sort_keys=True)
+    }
+    if cfg.sft.seed is not None and cfg.data.source == "arithmetic":  # its held-out split follows the run's seed
+        blob["split_seed"] = cfg.seed
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def compact_key(cfg, role: str) -> str:
+    """Everything that affects one compact SFT run (the name of its shipped weights): not the torch version,
+    the cache folder or the calibration after the expansion."""
+    sft = cfg.sft
+    blob = {"v": 1, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
+            "steps": getattr(sft, f"{role}_steps"), "target": getattr(sft, f"{role}_target"),
+            "sft": [sft.batch_size, sft.lr, sft.eval_every], "data": [cfg.data.source, cfg.data.max_operand,
+                                                                      cfg.data.eval_size]
+            + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []),
+            "seed": prep_seed(cfg), "distractors": DISTRACTORS}
+    if cfg.data.source == "arithmetic":  # its held-out split (never trained on) follows the run's seed
+        blob["split_seed"] = cfg.seed
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shipped_path(cfg, role: str) -> Path:
+    return SHIPPED_DIR / f"{cfg.data.source}-{role}-{compact_key(cfg, role)}.safetensors"
+
+
 def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
-    """Directories of the built-in models the config asks for, training and caching them if needed."""
-    if cfg.data.source != "arithmetic":
-        raise ValueError("student.path/teacher.path=builtin need data.source=arithmetic (the built-in task)")
+    """Directories of the built-in models the config asks for, training and caching them if needed.
+
+    With ``sft.shipped`` (default) and compact weights for exactly this preparation in train/prepared/,
+    no SFT runs: the shipped weights are expanded (deterministically), so every machine gets the same
+    models. Otherwise compact SFT runs here (seeded, one thread, deterministic algorithms)."""
+    from taopd_train.task import BUILTIN_TASKS
+
+    if cfg.data.source not in BUILTIN_TASKS:
+        raise ValueError(f"student.path/teacher.path=builtin need a built-in task: data.source in {BUILTIN_TASKS}")
     root = Path(cfg.sft.cache_dir).expanduser()
     out = {}
     for role, arch, steps, target, seed_off in (
@@ -227,23 +344,65 @@ def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
             ("student", cfg.student.tiny, cfg.sft.student_steps, cfg.sft.student_target, 2)):
         if getattr(cfg, role).path != "builtin":
             continue
-        final = root / f"{role}-{cache_key(cfg, role)}"
+        ship = shipped_path(cfg, role)
+        use_shipped = getattr(cfg.sft, "shipped", True) and ship.is_file()
+        final = root / f"{role}-{cache_key(cfg, role)}{'-shipped' if use_shipped else ''}"
         if (final / "prepared.json").is_file():
             log(f"[prepare] {role}: cached at {final}")
         else:
-            log(f"[prepare] {role}: SFT from scratch ({steps} compact steps), caching at {final}")
+            log(f"[prepare] {role}: " + (f"expanding the shipped compact weights {ship.name}" if use_shipped else
+                                         f"SFT from scratch ({steps} compact steps)") + f", caching at {final}")
             threads = torch.get_num_threads()
+            deterministic = torch.are_deterministic_algorithms_enabled()
             torch.set_num_threads(1)  # tiny tensors: one thread is faster and deterministic
+            torch.use_deterministic_algorithms(True, warn_only=True)
             try:
-                model, info = train_builtin(arch, steps, task, tokenizer, cfg.sft, seed=cfg.seed * 1000 + seed_off,
-                                            device=device, log=log, tag=role, target=target)
+                model, info, compact = train_builtin(arch, steps, task, tokenizer, cfg.sft,
+                                                     seed=prep_seed(cfg) * 1000 + seed_off, device=device, log=log,
+                                                     tag=role, target=target, shipped=ship if use_shipped else None)
             finally:
                 torch.set_num_threads(threads)
+                torch.use_deterministic_algorithms(deterministic)
             tmp = root / f".{final.name}.tmp-{time.time_ns()}"
             model.save_pretrained(tmp)
+            save_compact(tmp / "compact.safetensors", compact, info)
+            info["compact_key"] = compact_key(cfg, role)
             (tmp / "prepared.json").write_text(json.dumps(info, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
         out[role] = str(final)
     return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m taopd_train.prepare [--export] [key=value ...]``: prepare (and cache) the built-in models
+    of a config; ``--export`` also copies their compact weights into train/prepared/ for shipping."""
+    import argparse
+
+    from taopd_train.config import load_config
+    from taopd_train.models import load_tokenizer
+    from taopd_train.task import build_task
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--export", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    dirs = prepare_builtin(cfg, build_task(cfg.data, cfg.seed), load_tokenizer(cfg), torch.device("cpu"))
+    for role, d in dirs.items():
+        info = json.loads((Path(d) / "prepared.json").read_text())
+        print(f"{role}: {d} (compact accuracy {info['compact_accuracy']:.3f}, {info['source']})")
+        if a.export:
+            dst = shipped_path(cfg, role)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(d) / "compact.safetensors", dst)
+            print(f"  exported {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,9 +1,13 @@
 """Prompts, answers and answer checking.
 
-Two sources of prompts:
+Three sources of prompts:
 - ``arithmetic``: a synthetic task generated in code (two-digit addition, the sum written least
   significant digit first, e.g. ``37+45=`` -> ``28``), with exact answer checking. Held-out prompts
   are a fixed, seeded set of operand pairs that training never samples.
+- ``long_arithmetic``: repeated addition with every partial result written out (``4821+7*6=``: the
+  running total after each of six additions of 7, least significant digit first, then the final
+  total): responses of ~60 tokens whose positions differ in how teachable they are (copies, digit
+  sums, carries, the reversed final answer), exact answer checking.
 - a local JSONL / Parquet file, or a Hugging Face dataset by name, with configurable prompt / answer
   fields; answers are checked as math answers (``\\boxed{..}`` or the last number, normalised).
 """
@@ -25,7 +29,13 @@ from typing import Callable, List, Optional
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    answer: str
+    answer: str  # what the answer check compares against
+    solution: Optional[str] = None  # the full SFT target when it is more than the answer (worked solutions)
+
+    @property
+    def target(self) -> str:
+        """The response SFT trains on: the worked solution if there is one, else the answer."""
+        return self.answer if self.solution is None else self.solution
 
 
 class ArithmeticTask:
@@ -64,6 +74,72 @@ class ArithmeticTask:
 
     def alphabet(self) -> str:
         return "0123456789+="
+
+
+class LongArithmeticTask:
+    """Repeated addition with every partial result written out: start + k, ``chain`` times.
+
+    ``4821+7*6=`` -> ``12840+7;92840+7;...;07940=4863``: the running total after 0, 1, ..., chain
+    additions of k, each written with ``digits + 1`` digits, least significant first (zero-padded),
+    followed by ``+k;`` while additions remain; then ``=`` and the final total in ordinary notation.
+    Every character is one Qwen BPE token, so with the defaults (4-digit start, chain 6) a response is
+    59-60 tokens (plus EOS). Positions differ in how teachable they are: separators and the repeated
+    ``+k`` are copies, a digit that receives no carry is a copy of the same digit one total earlier
+    (a fixed offset back), the lowest digit is a sum, a carried digit depends on the carry chain, and
+    the final answer is the last total reversed. The answer check is exact on the final answer (the
+    text after the last ``=``). Held-out prompts are a fixed set of (start, k) pairs, the same for
+    every run seed (so that seeds compare on one held-out set), that training never samples.
+    """
+
+    name = "long_arithmetic"
+
+    def __init__(self, digits: int = 4, num_eval: int = 256, seed: int = 0, chain: int = 6):
+        if digits < 1 or chain < 1:
+            raise ValueError(f"long_arithmetic: digits={digits} and chain={chain} must be >= 1")
+        self.digits, self.chain = digits, chain
+        self.max_operand = 10 ** digits - 1
+        if num_eval >= (self.max_operand + 1) * 9 // 2:
+            raise ValueError(f"data.eval_size={num_eval} is too large for {digits}-digit starts")
+        del seed  # the held-out set does not depend on the run seed
+        rng = random.Random(2_000_003 + digits)
+        pairs = set()
+        while len(pairs) < num_eval:
+            pairs.add((rng.randint(0, self.max_operand), rng.randint(1, 9)))
+        self.eval_pairs = sorted(pairs)
+        self._held_out = frozenset(pairs)
+        width = digits + 1
+        # the longest response in tokens: chain steps of (total, '+', k, ';'), the last total, '=', answer, EOS
+        self.max_response_tokens = chain * (width + 3) + width + 1 + width + 1
+
+    def format(self, start: int, k: int) -> Example:
+        width = self.digits + 1
+        totals = [start + i * k for i in range(self.chain + 1)]
+        rev = [f"{t:0{width}d}"[::-1] for t in totals]
+        answer = str(totals[-1])
+        solution = "".join(f"{r}+{k};" for r in rev[:-1]) + f"{rev[-1]}={answer}"
+        return Example(prompt=f"{start}+{k}*{self.chain}=", answer=answer, solution=solution)
+
+    def train_example(self, rng: random.Random) -> Example:
+        while True:
+            pair = (rng.randint(0, self.max_operand), rng.randint(1, 9))
+            if pair not in self._held_out:
+                return self.format(*pair)
+
+    def eval_examples(self) -> List[Example]:
+        return [self.format(a, k) for a, k in self.eval_pairs]
+
+    @staticmethod
+    def final_answer(response: str) -> Optional[str]:
+        """The text after the last '=' (None if there is none)."""
+        text = response.strip()
+        return text.rsplit("=", 1)[1] if "=" in text else None
+
+    @classmethod
+    def check(cls, response: str, answer: str) -> bool:
+        return cls.final_answer(response) == answer
+
+    def alphabet(self) -> str:
+        return "0123456789+*=;"
 
 
 # ---------------------------------------------------------------- prompts from a file or a dataset
@@ -216,9 +292,14 @@ def math_equal(pred: Optional[str], ref: Optional[str]) -> bool:
     return math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
 
 
+BUILTIN_TASKS = ("arithmetic", "long_arithmetic")  # generated in code; the built-in models can be prepared on them
+
+
 def build_task(data_cfg, seed: int):
     if data_cfg.source == "arithmetic":
         return ArithmeticTask(max_operand=data_cfg.max_operand, num_eval=data_cfg.eval_size, seed=seed)
+    if data_cfg.source == "long_arithmetic":
+        return LongArithmeticTask(digits=getattr(data_cfg, "digits", 4), num_eval=data_cfg.eval_size, seed=seed)
     return PromptDataset(data_cfg.source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
                          split=data_cfg.split, eval_source=data_cfg.eval_source, eval_split=data_cfg.eval_split,
                          num_eval=data_cfg.eval_size, seed=seed)

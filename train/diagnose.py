@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""The fixed-context diagnostic (docs/math.md, The fixed-context diagnostic).
+
+    python train/diagnose.py                                  # the built-in default pair, plain OPD from theta_0
+    python train/diagnose.py --config long_arithmetic --contexts 256 --train-steps 40 --out runs/diagnostic
+    python train/diagnose.py --checkpoint runs/default/checkpoints/step_000100   # a student trained already
+
+1. A bank of ``--contexts`` responses sampled by the initial student theta_0 (rollout temperature) is
+   built once and frozen.
+2. theta_tau: the student of ``--checkpoint``, or ``--train-steps`` steps of plain full-token OPD
+   (``loss.strategy=all``) from theta_0 with the driver (train/run.py).
+3. Both students are scored against the teacher on the same frozen contexts. Per response position:
+   full-vocabulary KL_fwd before (theta_0) and after (theta_tau), from float64 log-softmaxes of the
+   full logits (row chunks); the gain G = before - after, G_rel = G / before; at theta_0, for each
+   ``--top-k`` K, H_s, D and the exact C from ``taopd_kernels.teachability_stats(..., strategy=None)``,
+   their batch normalisations over the bank (``~x``, docs/math.md, Scores and selection),
+   D_learn = ~D * ~C, D_incompat = ~D * (1 - ~C), the normalised position t / (L - 1) in the
+   response and the normalised teacher entropy ~H_t.
+
+The analysis, per K (``analyze``): standardised OLS coefficients (statsmodels; y and every regressor
+z-scored, so a coefficient is in standard deviations of G per standard deviation of the regressor)
+of G on [~H, D_learn, D_incompat, position, ~H_t] (``split``) and on the baseline
+[~H, ~D, ~H*~D, position, ~H_t] (``baseline``) and the baseline + ~C (``baseline_C``), with 95%
+percentile CIs from a bootstrap over prompts (clusters: every position of a resampled prompt goes in
+together) and the incremental R^2 of each over the baseline; the Q3 gap (cell ~H <= median,
+~D >= median: mean G of its top-tercile-C positions minus its bottom-tercile-C positions, terciles of
+C within the cell) with its bootstrap CI; the within-prompt matched gap (every position with ~C above
+the median is matched to the nearest position of the same prompt with ~C below it on (~H, ~D,
+position); the mean difference in G), with its bootstrap CI.
+
+Writes DIR/diagnostic.json (everything, per K under "by_k"), DIR/tokens.csv (one row per position,
+K = 16, or the first K given) and DIR/diagnostic.png (G by C tercile within Q3; the coefficients
+with their CIs for every K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from taopd_kernels import batch_normalize, teachability_stats
+
+from taopd_train import head
+from taopd_train.config import Config, ConfigError, load_config
+
+SPLIT = ["H_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
+BASELINE = ["H_norm", "D_norm", "HxD", "pos_norm", "Ht_norm"]
+BASELINE_C = BASELINE + ["C_norm"]
+MODELS = {"split": SPLIT, "baseline": BASELINE, "baseline_C": BASELINE_C}
+CSV_COLUMNS = ["prompt_id", "position", "gain", "gain_rel", "kl_fwd_before", "kl_fwd_after", "H_norm", "D_norm",
+               "C_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
+
+
+# ================================================================== statistics (pure numpy / statsmodels)
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+
+
+def standardized_ols(y: np.ndarray, X: np.ndarray, names: Sequence[str]) -> dict:
+    """OLS of z-scored y on z-scored columns of X plus a constant (statsmodels). Returns
+    {"beta": {name: coefficient}, "r2": R^2, "se": {name: classical standard error}}."""
+    import statsmodels.api as sm
+
+    fit = sm.OLS(zscore(y), sm.add_constant(zscore(X), has_constant="add")).fit()
+    params, bse = np.asarray(fit.params), np.asarray(fit.bse)
+    return {"beta": dict(zip(names, params[1:].tolist())), "se": dict(zip(names, bse[1:].tolist())),
+            "r2": float(fit.rsquared)}
+
+
+def _beta_lstsq(y: np.ndarray, X: np.ndarray) -> tuple:
+    """The same standardised fit for the bootstrap's many refits (numpy least squares): (betas, R^2)."""
+    yz, Xz = zscore(y), zscore(X)
+    A = np.column_stack([np.ones(len(yz)), Xz])
+    coef, *_ = np.linalg.lstsq(A, yz, rcond=None)
+    resid = yz - A @ coef
+    tss = float(yz @ yz)
+    return coef[1:], (1.0 - float(resid @ resid) / tss) if tss > 0 else float("nan")
+
+
+def cluster_resamples(clusters: np.ndarray, n_boot: int, seed: int) -> List[np.ndarray]:
+    """Row indices of ``n_boot`` cluster-bootstrap resamples: each draws as many clusters as there are,
+    with replacement (numpy Generator ``seed``), and takes all rows of every drawn cluster."""
+    clusters = np.asarray(clusters)
+    ids, inverse = np.unique(clusters, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(ids), size=len(ids))
+        out.append(np.concatenate([members[i] for i in pick]))
+    return out
+
+
+def percentile_ci(samples: Sequence[float], level: float = 0.95) -> List[float]:
+    s = np.asarray([x for x in samples if np.isfinite(x)], dtype=np.float64)
+    if s.size == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.quantile(s, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def regression(table: Dict[str, np.ndarray], names: Sequence[str], resamples: List[np.ndarray], y: str = "gain") -> dict:
+    """Standardised OLS of ``y`` on ``names`` with cluster-bootstrap 95% CIs (``resamples``: row indices)."""
+    Y = np.asarray(table[y], dtype=np.float64)
+    X = np.column_stack([np.asarray(table[n], dtype=np.float64) for n in names])
+    ok = np.isfinite(Y) & np.isfinite(X).all(axis=1)
+    point = standardized_ols(Y[ok], X[ok], names)
+    boots, r2s = [], []
+    for idx in resamples:
+        idx = idx[ok[idx]]
+        b, r2 = _beta_lstsq(Y[idx], X[idx])
+        boots.append(b)
+        r2s.append(r2)
+    boots = np.asarray(boots).reshape(len(resamples), len(names))
+    coefs = {n: {"beta": point["beta"][n], "ci": percentile_ci(boots[:, j]), "se": point["se"][n]}
+             for j, n in enumerate(names)}
+    return {"coefficients": coefs, "r2": point["r2"], "r2_ci": percentile_ci(r2s), "n": int(ok.sum()),
+            "_r2_boot": r2s}
+
+
+def q3_gap(table: Dict[str, np.ndarray], idx: Optional[np.ndarray] = None, y: str = "gain") -> dict:
+    """Q3 = {~H <= median, ~D >= median} (medians over the rows given); terciles of C within Q3; mean y of
+    the top tercile minus the bottom tercile."""
+    idx = np.arange(len(table[y])) if idx is None else idx
+    H, D, C, G = (np.asarray(table[k], dtype=np.float64)[idx] for k in ("H_norm", "D_norm", "C_norm", y))
+    cell = (H <= np.median(H)) & (D >= np.median(D)) & np.isfinite(G)
+    c, g = C[cell], G[cell]
+    if c.size < 3:
+        return {"gap": float("nan"), "n_q3": int(c.size), "tercile_means": [float("nan")] * 3}
+    lo, hi = np.quantile(c, [1 / 3, 2 / 3])
+    groups = [g[c <= lo], g[(c > lo) & (c < hi)], g[c >= hi]]
+    means = [float(x.mean()) if x.size else float("nan") for x in groups]
+    return {"gap": means[2] - means[0], "n_q3": int(c.size), "tercile_means": means,
+            "tercile_sizes": [int(x.size) for x in groups]}
+
+
+def matched_pairs(table: Dict[str, np.ndarray]) -> tuple:
+    """Within-prompt nearest-neighbour matches: every row with ~C above the (global) median of ~C to the
+    nearest row of the same prompt with ~C below it, on (~H, ~D, position). Returns (high rows, matched
+    low rows)."""
+    C = np.asarray(table["C_norm"], dtype=np.float64)
+    feats = np.column_stack([np.asarray(table[k], dtype=np.float64) for k in ("H_norm", "D_norm", "pos_norm")])
+    pid = np.asarray(table["prompt_id"])
+    med = np.median(C)
+    highs, lows = [], []
+    for p in np.unique(pid):
+        rows = np.flatnonzero(pid == p)
+        hi, lo = rows[C[rows] > med], rows[C[rows] < med]
+        if hi.size == 0 or lo.size == 0:
+            continue
+        dist = ((feats[hi, None, :] - feats[None, lo, :]) ** 2).sum(-1)
+        highs.append(hi)
+        lows.append(lo[dist.argmin(axis=1)])
+    if not highs:
+        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    return np.concatenate(highs), np.concatenate(lows)
+
+
+def matched_gap(table: Dict[str, np.ndarray], resample_prompts: List[np.ndarray], y: str = "gain") -> dict:
+    G = np.asarray(table[y], dtype=np.float64)
+    hi, lo = matched_pairs(table)
+    diff = G[hi] - G[lo]
+    ok = np.isfinite(diff)
+    pid = np.asarray(table["prompt_id"])[hi][ok]
+    diff = diff[ok]
+    if diff.size == 0:
+        return {"gap": float("nan"), "ci": [float("nan")] * 2, "n_pairs": 0}
+    # bootstrap over prompts: per-prompt sums and counts, resampled with the same prompt draws
+    ids = np.unique(np.asarray(table["prompt_id"]))
+    sums = np.zeros(len(ids))
+    counts = np.zeros(len(ids))
+    where = np.searchsorted(ids, pid)
+    np.add.at(sums, where, diff)
+    np.add.at(counts, where, 1)
+    boots = []
+    for pick in resample_prompts:
+        n = counts[pick].sum()
+        boots.append(sums[pick].sum() / n if n else float("nan"))
+    return {"gap": float(diff.mean()), "ci": percentile_ci(boots), "n_pairs": int(diff.size)}
+
+
+def analyze(table: Dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every number of the diagnostic for one K (see the module docstring)."""
+    table = dict(table)
+    table["HxD"] = np.asarray(table["H_norm"]) * np.asarray(table["D_norm"])
+    pid = np.asarray(table["prompt_id"])
+    resamples = cluster_resamples(pid, n_boot, seed)
+    # the same draws, as prompt indices (for the matched gap's per-prompt sums)
+    ids = np.unique(pid)
+    rng = np.random.default_rng(seed)
+    prompt_draws = [rng.integers(0, len(ids), size=len(ids)) for _ in range(n_boot)]
+    out = {"n_positions": int(len(pid)), "n_contexts": int(len(ids)), "bootstrap": n_boot, "models": {}}
+    for name, cols in MODELS.items():
+        out["models"][name] = regression(table, cols, resamples)
+    base_boot = out["models"]["baseline"].pop("_r2_boot")
+    for name in ("split", "baseline_C"):
+        m = out["models"][name]
+        boot = m.pop("_r2_boot")
+        m["incremental_r2"] = m["r2"] - out["models"]["baseline"]["r2"]
+        m["incremental_r2_ci"] = percentile_ci(np.asarray(boot) - np.asarray(base_boot))
+    out["coefficients"] = out["models"]["split"]["coefficients"]
+    for y in ("gain", "gain_rel"):
+        key = "q3_gap" if y == "gain" else "q3_gap_rel"
+        point = q3_gap(table, y=y)
+        point["ci"] = percentile_ci([q3_gap(table, idx, y=y)["gap"] for idx in resamples])
+        out[key] = point
+        out["matched_gap" if y == "gain" else "matched_gap_rel"] = matched_gap(table, prompt_draws, y=y)
+    return out
+
+
+# ================================================================== the bank and the scores (torch)
+
+
+@dataclasses.dataclass
+class Bank:
+    """Frozen contexts: prompt + theta_0's sampled response, with the positions that predict response tokens."""
+
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    valid: torch.Tensor  # [N, T-1]
+    prompts: List[str]
+
+
+@torch.no_grad()
+def build_bank(cfg: Config, models, n: int, seed: int) -> Bank:
+    from taopd_train import run
+    from taopd_train.rollout import generate
+
+    rng = random.Random(seed)
+    examples = [models.task.train_example(rng) for _ in range(n)]
+    prompts = run.encode_prompts(cfg, models.tokenizer, examples)
+    device = next(models.student.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ro = generate(models.student, prompts, max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
+                  pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                  generator=gen, vocab_limit=run.vocab_limit(cfg, models))
+    valid, _ = head.loss_positions(ro.input_ids, ro.response_mask)
+    return Bank(ro.input_ids, ro.attention_mask, ro.position_ids(), valid, [e.prompt for e in examples])
+
+
+@torch.no_grad()
+def hidden_rows(model, bank: Bank, chunk: int) -> torch.Tensor:
+    """Final hidden states at the bank's valid positions, [P, D], in flat (row-major) order."""
+    out = []
+    for s in range(0, bank.input_ids.shape[0], chunk):
+        h = head.final_hidden(model, bank.input_ids[s:s + chunk], bank.attention_mask[s:s + chunk],
+                              bank.position_ids[s:s + chunk])[:, :-1]
+        out.append(h[bank.valid[s:s + chunk]].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reference_kl_and_entropy(h_t, w_t, students, vocab: int, tau: float, chunk: int = 128):
+    """Full-vocabulary KL_fwd(p_t || p_s) for every student in ``students`` ((h, w) pairs) and the teacher's
+    entropy: float32 logits, float64 log-softmaxes and sums, in row chunks (a plain reference, not the kernels)."""
+    kls = [[] for _ in students]
+    ent = []
+    wt = w_t[:vocab].float()
+    ws = [w[:vocab].float() for _, w in students]
+    for s in range(0, h_t.shape[0], chunk):
+        lpt = torch.log_softmax((h_t[s:s + chunk].float() @ wt.T).double() / tau, -1)
+        pt = lpt.exp()
+        ent.append(-(pt * lpt).sum(-1))
+        for i, (h, _) in enumerate(students):
+            lps = torch.log_softmax((h[s:s + chunk].float() @ ws[i].T).double() / tau, -1)
+            kls[i].append((pt * (lpt - lps)).sum(-1))
+    return [torch.cat(k) for k in kls], torch.cat(ent)
+
+
+def position_features(bank: Bank):
+    """(prompt id, position within the response, normalised position t / (L - 1)) per valid position."""
+    valid = bank.valid
+    idx = valid.long().cumsum(-1) - 1  # 0-based index among the row's response positions
+    length = valid.sum(-1, keepdim=True).expand_as(valid)
+    rows = torch.arange(valid.shape[0])[:, None].expand_as(valid)
+    pos = idx[valid]
+    L = length[valid]
+    return rows[valid], pos, torch.where(L > 1, pos.double() / (L - 1).clamp_min(1).double(), torch.zeros_like(pos, dtype=torch.float64))
+
+
+def load_student(path: str, cfg: Config, device):
+    """A student from a HF directory, a driver step folder (with student/) or a checkpoint root (with latest)."""
+    from transformers import AutoModelForCausalLM
+
+    from taopd_train.config import DTYPES
+
+    p = Path(path).expanduser()
+    if (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    if (p / "student" / "config.json").is_file():
+        p = p / "student"
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: neither a HF model directory nor a driver checkpoint "
+                                "(step_NNNNNN/ with student/, or a checkpoints/ folder with latest)")
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[cfg.student.dtype],
+                                                 attn_implementation=cfg.student.attn_implementation)
+    return model.to(device).eval().requires_grad_(False), str(p)
+
+
+def train_theta_tau(cfg: Config, steps: int, out: Path, log=print):
+    """Plain full-token OPD (loss.strategy=all) for ``steps`` steps from theta_0 with the driver."""
+    from taopd_train import run
+
+    tcfg = dataclasses.replace(
+        cfg, loss=dataclasses.replace(cfg.loss, strategy="all"), optim=dataclasses.replace(cfg.optim, steps=steps),
+        eval=dataclasses.replace(cfg.eval, every=0, at_start=False),
+        logging=dataclasses.replace(cfg.logging, out_dir=str(out / "opd_all"), tensorboard=False, plot=False),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=0, dir=None, resume=None, save_optimizer=False))
+    summary = run.train(tcfg, log=log)
+    return summary
+
+
+def diagnose(cfg: Config, *, contexts: int = 256, checkpoint: Optional[str] = None, train_steps: int = 40,
+             top_k: Sequence[int] = (8, 16, 32), n_boot: int = 1000, out: Path = Path("runs/diagnostic"),
+             log: Callable[[str], None] = print) -> dict:
+    from taopd_train import run
+
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = run.pick_device(cfg)
+    models = run.build_models(cfg, device, log=log)
+    models.student.eval().requires_grad_(False)
+    vocab = run.vocab_limit(cfg, models)
+    tau = cfg.loss.temperature
+    bank = build_bank(cfg, models, contexts, seed=run.step_seed(cfg.seed, 10 ** 6, 11))
+    chunk = cfg.rollout.micro_batch_size
+    h_t = hidden_rows(models.teacher, bank, chunk)
+    h_0 = hidden_rows(models.student, bank, chunk)
+    w_t, w_0 = head.lm_head_weight(models.teacher).detach(), head.lm_head_weight(models.student).detach().clone()
+    log(f"[diagnose] bank: {contexts} contexts, {h_t.shape[0]} response positions ({time.time() - t0:.0f}s)")
+
+    trained = {}
+    if checkpoint:
+        student_tau, where = load_student(checkpoint, cfg, device)
+        trained = {"checkpoint": where}
+    else:
+        summary = train_theta_tau(cfg, train_steps, out, log=log)
+        student_tau, where = load_student(summary["checkpoint"], cfg, device)
+        trained = {"train_steps": train_steps, "strategy": "all", "checkpoint": where,
+                   "student_after_accuracy": summary.get("student_after"), "train_s": summary.get("train_s")}
+    h_tau = hidden_rows(student_tau, bank, chunk)
+    w_tau = head.lm_head_weight(student_tau).detach()
+    t_ref = time.time()
+    (kl_before, kl_after), ent_t = reference_kl_and_entropy(h_t, w_t, [(h_0, w_0), (h_tau, w_tau)], vocab, tau)
+    log(f"[diagnose] full-vocabulary KL_fwd before {float(kl_before.mean()):.4f} after {float(kl_after.mean()):.4f} "
+        f"({time.time() - t_ref:.0f}s)")
+
+    rows, pos, pos_norm = position_features(bank)
+    allvalid = torch.ones(h_t.shape[0], dtype=torch.bool)
+    gain = (kl_before - kl_after)
+    before = kl_before
+    gain_rel = torch.where(before > 1e-6, gain / before.clamp_min(1e-12), torch.full_like(gain, float("nan")))
+    base = {"prompt_id": rows.numpy(), "position": pos.numpy(), "gain": gain.numpy(), "gain_rel": gain_rel.numpy(),
+            "kl_fwd_before": kl_before.numpy(), "kl_fwd_after": kl_after.numpy(), "pos_norm": pos_norm.numpy(),
+            "Ht_norm": batch_normalize(ent_t.float(), allvalid).double().numpy(), "Ht": ent_t.numpy()}
+    result = {"config": {"contexts": contexts, "top_k": list(top_k), "bootstrap": n_boot, "seed": cfg.seed,
+                         "temperature": tau, "vocab_size": vocab, "data_source": cfg.data.source,
+                         "student": cfg.student.path, "teacher": cfg.teacher.path, **trained},
+              "n_contexts": contexts, "n_positions": int(h_t.shape[0]),
+              "kl_fwd_before_mean": float(kl_before.mean()), "kl_fwd_after_mean": float(kl_after.mean()),
+              "gain_mean": float(gain.mean()), "by_k": {}}
+    csv_k = 16 if 16 in top_k else top_k[0]
+    for k in top_k:
+        st = teachability_stats(h_0, w_0, h_t, w_t, top_k=k, strategy=None, temperature=tau, vocab_size=vocab,
+                                backend=cfg.loss.backend, check_finite=False)
+        H, D, C = st.entropy_student, st.disagreement, st.teacher_mass
+        Hn, Dn, Cn = (batch_normalize(x, allvalid).double() for x in (H, D, C))
+        table = dict(base, H=H.double().numpy(), D=D.double().numpy(), C=C.double().numpy(), H_norm=Hn.numpy(),
+                     D_norm=Dn.numpy(), C_norm=Cn.numpy(), D_learn=(Dn * Cn).numpy(), D_incompat=(Dn * (1 - Cn)).numpy())
+        kres = analyze(table, n_boot=n_boot, seed=cfg.seed + k)
+        kres["kernel_vs_reference_kl_fwd_max_abs"] = float((st.kl_forward.double() - kl_before).abs().max())
+        result["by_k"][str(k)] = kres
+        if k == csv_k:
+            _write_csv(out / "tokens.csv", table)
+            csv_table = table
+        c = kres["coefficients"]
+        log(f"[diagnose] K={k}: beta D_learn {c['D_learn']['beta']:+.3f} {_ci(c['D_learn']['ci'])} | D_incompat "
+            f"{c['D_incompat']['beta']:+.3f} {_ci(c['D_incompat']['ci'])} | Q3 gap {kres['q3_gap']['gap']:+.4f} "
+            f"{_ci(kres['q3_gap']['ci'])} | matched {kres['matched_gap']['gap']:+.4f}")
+    result["total_s"] = time.time() - t0
+    (out / "diagnostic.json").write_text(json.dumps(result, indent=1))
+    plot_diagnostic(result, csv_table, out / "diagnostic.png", csv_k)
+    log(f"[diagnose] wrote {out / 'diagnostic.json'}, {out / 'tokens.csv'}, {out / 'diagnostic.png'} "
+        f"({result['total_s']:.0f}s)")
+    return result
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _write_csv(path: Path, table: dict) -> None:
+    import csv
+
+    cols = [np.asarray(table[c]) for c in CSV_COLUMNS]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for row in zip(*cols):
+            w.writerow([int(v) if i < 2 else f"{float(v):.6g}" for i, v in enumerate(row)])
+
+
+def plot_diagnostic(result: dict, table: dict, path: Path, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    q3 = result["by_k"][str(k)]["q3_gap"]
+    a1.bar(["low C", "mid C", "high C"], q3["tercile_means"], color=["#bbb", "#888", "#2a7"])
+    a1.set_title(f"Q3 (~H <= med, ~D >= med), K={k}: gain by C tercile\n"
+                 f"gap {q3['gap']:+.4f} [{q3['ci'][0]:+.4f}, {q3['ci'][1]:+.4f}], n={q3['n_q3']}")
+    a1.set_ylabel("mean G = KL_fwd(theta_0) - KL_fwd(theta_tau)")
+    names = SPLIT
+    ks = list(result["by_k"])
+    width = 0.8 / len(ks)
+    for i, kk in enumerate(ks):
+        coefs = result["by_k"][kk]["coefficients"]
+        b = np.array([coefs[n]["beta"] for n in names])
+        ci = np.array([coefs[n]["ci"] for n in names])
+        x = np.arange(len(names)) + (i - (len(ks) - 1) / 2) * width
+        a2.errorbar(x, b, yerr=[b - ci[:, 0], ci[:, 1] - b], fmt="o", capsize=3, label=f"K={kk}")
+    a2.axhline(0, color="k", lw=0.5)
+    a2.set_xticks(range(len(names)), names)
+    a2.set_ylabel("standardised beta (95% prompt-cluster bootstrap CI)")
+    a2.set_title("G ~ ~H + D_learn + D_incompat + position + ~H_t")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="a YAML file or a bundled config name (train/configs/)")
+    ap.add_argument("--contexts", type=int, default=256, help="bank size (contexts sampled by theta_0)")
+    ap.add_argument("--checkpoint", default=None, help="a trained student (HF dir or driver checkpoint); "
+                                                        "otherwise plain OPD for --train-steps from theta_0")
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--top-k", default="8,16,32")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--out", default="runs/diagnostic")
+    ap.add_argument("overrides", nargs="*", help="driver key=value overrides")
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        top_k = [int(x) for x in a.top_k.split(",") if x.strip()]
+        if not top_k or min(top_k) < 1 or a.contexts < 2 or a.bootstrap < 1:
+            raise ConfigError("--top-k needs positive integers, --contexts >= 2, --bootstrap >= 1")
+        diagnose(cfg, contexts=a.contexts, checkpoint=a.checkpoint, train_steps=a.train_steps, top_k=top_k,
+                 n_boot=a.bootstrap, out=Path(a.out), log=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from taopd_train.diagnose import main as _main
+
+    sys.exit(_main())
