@@ -71,7 +71,7 @@ ext_modules, cmdclass = _cuda_extension()
 setup(
     packages=find_packages(include=["taopd_kernels", "taopd_kernels.*"]) + ["taopd_train"],
     package_dir={"taopd_train": "train"},
-    package_data={"taopd_train": ["configs/*.json", "configs/*.yaml"]},
+    package_data={"taopd_train": ["configs/*.json", "configs/*.yaml", "prepared/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
