@@ -16,38 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _machine(threads: int) -> dict:
-    import torch
+    """bench/_meta.py's metadata (device, versions, commit, date), plus trl's version and the threads."""
     import trl
+    from _meta import metadata  # bench/ is this script's folder
 
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "trl": trl.__version__, "threads": threads}
-
-
-def _commit() -> dict:
-    def git(*a):
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {**metadata("cpu"), "trl": trl.__version__, "threads": threads}
 
 
 def main(argv=None) -> int:
@@ -141,13 +122,14 @@ def main(argv=None) -> int:
     report = {"config": {"tokens": n, "vocab": v, "d_student": d_s, "d_teacher": d_t, "dtype": "float32",
                          "keep_ratio": args.keep_ratio, "repeats": args.repeats, "device": "cpu",
                          "trl_beta": 1.0, "taopd_backend": "torch"},
-              "machine": _machine(args.threads), **_commit(), "agreement_full_opd_vs_trl": agreement,
+              "machine": (machine := _machine(args.threads)), "commit": machine["commit"],
+              "agreement_full_opd_vs_trl": agreement,
               "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "trl_comparison_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    lines = [f"N={n}, V={v:,}, D_s={d_s}, D_t={d_t}, float32, CPU ({report['machine']['cpu']}, "
-             f"{args.threads} threads), torch {report['machine']['torch']}, trl {report['machine']['trl']}, "
+    lines = [f"N={n}, V={v:,}, D_s={d_s}, D_t={d_t}, float32, {report['machine']['device']}, "
+             f"torch {report['machine']['torch']}, trl {report['machine']['trl']}, "
              f"commit {report['commit'][:7]}; median of {args.repeats} forward+backward calls.", "",
              "| implementation | fwd+bwd (s) | vs TRL | peak extra (MB) | vs TRL | loss |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -8,13 +8,36 @@ the teachable positions (taopd_kernels.integrations.trl.TAOPDTrainer).
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import datasets
 import torch
+import transformers
 
 from taopd_kernels.integrations.trl import TAOPDConfig, TAOPDTrainer
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                               unk_token="<unk>", padding_side="left")
+    return out
+
+
+def tiny_models(vocab):
+    torch.manual_seed(0)
+    student = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1))
+    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1))
+    return student, teacher
 
 
 def main(argv=None):
@@ -31,9 +54,6 @@ def main(argv=None):
                   taopd_estimator=a.estimator, save_strategy="no")
     if a.tiny:
         common["taopd_top_k"] = min(a.top_k, 4)  # the tiny vocabulary has 43 tokens
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from test_trl_integration import WORDS, tiny_models, tiny_tokenizer  # the test's local builders
-
         tok = tiny_tokenizer()
         student, teacher = tiny_models(len(tok))
         train = datasets.Dataset.from_dict({"prompt": [" ".join(WORDS[i:i + 3]) for i in range(16)]})

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from taopd_kernels.reference import reference_logits, reference_row_stats
@@ -84,3 +88,30 @@ def assert_stats_close(stats, truth, *, atol=2e-5, rtol=2e-5, mask=None, fields=
                 got = got[mask]
                 want = want[mask] if want.shape[0] == mask.shape[0] else want
             assert torch.equal(got, want), f"{name} differs from the reference"
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+EXAMPLES = BENCH.parent / "examples"
+
+
+def _load_file(name: str, folder: Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_bench(name: str):
+    """bench/<name>.py as the module ``name``, registered in sys.modules as a script's siblings are (so its
+    own ``import sweep_impls``-style imports resolve), without editing sys.path."""
+    return _load_file(name, BENCH)
+
+
+def load_example(name: str):
+    """examples/<name>.py as a module (its ``main`` is not run)."""
+    return _load_file(name, EXAMPLES)

@@ -2,37 +2,24 @@
 shared metadata, and the throughput scripts (bench/throughput.py, bench/throughput_fsdp.py).
 
 The scripts are loaded from their files (bench/ is not a package); their sibling imports (``_meta``,
-``sweep_impls``) resolve through ``sys.modules``, where ``load`` registers each module it loads.
+``sweep_impls``) resolve through ``sys.modules``, where ``helpers.load_bench`` registers each module it loads.
 """
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from helpers import BENCH, load_bench
 
 
-def load(name: str):
-    """bench/<name>.py as the module ``name`` (registered in sys.modules, as a script's siblings are)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_meta = load("_meta")
-sweep_impls = load("sweep_impls")
-vocab_sweep = load("vocab_sweep")
+_meta = load_bench("_meta")
+sweep_impls = load_bench("sweep_impls")
+vocab_sweep = load_bench("vocab_sweep")
 
 TINY = ["--tokens", "64", "--d-student", "32", "--d-teacher", "48", "--repeats", "1", "--warmup", "0",
         "--device", "cpu", "--no-progress"]
@@ -204,7 +191,7 @@ def test_metadata_keys():
 def test_throughput_script_fails_cleanly_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
-    throughput = load("throughput")
+    throughput = load_bench("throughput")
     assert throughput.main(["--out", str(tmp_path / "tp.json")]) == 2
     assert "CUDA" in capsys.readouterr().err
     assert not (tmp_path / "tp.json").exists()
@@ -224,7 +211,7 @@ def test_throughput_fsdp_smoke(tmp_path):
 
 
 def test_bundled_architectures_are_the_only_qwen3_shapes():
-    fsdp = load("throughput_fsdp")
+    fsdp = load_bench("throughput_fsdp")
     assert not hasattr(fsdp, "QWEN3")
     with torch.device("meta"):
         model = fsdp.build("qwen3-1.7b", torch.bfloat16, torch.device("meta"), 0, "sdpa")

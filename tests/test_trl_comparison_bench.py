@@ -1,15 +1,15 @@
 """bench/trl_comparison.py runs end to end on tiny sizes and writes its JSON and table."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from helpers import load_bench
 
-import trl_comparison  # noqa: E402
+pytest.importorskip("trl")
+load_bench("_meta")
+load_bench("vocab_sweep")
+trl_comparison = load_bench("trl_comparison")
 
 
 def test_trl_comparison_small(tmp_path):

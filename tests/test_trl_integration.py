@@ -1,6 +1,6 @@
 """TAOPDTrainer (taopd_kernels.integrations.trl) runs 2 steps on tiny locally-built models: one
 selection per generation batch, the logged C / D / KL of kept vs all, and the gradient reaching the
-student. No downloads: a WordLevel tokenizer and Qwen3 / Llama configs built in code."""
+student. No downloads: a WordLevel tokenizer and Qwen3 / Llama configs built in code (examples/trl_ta_opd.py)."""
 
 import pytest
 import torch
@@ -11,29 +11,10 @@ transformers = pytest.importorskip("transformers")
 
 from taopd_kernels.integrations.trl import TAOPDConfig, TAOPDTrainer  # noqa: E402
 
-WORDS = [f"w{i}" for i in range(40)]
+from helpers import load_example  # noqa: E402
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                               unk_token="<unk>", padding_side="left")
-    return out
-
-
-def tiny_models(vocab):
-    torch.manual_seed(0)
-    student = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1))
-    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1))
-    return student, teacher
+_example = load_example("trl_ta_opd")  # the example carries the tiny builders (its --tiny run uses them)
+WORDS, tiny_tokenizer, tiny_models = _example.WORDS, _example.tiny_tokenizer, _example.tiny_models
 
 
 @pytest.fixture

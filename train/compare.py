@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
@@ -38,7 +37,7 @@ from taopd_kernels import STRATEGIES, teachability_stats
 
 from taopd_train import head
 from taopd_train import run as driver
-from taopd_train.config import Config, ConfigError, load_config, to_dict
+from taopd_train.config import cli_exit_code, Config, ConfigError, load_config, to_dict
 
 DEFAULT_STRATEGIES = ("all", "teachability", "random", "entropy", "divergence", "tip", "incompatible")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -346,7 +345,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="driver key=value overrides")
     a = ap.parse_args(argv)
-    try:
+
+    def body():
         overrides = list(a.overrides) + ([f"optim.steps={a.steps}"] if a.steps is not None else [])
         cfg = load_config(a.config, overrides)
         strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
@@ -359,13 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = compare(cfg, strategies, seeds, Path(a.out), kl_contexts=a.kl_contexts,
                       log=lambda m: print(m, flush=True), progress=not a.no_progress)
         print(markdown_table(res))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_exit_code(body)
 
 
 if __name__ == "__main__":

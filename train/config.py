@@ -529,3 +529,19 @@ def config_changes(saved: Dict[str, Any], cfg: Config) -> List[Tuple[str, Any, A
                 "checkpoint" if _matches(key, RESUME_FROM_CHECKPOINT) else "defining")
         out.append((key, old[key], new[key], kind))
     return out
+
+
+def cli_exit_code(body) -> int:
+    """Run a command-line entry point's body: 0, or 2 after a one-line message when the configuration is
+    bad (``ConfigError``, naming the key) or a model or data path is missing (the message says what to do)."""
+    import sys
+
+    try:
+        body()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -50,7 +50,7 @@ import torch
 from taopd_kernels import batch_normalize, teachability_stats
 
 from taopd_train import head
-from taopd_train.config import Config, ConfigError, load_config
+from taopd_train.config import cli_exit_code, Config, ConfigError, load_config
 
 SPLIT = ["H_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
 BASELINE = ["H_norm", "D_norm", "HxD", "pos_norm", "Ht_norm"]
@@ -461,20 +461,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default="runs/diagnostic")
     ap.add_argument("overrides", nargs="*", help="driver key=value overrides")
     a = ap.parse_args(argv)
-    try:
+
+    def body():
         cfg = load_config(a.config, a.overrides)
         top_k = [int(x) for x in a.top_k.split(",") if x.strip()]
         if not top_k or min(top_k) < 1 or a.contexts < 2 or a.bootstrap < 1:
             raise ConfigError("--top-k needs positive integers, --contexts >= 2, --bootstrap >= 1")
         diagnose(cfg, contexts=a.contexts, checkpoint=a.checkpoint, train_steps=a.train_steps, top_k=top_k,
                  n_boot=a.bootstrap, out=Path(a.out), log=lambda m: print(m, flush=True))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_exit_code(body)
 
 
 if __name__ == "__main__":
