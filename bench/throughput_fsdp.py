@@ -138,7 +138,7 @@ def main(argv=None):
         _, t_opt = timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
         del t_out
         row = dict(step=step, stats_s=t_stats, select_s=t_select, loss_backward_s=t_loss, optimizer_s=t_opt,
-                   loss=float(parallel.all_reduce_sum(torch.tensor(loss, dtype=torch.float64))), kept=int(norm),
+                   loss=float(parallel.all_reduce_sum(torch.as_tensor(loss, dtype=torch.float64))), kept=int(norm),
                    valid=int(parallel.all_reduce_sum(sum(mb.valid.sum() for mb in mbs))))
         row["step_s"] = t_stats + t_select + t_loss + t_opt
         if step >= a.warmup:

@@ -559,7 +559,7 @@ def driver_step(out_path: Path, cfg_args: list) -> dict:
     masks, normalizer, _ = run.select(cfg, stats, mbs, step=0)
     loss = sum(run.loss_backward(cfg, models, mb, t, st, k, normalizer)
                for mb, t, st, k in zip(mbs, teacher_out, stats, masks))
-    res = {"world": world, "normalizer": normalizer, "loss": float(parallel.all_reduce_sum(torch.tensor(loss)))}
+    res = {"world": world, "normalizer": normalizer, "loss": float(parallel.all_reduce_sum(torch.as_tensor(loss)))}
     res["kept"] = torch.cat(_gather_objects(torch.cat([m.reshape(-1) for m in masks]), world))
     res["grads"] = _full_grads(models.student, rank)
     res["before"] = checkpoint.full_state_dict(models.student)

@@ -313,12 +313,12 @@ def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], s
 
 
 def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tuple,
-                  stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float) -> float:
+                  stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float) -> torch.Tensor:
     """Student forward with grad, fused loss head on this micro-batch, backward. The micro-batch losses
     of one step sum to the batch loss (each is divided by the batch's kept count; under torchrun by the
     count over all ranks, and FSDP sums the ranks' gradients). ``teacher_out``: from ``compute_stats``."""
     if normalizer <= 0:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64, device=mb.input_ids.device)
     h_t, w_t, b_t = teacher_out
     lo = cfg.loss
 
@@ -339,7 +339,7 @@ def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tupl
     with student_compute(models):
         loss = head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, loss_head, mb.position_ids)
     loss.backward()
-    return float(loss.detach())
+    return loss.detach().double()  # a device scalar: the step reads all its micro-batches' losses at once
 
 
 def optimizer_step(cfg: Config, student, opt, sched, loss: float = 0.0) -> float:
@@ -394,7 +394,7 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
     else:
         kl_sum = kl_n = torch.zeros((), dtype=torch.float64, device=device)
     dropped = allstats.dropped.sum().double() if allstats.dropped is not None else kl_n.new_zeros(())
-    totals = torch.stack([torch.tensor(loss, dtype=torch.float64, device=device),
+    totals = torch.stack([torch.as_tensor(loss, dtype=torch.float64).to(device),
                           ro.response_mask.sum().double(), ro.attention_mask.sum().double(),
                           dropped.to(device), kl_sum.to(device), kl_n.to(device)])
     loss, resp_total, tokens, dropped, kl_sum, kl_n = parallel.all_reduce_sum(totals).tolist()
