@@ -18,7 +18,7 @@ from taopd_kernels.reference import reference_row_stats, reference_teachability_
 
 triton = pytest.importorskip("triton")
 from taopd_kernels.backends import triton as triton_backend  # noqa: E402
-from taopd_kernels.backends.triton import kept_backward, stats_forward  # noqa: E402
+from taopd_kernels.backends.triton import stats_forward  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FLOAT_FIELDS = ("lse_student", "lse_teacher", "entropy_student", "kl_reverse", "kl_forward",
@@ -108,6 +108,45 @@ def test_forward_small_tiles_many_row_blocks(monkeypatch):
     out = triton_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=403, top_k=4, temperature=1.0,
                                        chunk_vocab=200)
     check_rows(out, truth(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=403, top_k=4))
+
+
+def test_program_coords_is_a_bijection():
+    """pid -> (row block, split) of the 1-D forward grid covers every pair once, for group sizes that do and
+    do not divide the row-block count; group 1 is split-major, a group >= the row blocks row-major."""
+    coords = stats_forward.program_coords.fn
+    for row_blocks in (1, 2, 7, 8, 64):
+        for splits in (1, 3, 12):
+            for group in (1, 2, 3, 5, 8, 64, 100):
+                pairs = [coords(pid, row_blocks, splits, group) for pid in range(row_blocks * splits)]
+                assert sorted(pairs) == [(m, s) for m in range(row_blocks) for s in range(splits)], \
+                    (row_blocks, splits, group)
+                if group == 1:
+                    assert pairs == [(m, s) for m in range(row_blocks) for s in range(splits)]
+                if group >= row_blocks:
+                    assert pairs == [(m, s) for s in range(splits) for m in range(row_blocks)]
+
+
+@pytest.mark.parametrize("group_m", [1, 3])
+def test_forward_grouped_order_many_row_blocks_and_splits(monkeypatch, group_m):
+    """Many row blocks (8, with a row tail) x many splits (7, an odd last one) in groups of 3 row blocks
+    (not a divisor of 8) or split-major: exact against the float64 reference, tied logits included
+    (duplicated W rows tie across tiles and splits)."""
+    monkeypatch.setitem(stats_forward.INTERPRETER_BLOCKS, "BLOCK_M", 8)
+    monkeypatch.setitem(stats_forward.INTERPRETER_BLOCKS, "BLOCK_V", 32)
+    monkeypatch.setattr(stats_forward, "GROUP_M", group_m)
+    n, v = 61, 403
+    h_s, w_s, b_s, h_t, w_t, b_t = make(n=n, d_s=16, d_t=24, v_s=v, seed=13, bias=True)
+    for src, dst in ((5, 6), (5, 200), (5, 402), (90, 330)):
+        w_s[dst], w_t[dst] = w_s[src], w_t[src]
+        b_s[dst], b_t[dst] = b_s[src], b_t[src]
+    y = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    part = stats_forward.launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=v, top_k=4,
+                                              temperature=0.9, sampled_ids=y, split_size=64)[0]
+    assert part.shape[0] == 7
+    out = triton_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=v, top_k=4, temperature=0.9,
+                                       sampled_ids=y, chunk_vocab=64)
+    check_rows(out, truth(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=v, top_k=4, tau=0.9, sampled_ids=y),
+               sampled=True)
 
 
 @pytest.mark.parametrize("top_k", [4, 16])
@@ -302,6 +341,7 @@ def test_no_kept_rows_gives_zero_gradients():
 
 
 def test_num_splits_fills_waves():
+    # Without the L2 term (row_bytes, l2_bytes unknown): waves only.
     # 64 row blocks on 132 SMs: 4 splits fill 256 of 264 slots with 1 or 2 programs per SM.
     assert stats_forward.num_splits(8192, 151936, 132) == 4
     # Enough rows: no split.
@@ -310,6 +350,22 @@ def test_num_splits_fills_waves():
     assert stats_forward.num_splits(65536, 151936, 108, top_k=16) <= 2
     # Tiny vocabulary: never more splits than 8 tiles of 256 columns allow.
     assert stats_forward.num_splits(128, 4096, 132) == 2
+
+
+def test_num_splits_keeps_the_rows_in_flight_in_l2():
+    """With the hidden bytes per row (Qwen scale: 2048 + 4096 bf16) and a 50 MiB L2, as the launcher
+    passes them: the rows of the programs in flight (ceil(132 / S) + 1 row blocks of 1.5 MiB) must fit
+    in 25 MiB, so S >= 9, and the wave model then picks 12 (132 = 11 row blocks x 12 splits)."""
+    qwen = dict(row_bytes=(2048 + 4096) * 2, l2_bytes=50 << 20)
+    assert stats_forward.num_splits(8192, 151936, 132, **qwen) == 12
+    s = stats_forward.num_splits(8192, 151936, 132, **qwen)
+    assert (-(-132 // s) + 1) * 128 * qwen["row_bytes"] <= qwen["l2_bytes"] // 2
+    # Many rows: the partial-state cap (64 MiB) allows 2 splits, short of the L2 target; take all of them
+    # (a row block's two splits in flight share each read of its rows).
+    assert stats_forward.num_splits(65536, 151936, 132, **qwen) == 2
+    # Few row blocks fit in L2 anyway: the wave model alone, as before.
+    assert stats_forward.num_splits(128, 4096, 132, **qwen) == 2
+    assert stats_forward.num_splits(2048, 151936, 132, **qwen) == stats_forward.num_splits(2048, 151936, 132)
 
 
 _AOT_SCRIPT = r"""

@@ -32,6 +32,9 @@ from . import kept_backward as _backward
 from . import stats_forward as _forward
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (H100/H200, A100)
+# SMs and L2 bytes of the reference GPUs (H100/H200 SXM, A100): the launchers' split choice reads them
+# from the device, which meta tensors do not have, and the split count is a kernel argument.
+GPU_SHAPE = {90: (132, 50 << 20), 80: (108, 40 << 20)}
 MMA = {90: "wgmma", 80: "mma.sync"}
 
 
@@ -70,15 +73,19 @@ def _capture(launch: Callable[[], None], module, arch: int):
             return call
 
     hopper = arch >= 90
-    original_tuned, original_hopper = module._tuned_kernel, module.is_hopper
-    module._tuned_kernel = lambda device, nbytes: _Recorder(module._configs(hopper, nbytes))
-    module.is_hopper = lambda device: hopper
+    sms, l2 = GPU_SHAPE[arch]
+    fakes = dict(_tuned_kernel=lambda device, nbytes: _Recorder(module._configs(hopper, nbytes)),
+                 is_hopper=lambda device: hopper, sm_count=lambda device: sms, l2_bytes=lambda device: l2)
+    originals = {name: getattr(module, name) for name in fakes if hasattr(module, name)}
+    for name in originals:
+        setattr(module, name, fakes[name])
     try:
         launch()
     except _Captured:
         pass
     finally:
-        module._tuned_kernel, module.is_hopper = original_tuned, original_hopper
+        for name, value in originals.items():
+            setattr(module, name, value)
     if not seen:
         raise RuntimeError("the launcher made no kernel call")
     return seen["args"], seen["kwargs"], seen["configs"]

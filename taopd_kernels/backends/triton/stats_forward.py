@@ -1,7 +1,8 @@
 """Forward statistics kernel: docs/math.md, Per-position statistics from (h_s, W_s, h_t, W_t) in one pass over the vocabulary.
 
-Grid: (row blocks of BLOCK_M positions) x (vocabulary splits). A program owns BLOCK_M rows and one
-split [v_lo, v_hi) and walks it BLOCK_V columns at a time. For each tile it forms both models' scaled
+Grid: (row blocks of BLOCK_M positions) x (vocabulary splits), as a 1-D grid in split-major order
+(``program_coords``). A program owns BLOCK_M rows and one split [v_lo, v_hi) and walks it BLOCK_V
+columns at a time. For each tile it forms both models' scaled
 logits with ``tl.dot`` (bf16/fp16 operands, float32 accumulation; float32 operands as 3xTF32), masks
 columns at or beyond ``vocab_size`` (or the split end) to -inf, and folds the tile into per-row state:
 
@@ -24,6 +25,26 @@ Output per split (the partial state): float32 [S, 9, R] = (m_s, S0_s, S1_s, Q_s,
 z_s(y), z_t(y)) and [S, R, K] (value, id, other value) lists for each model. ``merge_partials`` then
 combines splits (log-sum-exp merge in float64, top-K merge by int64 sort keys) and derives lse, H_s,
 both KLs, C and D on [R, K]-sized tensors.
+
+Program order and HBM traffic (N = 8192, V = 151,936, D_s = 2048, D_t = 4096, bf16; H100/H200: 132 SMs,
+50 MB L2; 128x64 tiles, one program per SM): hidden states are 8192 x 6144 x 2 B = 101 MB, W (both
+models) 1.87 GB, the math 15.3 TFLOP. Every tile reads its program's rows again (1.57 MB of h and
+0.79 MB of W per 100 MFLOP tile, 239 GB of h over the grid), so what matters is whether the rows of
+the programs in flight stay in L2.
+- Old order (row blocks fastest, 4 splits): the 132 programs in flight are two splits of all 64 row
+  blocks, 96 MiB of rows, more than L2: rows come from HBM at every tile step, shared only by the
+  two splits of a row block in flight together: ~120 GB of h + ~2.3 GB of W (each split's W once
+  per wave), 25 ms at the H200's 4.8 TB/s (36 ms at the H100's 3.35), more than the math (15 ms at
+  the 989 TFLOP/s bf16 peak): HBM-bound.
+- Split-major order, 12 splits (``num_splits`` with the L2 term): the programs in flight are all 12
+  splits of 11 row blocks, 16.5 MiB of rows (+ 12 splits' W tiles, ~9-18 MiB): each row block is
+  read from HBM once (0.10 GB of h), W once per wave of 11 row blocks (6 waves, ~11 GB): ~11 GB,
+  2.3 ms at 4.8 TB/s. Traffic from L2 to the SMs is unchanged (~360 GB); that, not HBM, is the next
+  limit. Beyond ~18k rows the partial-state cap allows too few splits and the rows in flight outgrow
+  L2 again (more splits per row still share each read).
+``GROUP_M`` (row blocks per group, row blocks fastest inside one) generalises the order: 1 is
+split-major (the smallest set of row blocks in flight for a given S), >= the row-block count the old
+order; it is a knob for measuring, not tuned.
 
 Memory held: registers for two [BLOCK_M, BLOCK_V] float32 tiles and the [BLOCK_M, K] lists; global
 memory for the partial state, O(S * R * K) (capped at ``PARTIAL_STATE_BYTES`` by the split choice).
@@ -48,6 +69,7 @@ from ._common import (
     dot_config,
     interpreting,
     is_hopper,
+    l2_bytes,
     logits_tile,
     operand_bytes,
     rows_bucket,
@@ -60,6 +82,9 @@ NUM_PARTIAL_STATS = 9
 SPLIT_ALIGN = 256
 PARTIAL_STATE_BYTES = 64 << 20
 INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=16)
+# Row blocks per program group (``program_coords``): 1 is split-major order, the one the L2 model of
+# ``num_splits`` assumes; a value >= the row-block count gives the old row-major order (for measuring).
+GROUP_M = 1
 
 
 @triton.jit
@@ -128,10 +153,27 @@ def _softmax_fold(z, m, s0, s1, q, gap, WITH_S1: tl.constexpr):
 
 
 @triton.jit
+def program_coords(pid, row_blocks, n_splits, group_m):
+    """(row block, split) of program ``pid`` of the 1-D grid (row_blocks * n_splits programs).
+
+    Programs come in groups of ``group_m`` row blocks x all splits (the last group has the leftover
+    row blocks); inside a group the row blocks run fastest. group_m = 1 is split-major order (a row
+    block's splits are consecutive programs), group_m >= row_blocks the old row-major order. Plain
+    integer arithmetic, so the same code runs on Python ints (``program_coords.fn``, tested).
+    """
+    per_group = group_m * n_splits
+    group = pid // per_group
+    first = group * group_m
+    size = min(row_blocks - first, group_m)
+    local = pid - group * per_group
+    return first + local % size, local // size
+
+
+@triton.jit
 def _stats_forward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr,
     part_ptr, top_val_ptr, top_id_ptr, top_oth_ptr,
-    R, VOCAB, SPLIT,
+    R, VOCAB, SPLIT, N_SPLITS, GROUP_M,
     stride_hsm, stride_hsd, stride_wsv, stride_wsd,
     stride_htm, stride_htd, stride_wtv, stride_wtd,
     inv_tau, ROWS_BUCKET,
@@ -142,8 +184,7 @@ def _stats_forward_kernel(
     MASKED: tl.constexpr, PLACEHOLDER: tl.constexpr, NONE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_m, pid_s = program_coords(tl.program_id(0), (R + BLOCK_M - 1) // BLOCK_M, N_SPLITS, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     rows_c = tl.minimum(rows, R - 1)
@@ -200,7 +241,7 @@ def _stats_forward_kernel(
 
     # Partial state: [S, 9, R] floats and [2, S, R, K] lists (model 0 = student, 1 = teacher).
     rows64 = rows.to(tl.int64)
-    n_split = tl.num_programs(1).to(tl.int64)
+    n_split = tl.cast(N_SPLITS, tl.int64)
     base = pid_s.to(tl.int64) * 9 * R + rows64
     tl.store(part_ptr + base + 0 * R, m_s, mask=row_ok)
     tl.store(part_ptr + base + 1 * R, s0_s, mask=row_ok)
@@ -254,22 +295,31 @@ def _tuned_kernel(device: torch.device, nbytes: int):
     return _TUNED[key]
 
 
-def num_splits(rows: int, vocab: int, sms: int, top_k: int = 16, block_m: int = 128, warmup_tiles: int = 4) -> int:
-    """Vocabulary splits so that (row blocks x splits) fills the GPU in whole waves.
+def num_splits(rows: int, vocab: int, sms: int, top_k: int = 16, block_m: int = 128, warmup_tiles: int = 4, *,
+               row_bytes: int = 0, l2_bytes: int = 0) -> int:
+    """Vocabulary splits: enough that the programs in flight keep their hidden rows in L2, then whole waves.
 
-    Model: a program costs (its tiles + ``warmup_tiles``), the warm-up standing for the first tiles'
-    full top-K rounds and the merge; o programs share an SM at 1/o speed each. The efficiency of S
-    splits is ideal time / modelled time, taken as the worse of o = 1 and o = 2 (occupancy is not
-    known before tuning); the smallest S within 1% of the best wins. A split keeps at least 8 tiles
-    of 256 columns, there are at most 64 splits, and the partial state stays under
-    ``PARTIAL_STATE_BYTES``.
+    L2 (when ``row_bytes``, the hidden bytes of one row of both models, and ``l2_bytes`` are given): in
+    split-major order one program per SM (the shipped 8-warp configs hold one each) covers
+    ceil(sms / S) + 1 row blocks at a time; the smallest S whose rows fit in half of L2 (the other
+    half is for the S splits' W tiles) is the least S considered, or the most allowed if none fits
+    (more splits of a row block in flight still share each read of its rows). Waves: a program costs
+    (its tiles + ``warmup_tiles``), the warm-up standing for the first tiles' full top-K rounds and the
+    merge; o programs share an SM at 1/o speed each. The efficiency of S splits is ideal time /
+    modelled time, taken as the worse of o = 1 and o = 2 (occupancy is not known before tuning); the
+    smallest S (from the least) within 1% of the best wins. A split keeps at least 8 tiles of 256
+    columns, there are at most 64 splits, and the partial state stays under ``PARTIAL_STATE_BYTES``.
     """
     row_blocks = triton.cdiv(max(rows, 1), block_m)
     tiles = triton.cdiv(vocab, 128)
     per_split = rows * (4 * NUM_PARTIAL_STATS + 2 * top_k * 12)
     most = max(1, min(64, vocab // (8 * SPLIT_ALIGN), PARTIAL_STATE_BYTES // max(per_split, 1)))
-    best, best_eff = 1, -1.0
-    for s in range(1, most + 1):
+    least = 1
+    if row_bytes > 0 and l2_bytes > 0:
+        in_flight = lambda s: min(row_blocks, triton.cdiv(sms, s) + 1) * block_m * row_bytes  # noqa: E731
+        least = next((s for s in range(1, most + 1) if in_flight(s) <= l2_bytes // 2), most)
+    best, best_eff = least, -1.0
+    for s in range(least, most + 1):
         programs = row_blocks * s
         cost = tiles / s + warmup_tiles
         eff = min(row_blocks * tiles / (sms * triton.cdiv(programs, sms * o) * o * cost) for o in (1, 2))
@@ -286,10 +336,13 @@ def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k
     interp = interpreting()
     align = INTERPRETER_BLOCKS["BLOCK_V"] if interp else SPLIT_ALIGN
     if split_size is None:
-        splits = 1 if interp else num_splits(rows, vocab_size, sm_count(device), top_k)
+        row_bytes = h_s.shape[1] * h_s.element_size() + h_t.shape[1] * h_t.element_size()
+        splits = 1 if interp else num_splits(rows, vocab_size, sm_count(device), top_k, row_bytes=row_bytes,
+                                             l2_bytes=l2_bytes(device))
         split_size = triton.cdiv(vocab_size, splits)
     split = triton.cdiv(split_size, align) * align
     splits = triton.cdiv(vocab_size, split)
+    group_m = max(1, min(int(GROUP_M), rows))  # beyond the row-block count it changes nothing
     part = torch.empty((splits, NUM_PARTIAL_STATS, rows), dtype=torch.float32, device=device)
     top_val = torch.empty((2, splits, rows, top_k), dtype=torch.float32, device=device)
     top_id = torch.empty((2, splits, rows, top_k), dtype=torch.int32, device=device)
@@ -301,7 +354,7 @@ def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k
     b_t = b_t.contiguous() if b_t is not None else None
     args = (h_s, w_s, b_s if b_s is not None else w_s, h_t, w_t, b_t if b_t is not None else w_t,
             y if y is not None else part, part, top_val, top_id, top_oth,
-            rows, vocab_size, split,
+            rows, vocab_size, split, splits, group_m,
             h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
             h_t.stride(0), h_t.stride(1), w_t.stride(0), w_t.stride(1),
             1.0 / float(temperature), rows_bucket(rows))
@@ -313,13 +366,13 @@ def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k
         if interp:
             blocks = INTERPRETER_BLOCKS
             flags.update(EVEN_DS=h_s.shape[1] % blocks["BLOCK_D"] == 0, EVEN_DT=h_t.shape[1] % blocks["BLOCK_D"] == 0)
-            grid = (triton.cdiv(rows, blocks["BLOCK_M"]), splits)
+            grid = (triton.cdiv(rows, blocks["BLOCK_M"]) * splits,)
             _stats_forward_kernel[grid](*args, **flags, **blocks)
         else:
             kernel = _tuned_kernel(device, operand_bytes(h_s, w_s, h_t, w_t))
             block_d = kernel.configs[0].kwargs["BLOCK_D"]
             flags.update(EVEN_DS=h_s.shape[1] % block_d == 0, EVEN_DT=h_t.shape[1] % block_d == 0)
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * splits,)  # noqa: E731
             kernel[grid](*args, **flags)
     return part, top_val, top_id, top_oth
 
