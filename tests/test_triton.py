@@ -126,14 +126,17 @@ def test_program_coords_is_a_bijection():
                     assert pairs == [(m, s) for s in range(splits) for m in range(row_blocks)]
 
 
-@pytest.mark.parametrize("group_m", [1, 3])
-def test_forward_grouped_order_many_row_blocks_and_splits(monkeypatch, group_m):
-    """Many row blocks (8, with a row tail) x many splits (7, an odd last one) in groups of 3 row blocks
-    (not a divisor of 8) or split-major: exact against the float64 reference, tied logits included
-    (duplicated W rows tie across tiles and splits)."""
+@pytest.mark.parametrize("group_m, max_grid_y", [(1, 65535), (1, 4), (3, 65535)])
+def test_forward_grouped_order_many_row_blocks_and_splits(monkeypatch, group_m, max_grid_y):
+    """Many row blocks (8, with a row tail) x many splits (7, an odd last one): split-major on the 2-D grid,
+    split-major on the 1-D grid (as past CUDA's grid-y limit), groups of 3 row blocks (not a divisor of
+    8): exact against the float64 reference, tied logits included (duplicated W rows tie across tiles
+    and splits)."""
     monkeypatch.setitem(stats_forward.INTERPRETER_BLOCKS, "BLOCK_M", 8)
     monkeypatch.setitem(stats_forward.INTERPRETER_BLOCKS, "BLOCK_V", 32)
     monkeypatch.setattr(stats_forward, "GROUP_M", group_m)
+    monkeypatch.setattr(stats_forward, "MAX_GRID_Y", max_grid_y)
+    assert stats_forward._split_major(group_m, 61, 8) == (group_m == 1 and max_grid_y > 8)
     n, v = 61, 403
     h_s, w_s, b_s, h_t, w_t, b_t = make(n=n, d_s=16, d_t=24, v_s=v, seed=13, bias=True)
     for src, dst in ((5, 6), (5, 200), (5, 402), (90, 330)):

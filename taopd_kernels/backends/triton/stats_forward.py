@@ -1,7 +1,8 @@
 """Forward statistics kernel: docs/math.md, Per-position statistics from (h_s, W_s, h_t, W_t) in one pass over the vocabulary.
 
-Grid: (row blocks of BLOCK_M positions) x (vocabulary splits), as a 1-D grid in split-major order
-(``program_coords``). A program owns BLOCK_M rows and one split [v_lo, v_hi) and walks it BLOCK_V
+Grid: (row blocks of BLOCK_M positions) x (vocabulary splits) in split-major order: a row block's splits
+are consecutive programs (2-D grid (splits, row blocks); other orders through ``program_coords`` on a
+1-D grid). A program owns BLOCK_M rows and one split [v_lo, v_hi) and walks it BLOCK_V
 columns at a time. For each tile it forms both models' scaled
 logits with ``tl.dot`` (bf16/fp16 operands, float32 accumulation; float32 operands as 3xTF32), masks
 columns at or beyond ``vocab_size`` (or the split end) to -inf, and folds the tile into per-row state:
@@ -42,8 +43,8 @@ the programs in flight stay in L2.
   2.3 ms at 4.8 TB/s. Traffic from L2 to the SMs is unchanged (~360 GB); that, not HBM, is the next
   limit. Beyond ~18k rows the partial-state cap allows too few splits and the rows in flight outgrow
   L2 again (more splits per row still share each read).
-``GROUP_M`` (row blocks per group, row blocks fastest inside one) generalises the order: 1 is
-split-major (the smallest set of row blocks in flight for a given S), >= the row-block count the old
+``GROUP_M`` (row blocks per group, row blocks fastest inside one; ``program_coords``) generalises the
+order: 1 is split-major (the fewest row blocks in flight for a given S), >= the row-block count the old
 order; it is a knob for measuring, not tuned.
 
 Memory held: registers for two [BLOCK_M, BLOCK_V] float32 tiles and the [BLOCK_M, K] lists; global
@@ -82,8 +83,8 @@ NUM_PARTIAL_STATS = 9
 SPLIT_ALIGN = 256
 PARTIAL_STATE_BYTES = 64 << 20
 INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=16)
-# Row blocks per program group (``program_coords``): 1 is split-major order, the one the L2 model of
-# ``num_splits`` assumes; a value >= the row-block count gives the old row-major order (for measuring).
+# Row blocks per program group (``program_coords``): 1 is split-major order (the 2-D grid), the one the
+# L2 model of ``num_splits`` assumes; >= the row-block count gives the old row-major order (for measuring).
 GROUP_M = 1
 
 
@@ -182,9 +183,17 @@ def _stats_forward_kernel(
     DTYPE_S: tl.constexpr, DTYPE_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     MASKED: tl.constexpr, PLACEHOLDER: tl.constexpr, NONE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, pid_s = program_coords(tl.program_id(0), (R + BLOCK_M - 1) // BLOCK_M, N_SPLITS, GROUP_M)
+    if SPLIT_MAJOR:
+        # 2-D grid (splits, row blocks): blocks are dispatched x fastest, so this is split-major order with
+        # both ids in special registers, re-read after the loop. Computed ids (the 1-D branch) stay live
+        # through it: 8-12 B of spills in the 255-register sm_90a configs, so that branch serves only
+        # GROUP_M > 1 (measuring) and row counts past the grid-y limit (over 2-4M rows).
+        pid_s = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m, pid_s = program_coords(tl.program_id(0), (R + BLOCK_M - 1) // BLOCK_M, N_SPLITS, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     rows_c = tl.minimum(rows, R - 1)
@@ -328,6 +337,15 @@ def num_splits(rows: int, vocab: int, sms: int, top_k: int = 16, block_m: int = 
     return best
 
 
+MAX_GRID_Y = 65535
+
+
+def _split_major(group_m: int, rows: int, block_m: int) -> bool:
+    """The 2-D split-major grid (GROUP_M = 1), unless the row blocks would pass CUDA's grid-y limit (then
+    the same order through ``program_coords`` on a 1-D grid)."""
+    return group_m == 1 and triton.cdiv(rows, block_m) <= MAX_GRID_Y
+
+
 def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, temperature: float,
                          sampled_ids: Optional[torch.Tensor] = None, split_size: Optional[int] = None):
     """Run the kernel; returns the partial state (part [S, 9, R], top value/id/other [2, S, R, K])."""
@@ -362,17 +380,22 @@ def launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k
                  HAS_BS=b_s is not None, HAS_BT=b_t is not None, HAS_Y=y is not None,
                  DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t,
                  MASKED=MASKED_ID, PLACEHOLDER=PLACEHOLDER_ID, NONE=NO_ID)
+    def grid(meta):
+        row_blocks = triton.cdiv(rows, meta["BLOCK_M"])
+        return (splits, row_blocks) if meta["SPLIT_MAJOR"] else (row_blocks * splits,)
+
     with device_guard(device):
         if interp:
             blocks = INTERPRETER_BLOCKS
-            flags.update(EVEN_DS=h_s.shape[1] % blocks["BLOCK_D"] == 0, EVEN_DT=h_t.shape[1] % blocks["BLOCK_D"] == 0)
-            grid = (triton.cdiv(rows, blocks["BLOCK_M"]) * splits,)
-            _stats_forward_kernel[grid](*args, **flags, **blocks)
+            flags.update(EVEN_DS=h_s.shape[1] % blocks["BLOCK_D"] == 0, EVEN_DT=h_t.shape[1] % blocks["BLOCK_D"] == 0,
+                         SPLIT_MAJOR=_split_major(group_m, rows, blocks["BLOCK_M"]))
+            _stats_forward_kernel[grid(dict(blocks, **flags))](*args, **flags, **blocks)
         else:
             kernel = _tuned_kernel(device, operand_bytes(h_s, w_s, h_t, w_t))
             block_d = kernel.configs[0].kwargs["BLOCK_D"]
-            flags.update(EVEN_DS=h_s.shape[1] % block_d == 0, EVEN_DT=h_t.shape[1] % block_d == 0)
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * splits,)  # noqa: E731
+            block_m = min(c.kwargs["BLOCK_M"] for c in kernel.configs)
+            flags.update(EVEN_DS=h_s.shape[1] % block_d == 0, EVEN_DT=h_t.shape[1] % block_d == 0,
+                         SPLIT_MAJOR=_split_major(group_m, rows, block_m))
             kernel[grid](*args, **flags)
     return part, top_val, top_id, top_oth
 
