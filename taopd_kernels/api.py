@@ -110,6 +110,11 @@ class _HiddenHead:
         """Inputs the backward reads but never differentiates (saved, so in-place changes are caught)."""
         return self.h_t.detach(), self.w_t.detach(), None if self.b_t is None else self.b_t.detach()
 
+    def shape_class(self, opts: HeadOptions):
+        """What backend="auto" measures by on a GPU (backends.ShapeClass); metadata only, no sync."""
+        return backends.ShapeClass.of(self.h_s, self.w_s, self.h_t, self.w_t, vocab_size=opts.vocab_size,
+                                      top_k=opts.top_k)
+
     def signature(self) -> dict:
         return _signature(student_hidden=self.h_s, student_weight=self.w_s, student_bias=self.b_s,
                           teacher_hidden=self.h_t, teacher_weight=self.w_t, teacher_bias=self.b_t)
@@ -162,6 +167,9 @@ class _LogitsHead:
     @property
     def teacher(self) -> tuple:
         return (self.zt.detach(),)
+
+    def shape_class(self, opts: HeadOptions):
+        return None  # the logits path keeps the fixed order
 
     def signature(self) -> dict:
         return _signature(student_logits=self.zs, teacher_logits=self.zt)
@@ -338,7 +346,8 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     device = head.student[0].device
     pos = _positions(head.leading, device, valid_mask, sequence_ids, sampled_ids, opts.vocab_size, opts.estimator,
                      checks)
-    name, impl = backends.resolve(opts.backend, device, path=head.path, top_k=opts.top_k)
+    name, impl = backends.resolve(opts.backend, device, path=head.path, top_k=opts.top_k,
+                                  shape=head.shape_class(opts))
     computed_from = dict(temperature=opts.temperature, vocab_size=opts.vocab_size, top_k=opts.top_k,
                          sampled_ids=pos.sampled_ids is not None, inputs=head.signature())
     reused = stats is not None

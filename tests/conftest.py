@@ -11,6 +11,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="auto" keeps the fixed order in tests (on a GPU it would otherwise time every backend once per
+# shape class and read/write ~/.cache/taopd); tests of the measured choice turn it back on.
+os.environ.setdefault("TAOPD_AUTO_MEASURE", "0")
 
 HAS_CUDA = torch.cuda.is_available()
 

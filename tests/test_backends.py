@@ -3,6 +3,7 @@ chooses, and the statistics record which backend ran. Also: no import cycles in 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,3 +123,143 @@ def test_every_module_imports_first_without_a_cycle():
     res = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, *packages], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# backend="auto" on a GPU: the measured choice (fake CUDA device, fake timer).
+
+SHAPE = backends.ShapeClass(rows=8192, vocab=262144, d_s=2048, d_t=4096, dtypes=("bfloat16",) * 4, top_k=16)
+
+
+@pytest.fixture
+def fake_gpu(fake_cuda_extension, monkeypatch, tmp_path):
+    """triton and cuda usable on a fake CUDA device, a cache directory of the test's own, and a timer that
+    records which backends it timed (cuda fastest, then triton, then torch)."""
+    from taopd_kernels.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "is_available", lambda device: (True, ""))
+    monkeypatch.setattr(backends, "_device_key", lambda device: "Fake H200|torch=x|triton=y|taopd=z")
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    monkeypatch.setenv("TAOPD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TAOPD_BACKEND", raising=False)
+    monkeypatch.delenv("TAOPD_AUTO_MEASURE", raising=False)
+    timed = []
+    ms = {"cuda": 1.0, "triton": 2.0, "torch": 9.0}
+
+    def fake_time(name, shape, device):
+        timed.append(name)
+        return ms[name]
+
+    monkeypatch.setattr(backends, "_time_backend", fake_time)
+    return dict(timed=timed, ms=ms, path=tmp_path / "auto_backend.json", triton=triton_backend)
+
+
+def test_auto_measures_once_and_takes_the_fastest(fake_gpu):
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
+    assert fake_gpu["timed"] == ["triton", "cuda", "torch"]
+    data = json.loads(fake_gpu["path"].read_text())
+    entry = data["entries"]["Fake H200|torch=x|triton=y|taopd=z"][SHAPE.key()]
+    assert entry == {"backend": "cuda", "ms": fake_gpu["ms"]}
+    assert [p.name for p in fake_gpu["path"].parent.iterdir() if p.suffix == ".tmp"] == []  # replaced, not left
+    # Same process: from memory. A new process (memory cleared): from the file. Neither measures again.
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
+    backends._CHOICES.clear()
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
+    assert fake_gpu["timed"] == ["triton", "cuda", "torch"]
+    # Another shape class is measured on its own, and added to the same file.
+    other = backends.ShapeClass(**{**SHAPE.__dict__, "rows": 1024})
+    fake_gpu["ms"]["triton"] = 0.5
+    assert backends.resolve("auto", CUDA, top_k=16, shape=other)[0] == "triton"
+    assert len(json.loads(fake_gpu["path"].read_text())["entries"]["Fake H200|torch=x|triton=y|taopd=z"]) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"version": 1, "entries": {"gpu": 3}}'])
+def test_corrupt_cache_is_ignored_with_a_warning_and_rewritten(fake_gpu, content):
+    fake_gpu["path"].write_text(content)
+    with pytest.warns(RuntimeWarning, match="ignoring the backend cache"):
+        assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
+    assert fake_gpu["timed"] == ["triton", "cuda", "torch"]
+    data = json.loads(fake_gpu["path"].read_text())
+    assert data["version"] == 1 and SHAPE.key() in data["entries"]["Fake H200|torch=x|triton=y|taopd=z"]
+
+
+def test_unusable_candidates_are_never_measured(fake_gpu, monkeypatch):
+    # top_k beyond the CUDA kernels' 64: cuda is not a candidate.
+    big_k = backends.ShapeClass(**{**SHAPE.__dict__, "top_k": 100})
+    assert backends.resolve("auto", CUDA, top_k=100, shape=big_k)[0] == "triton"
+    assert fake_gpu["timed"] == ["triton", "torch"]
+    # Without triton: cuda and torch only. When triton becomes usable, the cached entry (which never timed
+    # it) is not trusted: measured again, with triton.
+    fake_gpu["timed"].clear()
+    monkeypatch.setattr(fake_gpu["triton"], "is_available", lambda device: (False, "no triton here"))
+    fake_gpu["ms"]["cuda"] = 5.0
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
+    assert fake_gpu["timed"] == ["cuda", "torch"]
+    monkeypatch.setattr(fake_gpu["triton"], "is_available", lambda device: (True, ""))
+    backends._CHOICES.clear()
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"
+    assert fake_gpu["timed"] == ["cuda", "torch", "triton", "cuda", "torch"]
+
+
+def test_fixed_order_without_measuring(fake_gpu, monkeypatch):
+    monkeypatch.setenv("TAOPD_AUTO_MEASURE", "0")
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"
+    monkeypatch.delenv("TAOPD_AUTO_MEASURE")
+    # No shape class (logits path, direct callers), the logits path, a CPU device: the fixed order.
+    assert backends.resolve("auto", CUDA, top_k=16)[0] == "triton"
+    assert backends.resolve("auto", CUDA, path="logits", top_k=16, shape=SHAPE)[0] == "cuda"  # triton: no logits
+    assert backends.resolve("auto", torch.device("cpu"), top_k=16, shape=SHAPE)[0] == "torch"
+    # TAOPD_BACKEND keeps its meaning: that name first, taken without measuring.
+    monkeypatch.setenv("TAOPD_BACKEND", "torch")
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "torch"
+    assert fake_gpu["timed"] == [] and not fake_gpu["path"].exists()
+
+
+def test_failed_measurement_keeps_the_fixed_order(fake_gpu, monkeypatch):
+    def broken(name, shape, device):
+        fake_gpu["timed"].append(name)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(backends, "_time_backend", broken)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"
+    assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"  # not retried each call
+    assert fake_gpu["timed"] == ["triton"] and not fake_gpu["path"].exists()
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_time_backend_runs_a_forward_and_kept_backward(name):
+    """The real timing step (synthetic input of the class, the backend's own forward + kept backward), on
+    the CPU with a timer that just runs it."""
+    if not backends.available(name, torch.device("cpu"))[0]:
+        pytest.skip(f"{name} cannot run on this device")
+    shape = backends.ShapeClass(rows=40, vocab=300, d_s=16, d_t=24, dtypes=("float32",) * 4, top_k=4)
+    ran = []
+
+    def timer(step, device):
+        step()
+        ran.append(device)
+        return 1.5
+
+    assert backends._time_backend(name, shape, torch.device("cpu"), timer=timer) == 1.5 and len(ran) == 1
+
+
+def test_shape_class_buckets_and_api_passes_it(monkeypatch):
+    h = torch.zeros(8000, 16, dtype=torch.bfloat16)
+    a = backends.ShapeClass.of(h, torch.zeros(151936, 16), h, torch.zeros(10, 16), vocab_size=151936, top_k=16)
+    b = backends.ShapeClass.of(h[:5000], torch.zeros(1, 16), h, torch.zeros(1, 16), vocab_size=152064, top_k=16)
+    assert a == b and (a.rows, a.vocab) == (8192, 262144)
+    assert a.key() == "rows=8192,vocab=262144,d_s=16,d_t=16,dtype=bfloat16+float32+bfloat16+float32,top_k=16"
+    seen = []
+    original = backends.resolve
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("shape"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    inputs = make_inputs(n=12, v_s=300)
+    teachability_stats(**inputs, top_k=4, backend="auto")
+    teachability_kl_from_logits(torch.randn(6, 50), torch.randn(6, 50), top_k=4)
+    assert seen[0] == backends.ShapeClass(rows=16, vocab=512, d_s=16, d_t=24, dtypes=("float32",) * 4, top_k=4)
+    assert seen[1] is None

@@ -1,10 +1,11 @@
-"""The Triton backend: fused kernels for the hidden-state path (``backend="triton"``, the "auto" pick
-on CUDA).
+"""The Triton backend: fused kernels for the hidden-state path (``backend="triton"``; first in "auto"'s
+fixed order on CUDA, where "auto" otherwise measures: ``taopd_kernels.backends``).
 
 Forward (``stats_forward.py``): one kernel computes both models' logits tile by tile with
 ``tl.dot`` and folds them at once into the statistics of docs/math.md, Per-position statistics (both log-sum-exps, the
 student's entropy, both KLs, each model's running top-K with the other model's logit carried, the
-sampled-token logits). Rows x vocabulary splits make the grid; the splits' partial states are merged
+sampled-token logits). Rows x vocabulary splits make the grid (split-major, so the rows of the programs
+in flight stay in L2); the splits' partial states are merged
 on the host on [R, K]-sized tensors. Nothing of size positions x vocabulary is ever allocated.
 
 Backward (``kept_backward.py``): for the kept rows only, a kernel recomputes the logit
