@@ -2,7 +2,7 @@
 """The fixed-context diagnostic (docs/math.md, The fixed-context diagnostic).
 
     python train/diagnose.py                                  # the built-in default pair, plain OPD from theta_0
-    python train/diagnose.py --config long_arithmetic --contexts 256 --train-steps 40 --out runs/diagnostic
+    python train/diagnose.py --contexts 256 --train-steps 40 --out runs/diagnostic
     python train/diagnose.py --checkpoint runs/default/checkpoints/step_000100   # a student trained already
 
 1. A bank of ``--contexts`` responses sampled by the initial student theta_0 (rollout temperature) is

@@ -61,19 +61,25 @@ def task_token_ids(task, tokenizer) -> List[int]:
 def sft_batch(examples, tokenizer, device, id_map: Dict[int, int] = None):
     """Right-padded prompt+answer+EOS; ``targets``: positions t whose hidden state predicts an answer token."""
     seqs, starts = [], []
+    skips = []
     for ex in examples:
         p = tokenizer.prompt_ids(ex.prompt)
         r = tokenizer.encode(ex.target) + [tokenizer.eos_id]
+        if ex.unscored and len(r) != len(ex.target) + 1:
+            raise ValueError(f"unscored characters need one token per character: {ex.target!r}")
         seqs.append(p + r)
         starts.append(len(p))
+        skips.append({len(p) + c for c in ex.unscored})
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     rows, cols, labels = [], [], []
-    for i, (s, st) in enumerate(zip(seqs, starts)):
+    for i, (s, st, skip) in enumerate(zip(seqs, starts, skips)):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
         for t in range(st, len(s)):
+            if t in skip:
+                continue
             rows.append(i)
             cols.append(t - 1)
             labels.append(s[t])
@@ -131,7 +137,7 @@ def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float
 
 
 def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
-                target: float = 1.0):
+                target: float = 1.0, noise: float = 0.0):
     """Compact SFT (step 1 of the module docstring) with its early stop. Returns (compact model, info).
 
     Seeded, on one thread (``prepare_builtin``), with deterministic algorithms: the same trajectory on
@@ -154,8 +160,13 @@ def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, lo
     t0 = time.time()
     loss = float("nan")
     acc_compact, done = 0.0, 0
+    noise = noise if hasattr(task, "corrupted_example") else 0.0
+
+    def example():
+        return task.corrupted_example(rng) if noise and rng.random() < noise else task.train_example(rng)
+
     for i in range(steps):
-        batch = sft_batch([task.train_example(rng) for _ in range(sft.batch_size)], tokenizer, device, id_map)
+        batch = sft_batch([example() for _ in range(sft.batch_size)], tokenizer, device, id_map)
         loss = _ce_step(model, opt, sched, batch, logit_offset=offset)
         done = i + 1
         if done % sft.eval_every == 0 or done == steps:
@@ -197,7 +208,7 @@ def expand(model, vocab: List[int], arch, *, seed: int, device):
 
 
 def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
-                  target: float = 1.0, shipped: Optional[Path] = None):
+                  target: float = 1.0, shipped: Optional[Path] = None, noise: float = 0.0):
     """Compact SFT (or the shipped compact weights ``shipped``), expansion to the Qwen3 vocabulary,
     full-vocabulary calibration. Returns (model, info)."""
     t0 = time.time()
@@ -213,7 +224,7 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
         info = dict(info, compact_accuracy_measured=acc, source="shipped")
     else:
         model, info = compact_sft(arch, steps, task, tokenizer, sft, seed=seed, device=device, log=log, tag=tag,
-                                  target=target)
+                                  target=target, noise=noise)
         vocab = info["vocab"]
         info["source"] = "trained"
     full = expand(model, vocab, arch, seed=seed, device=device)
@@ -290,6 +301,11 @@ def prep_seed(cfg) -> int:
     return cfg.seed if cfg.sft.seed is None else cfg.sft.seed
 
 
+def _noise(cfg, role: str) -> list:
+    """The corrupted-context share of this role's SFT (only the long task's teacher has one)."""
+    return [cfg.sft.teacher_noise] if role == "teacher" and cfg.data.source == "long_arithmetic" else []
+
+
 def cache_key(cfg, role: str) -> str:
     """Everything that affects one prepared model (so changing the student's SFT keeps the cached teacher)."""
     sft = dataclasses.asdict(cfg.sft)
@@ -297,9 +313,11 @@ def cache_key(cfg, role: str) -> str:
         "v": PREP_VERSION, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
         "steps": sft[f"{role}_steps"], "target": sft[f"{role}_target"],
         "sft": {k: v for k, v in sft.items() if k not in ("cache_dir", "teacher_steps", "student_steps",
-                                                          "teacher_target", "student_target", "seed", "shipped")},
+                                                          "teacher_target", "student_target", "seed", "shipped",
+                                                          "teacher_noise")},
+        "noise": _noise(cfg, role),
         "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
-        + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []), "seed": prep_seed(cfg),
+        + ([cfg.data.digits, cfg.data.chain] if cfg.data.source == "long_arithmetic" else []), "seed": prep_seed(cfg),
         "distractors": DISTRACTORS, "torch": torch.__version__.split("+")[0],
     }
     if cfg.sft.seed is not None and cfg.data.source == "arithmetic":  # its held-out split follows the run's seed
@@ -314,9 +332,9 @@ def compact_key(cfg, role: str) -> str:
     sft = cfg.sft
     blob = {"v": 1, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
             "steps": getattr(sft, f"{role}_steps"), "target": getattr(sft, f"{role}_target"),
-            "sft": [sft.batch_size, sft.lr, sft.eval_every], "data": [cfg.data.source, cfg.data.max_operand,
-                                                                      cfg.data.eval_size]
-            + ([cfg.data.digits] if cfg.data.source == "long_arithmetic" else []),
+            "sft": [sft.batch_size, sft.lr, sft.eval_every] + _noise(cfg, role),
+            "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
+            + ([cfg.data.digits, cfg.data.chain] if cfg.data.source == "long_arithmetic" else []),
             "seed": prep_seed(cfg), "distractors": DISTRACTORS}
     if cfg.data.source == "arithmetic":  # its held-out split (never trained on) follows the run's seed
         blob["split_seed"] = cfg.seed
@@ -359,7 +377,8 @@ def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
             try:
                 model, info, compact = train_builtin(arch, steps, task, tokenizer, cfg.sft,
                                                      seed=prep_seed(cfg) * 1000 + seed_off, device=device, log=log,
-                                                     tag=role, target=target, shipped=ship if use_shipped else None)
+                                                     tag=role, target=target, shipped=ship if use_shipped else None,
+                                                     noise=sum(_noise(cfg, role)))
             finally:
                 torch.set_num_threads(threads)
                 torch.use_deterministic_algorithms(deterministic)

@@ -4,10 +4,10 @@ Three sources of prompts:
 - ``arithmetic``: a synthetic task generated in code (two-digit addition, the sum written least
   significant digit first, e.g. ``37+45=`` -> ``28``), with exact answer checking. Held-out prompts
   are a fixed, seeded set of operand pairs that training never samples.
-- ``long_arithmetic``: repeated addition with every partial result written out (``4821+7*6=``: the
-  running total after each of six additions of 7, least significant digit first, then the final
-  total): responses of ~60 tokens whose positions differ in how teachable they are (copies, digit
-  sums, carries, the reversed final answer), exact answer checking.
+- ``long_arithmetic``: repeated addition with every partial result written out, all numbers least
+  significant digit first (``12840+7*4=``: the running total of 4821 after each of four additions of
+  7): responses of ~40 tokens whose positions differ in how teachable they are (copies, digit sums,
+  carries), exact answer checking on the final total.
 - a local JSONL / Parquet file, or a Hugging Face dataset by name, with configurable prompt / answer
   fields; answers are checked as math answers (``\\boxed{..}`` or the last number, normalised).
 """
@@ -31,6 +31,7 @@ class Example:
     prompt: str
     answer: str  # what the answer check compares against
     solution: Optional[str] = None  # the full SFT target when it is more than the answer (worked solutions)
+    unscored: tuple = ()  # indices of target characters SFT does not train on (corrupted digits)
 
     @property
     def target(self) -> str:
@@ -79,21 +80,22 @@ class ArithmeticTask:
 class LongArithmeticTask:
     """Repeated addition with every partial result written out: start + k, ``chain`` times.
 
-    ``4821+7*6=`` -> ``12840+7;92840+7;...;07940=4863``: the running total after 0, 1, ..., chain
-    additions of k, each written with ``digits + 1`` digits, least significant first (zero-padded),
-    followed by ``+k;`` while additions remain; then ``=`` and the final total in ordinary notation.
-    Every character is one Qwen BPE token, so with the defaults (4-digit start, chain 6) a response is
-    59-60 tokens (plus EOS). Positions differ in how teachable they are: separators and the repeated
-    ``+k`` are copies, a digit that receives no carry is a copy of the same digit one total earlier
-    (a fixed offset back), the lowest digit is a sum, a carried digit depends on the carry chain, and
-    the final answer is the last total reversed. The answer check is exact on the final answer (the
-    text after the last ``=``). Held-out prompts are a fixed set of (start, k) pairs, the same for
-    every run seed (so that seeds compare on one held-out set), that training never samples.
+    ``12840+7*4=`` -> ``12840+7;92840+7;63840+7;33840+7;00940``: the start (4821) and the running total
+    after each of ``chain`` additions of k, each written with ``digits + 1`` digits, least significant
+    first and zero-padded (as the ``arithmetic`` task writes its sums: each digit then depends on
+    digits already seen), separated by ``+k;`` while additions remain. Every character is one Qwen BPE
+    token, so with the defaults (4-digit start, chain 4) a response is 37 tokens plus EOS. Positions
+    differ in how teachable they are: separators and the repeated ``+k`` are copies, the first total
+    copies the prompt, a digit that receives no carry copies the same digit one total earlier (a fixed
+    offset back), the lowest digit is a digit sum and a carried digit depends on the carry chain. The
+    answer check is exact on the final total (the text after the last ``;``). Held-out prompts are a
+    fixed set of (start, k) pairs, the same for every run seed (so that seeds compare on one held-out
+    set), that training never samples.
     """
 
     name = "long_arithmetic"
 
-    def __init__(self, digits: int = 4, num_eval: int = 256, seed: int = 0, chain: int = 6):
+    def __init__(self, digits: int = 4, num_eval: int = 256, seed: int = 0, chain: int = 4):
         if digits < 1 or chain < 1:
             raise ValueError(f"long_arithmetic: digits={digits} and chain={chain} must be >= 1")
         self.digits, self.chain = digits, chain
@@ -108,16 +110,17 @@ class LongArithmeticTask:
         self.eval_pairs = sorted(pairs)
         self._held_out = frozenset(pairs)
         width = digits + 1
-        # the longest response in tokens: chain steps of (total, '+', k, ';'), the last total, '=', answer, EOS
-        self.max_response_tokens = chain * (width + 3) + width + 1 + width + 1
+        # the longest response in tokens: chain steps of (total, '+', k, ';'), the last total, EOS
+        self.max_response_tokens = chain * (width + 3) + width + 1
+
+    def little_endian(self, n: int) -> str:
+        """``n`` with ``digits + 1`` digits, zero-padded, least significant first."""
+        return f"{n:0{self.digits + 1}d}"[::-1]
 
     def format(self, start: int, k: int) -> Example:
-        width = self.digits + 1
-        totals = [start + i * k for i in range(self.chain + 1)]
-        rev = [f"{t:0{width}d}"[::-1] for t in totals]
-        answer = str(totals[-1])
-        solution = "".join(f"{r}+{k};" for r in rev[:-1]) + f"{rev[-1]}={answer}"
-        return Example(prompt=f"{start}+{k}*{self.chain}=", answer=answer, solution=solution)
+        totals = [self.little_endian(start + i * k) for i in range(self.chain + 1)]
+        solution = "".join(f"{t}+{k};" for t in totals[:-1]) + totals[-1]
+        return Example(prompt=f"{totals[0]}+{k}*{self.chain}=", answer=totals[-1], solution=solution)
 
     def train_example(self, rng: random.Random) -> Example:
         while True:
@@ -125,14 +128,36 @@ class LongArithmeticTask:
             if pair not in self._held_out:
                 return self.format(*pair)
 
+    def corrupted_example(self, rng: random.Random) -> Example:
+        """A training example with one wrong digit in one of the first ``chain`` totals, every later
+        total continuing from the wrong one (each total is the previous written total plus k).
+
+        SFT on these (``sft.teacher_noise``) makes a teacher that continues correctly from a student's
+        mistake, as a real teacher does on any prefix: without them a teacher trained on clean
+        solutions only is confidently arbitrary after the first wrong digit, and the positions OPD
+        scores there teach nothing. The wrong digit itself is ``unscored``."""
+        clean = self.train_example(rng)
+        start, k = int(clean.prompt.split("+")[0][::-1]), int(clean.prompt.split("+")[1].split("*")[0])
+        width = self.digits + 1
+        i, j = rng.randrange(self.chain), rng.randrange(self.digits)  # the top digit stays: no overflow
+        totals = [start + n * k for n in range(self.chain + 1)]
+        digits = list(self.little_endian(totals[i]))
+        digits[j] = str((int(digits[j]) + rng.randint(1, 9)) % 10)
+        wrong = int("".join(digits)[::-1])
+        written = [self.little_endian(t) for t in totals[:i]] + [self.little_endian(wrong + n * k)
+                                                                 for n in range(self.chain + 1 - i)]
+        solution = "".join(f"{t}+{k};" for t in written[:-1]) + written[-1]
+        return Example(prompt=clean.prompt, answer=written[-1], solution=solution,
+                       unscored=(i * (width + 3) + j,))
+
     def eval_examples(self) -> List[Example]:
         return [self.format(a, k) for a, k in self.eval_pairs]
 
     @staticmethod
     def final_answer(response: str) -> Optional[str]:
-        """The text after the last '=' (None if there is none)."""
+        """The text after the last ';' (None if there is none)."""
         text = response.strip()
-        return text.rsplit("=", 1)[1] if "=" in text else None
+        return text.rsplit(";", 1)[1] if ";" in text else None
 
     @classmethod
     def check(cls, response: str, answer: str) -> bool:
@@ -299,7 +324,7 @@ def build_task(data_cfg, seed: int):
     if data_cfg.source == "arithmetic":
         return ArithmeticTask(max_operand=data_cfg.max_operand, num_eval=data_cfg.eval_size, seed=seed)
     if data_cfg.source == "long_arithmetic":
-        return LongArithmeticTask(digits=getattr(data_cfg, "digits", 4), num_eval=data_cfg.eval_size, seed=seed)
+        return LongArithmeticTask(digits=data_cfg.digits, chain=data_cfg.chain, num_eval=data_cfg.eval_size, seed=seed)
     return PromptDataset(data_cfg.source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
                          split=data_cfg.split, eval_source=data_cfg.eval_source, eval_split=data_cfg.eval_split,
                          num_eval=data_cfg.eval_size, seed=seed)
