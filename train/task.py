@@ -122,11 +122,14 @@ class LongArithmeticTask:
         solution = "".join(f"{t}+{k};" for t in totals[:-1]) + totals[-1]
         return Example(prompt=f"{totals[0]}+{k}*{self.chain}=", answer=totals[-1], solution=solution)
 
-    def train_example(self, rng: random.Random) -> Example:
+    def _train_pair(self, rng: random.Random) -> tuple:
         while True:
             pair = (rng.randint(0, self.max_operand), rng.randint(1, 9))
             if pair not in self._held_out:
-                return self.format(*pair)
+                return pair
+
+    def train_example(self, rng: random.Random) -> Example:
+        return self.format(*self._train_pair(rng))
 
     def corrupted_example(self, rng: random.Random) -> Example:
         """A training example with one wrong digit in one of the first ``chain`` totals, every later
@@ -136,8 +139,7 @@ class LongArithmeticTask:
         mistake, as a real teacher does on any prefix: without them a teacher trained on clean
         solutions only is confidently arbitrary after the first wrong digit, and the positions OPD
         scores there teach nothing. The wrong digit itself is ``unscored``."""
-        clean = self.train_example(rng)
-        start, k = int(clean.prompt.split("+")[0][::-1]), int(clean.prompt.split("+")[1].split("*")[0])
+        start, k = self._train_pair(rng)
         width = self.digits + 1
         i, j = rng.randrange(self.chain), rng.randrange(self.digits)  # the top digit stays: no overflow
         totals = [start + n * k for n in range(self.chain + 1)]
@@ -147,8 +149,8 @@ class LongArithmeticTask:
         written = [self.little_endian(t) for t in totals[:i]] + [self.little_endian(wrong + n * k)
                                                                  for n in range(self.chain + 1 - i)]
         solution = "".join(f"{t}+{k};" for t in written[:-1]) + written[-1]
-        return Example(prompt=clean.prompt, answer=written[-1], solution=solution,
-                       unscored=(i * (width + 3) + j,))
+        return Example(prompt=f"{self.little_endian(start)}+{k}*{self.chain}=", answer=written[-1],
+                       solution=solution, unscored=(i * (width + 3) + j,))
 
     def eval_examples(self) -> List[Example]:
         return [self.format(a, k) for a, k in self.eval_pairs]
