@@ -160,7 +160,6 @@ def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, lo
     t0 = time.time()
     loss = float("nan")
     acc_compact, done = 0.0, 0
-    noise = noise if hasattr(task, "corrupted_example") else 0.0
 
     def example():
         return task.corrupted_example(rng) if noise and rng.random() < noise else task.train_example(rng)
@@ -302,7 +301,8 @@ def prep_seed(cfg) -> int:
 
 
 def _noise(cfg, role: str) -> list:
-    """The corrupted-context share of this role's SFT (only the long task's teacher has one)."""
+    """The corrupted-context share of this role's SFT as a key part: [sft.teacher_noise] for the long
+    task's teacher (the only task with ``corrupted_example``), else []."""
     return [cfg.sft.teacher_noise] if role == "teacher" and cfg.data.source == "long_arithmetic" else []
 
 
