@@ -249,6 +249,28 @@ def test_rollout_from_nan_model_is_flagged_not_the_last_token(tmp_path):
     assert ev["nonfinite_sequences"] == 4
 
 
+def test_unusable_rows_are_found_from_the_row_maximum_alone():
+    """The one-pass check flags exactly the rows the three-pass definition flags (a NaN anywhere, a +inf,
+    no finite value), on hostile rows in every position of a 152k-wide row and on an odd width."""
+    from taopd_train.rollout import unusable_rows
+
+    inf, nan = float("inf"), float("nan")
+    for width in (151_936, 7):
+        rows = torch.randn(10, width)
+        rows[1, -1] = nan                      # NaN in the last column
+        rows[2, 0] = nan; rows[2, 1] = inf     # NaN beside +inf
+        rows[3, width // 2] = inf              # +inf alone
+        rows[4] = -inf                         # no finite value
+        rows[5, :-1] = -inf                    # one finite value: usable
+        rows[6, 3] = -inf                      # masked tokens: usable
+        rows[7] = nan                          # all NaN
+        rows[8, 0] = -inf; rows[8, 2] = nan    # -inf beside NaN
+        three_pass = rows.isnan().any(-1) | rows.isposinf().any(-1) | ~rows.isfinite().any(-1)
+        assert three_pass.tolist() == [False, True, True, True, True, False, False, True, True, False]
+        assert torch.equal(unusable_rows(rows.max(-1).values), three_pass)
+        assert torch.equal(rows.max(-1).indices[~three_pass], rows.argmax(-1)[~three_pass])  # the greedy token
+
+
 # ------------------------------------------------------------------ 4. signals and storage
 
 
