@@ -693,8 +693,9 @@ def _loop(cfg, ctx, models, opt, sched, engine, state, start, ckpt, logger, say,
     if ctx.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     gap = f" | gap closed {summary['gap_closed'] * 100:.0f}%" if "gap_closed" in summary else ""
-    say(f"[done] teacher {t if t is None else f'{t:.3f}'} | student before {b if b is None else f'{b:.3f}'} | "
-        f"student after {a:.3f}{gap} | {summary['total_s']:.0f}s total ({t_prep:.0f}s preparation)")
+    measured = [f"{name} {v:.3f}" for name, v in (("teacher", t), ("student before", b)) if v is not None]
+    say(f"[done] {' | '.join(measured + [f'student after {a:.3f}'])}{gap} | {summary['total_s']:.0f}s total "
+        f"({t_prep:.0f}s preparation)")  # an accuracy not measured (eval.at_start=false) is left out, not 'None'
     return summary
 
 
