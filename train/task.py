@@ -117,10 +117,13 @@ class LongArithmeticTask:
         """``n`` with ``digits + 1`` digits, zero-padded, least significant first."""
         return f"{n:0{self.digits + 1}d}"[::-1]
 
+    def prompt(self, start: int, k: int) -> str:
+        return f"{self.little_endian(start)}+{k}*{self.chain}="
+
     def format(self, start: int, k: int) -> Example:
         totals = [self.little_endian(start + i * k) for i in range(self.chain + 1)]
         solution = "".join(f"{t}+{k};" for t in totals[:-1]) + totals[-1]
-        return Example(prompt=f"{totals[0]}+{k}*{self.chain}=", answer=totals[-1], solution=solution)
+        return Example(prompt=self.prompt(start, k), answer=totals[-1], solution=solution)
 
     def _train_pair(self, rng: random.Random) -> tuple:
         while True:
@@ -149,8 +152,8 @@ class LongArithmeticTask:
         written = [self.little_endian(t) for t in totals[:i]] + [self.little_endian(wrong + n * k)
                                                                  for n in range(self.chain + 1 - i)]
         solution = "".join(f"{t}+{k};" for t in written[:-1]) + written[-1]
-        return Example(prompt=f"{self.little_endian(start)}+{k}*{self.chain}=", answer=written[-1],
-                       solution=solution, unscored=(i * (width + 3) + j,))
+        return Example(prompt=self.prompt(start, k), answer=written[-1], solution=solution,
+                       unscored=(i * (width + 3) + j,))
 
     def eval_examples(self) -> List[Example]:
         return [self.format(a, k) for a, k in self.eval_pairs]
