@@ -2,8 +2,10 @@
 
 import random
 
+import pytest
+
 from taopd_train.config import load_config
-from taopd_train.task import LongArithmeticTask, build_task
+from taopd_train.task import ArithmeticTask, LongArithmeticTask, build_task
 
 
 def test_worked_solution_format_and_answer():
@@ -58,6 +60,26 @@ def test_held_out_pairs_are_never_sampled_and_do_not_depend_on_the_seed():
     assert all(task.train_example(rng).prompt not in held for _ in range(2000))
     assert [e.prompt for e in LongArithmeticTask(digits=1, num_eval=20, seed=5).eval_examples()] == \
         [e.prompt for e in task.eval_examples()]
+
+
+@pytest.mark.parametrize("make", [lambda n: LongArithmeticTask(digits=2, num_eval=n),
+                                  lambda n: ArithmeticTask(max_operand=30, num_eval=n)], ids=["long", "short"])
+def test_validation_pairs_are_neither_held_out_nor_trained_on_and_the_reserve_fixes_training(make):
+    task = make(20)
+    held = {ex.prompt for ex in task.eval_examples()}
+    val = {ex.prompt for ex in task.validation_examples()}
+    assert len(held) == 20 and len(val) == len(task.validation_examples()) >= 1 and not held & val
+    rng = random.Random(1)
+    trained = {task.train_example(rng).prompt for _ in range(3000)}
+    assert not trained & (held | val)
+    # a larger held-out set within the reserve: the same validation pairs and the same training stream
+    bigger = make(task.split[0])
+    assert {ex.prompt for ex in bigger.eval_examples()} >= held
+    assert bigger.validation_examples() == task.validation_examples() and bigger.split == task.split
+    r1, r2 = random.Random(7), random.Random(7)
+    assert [task.train_example(r1) for _ in range(200)] == [bigger.train_example(r2) for _ in range(200)]
+    # past the reserve, held-out pairs push the validation pairs back (and change the preparation's key)
+    assert make(task.split[0] + 1).split[0] == task.split[0] + 1
 
 
 def test_built_from_the_config():

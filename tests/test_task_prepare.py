@@ -42,6 +42,32 @@ def test_shipped_compact_weights_expand_to_the_trained_models(tmp_path, monkeypa
     assert P.prepare_builtin(cfg2, task, tok, torch.device("cpu"), log=lambda m: None) == trained
 
 
+def test_the_early_stop_reads_the_validation_pairs_not_the_held_out_set(monkeypatch):
+    cfg = load_config(None, TINY)
+    task, tok = build_task(cfg.data, cfg.seed), load_tokenizer(cfg)
+    asked = []
+
+    def spy(model, prompts, **kw):
+        asked.append([list(p) for p in prompts])
+        return generate(model, prompts, **kw)
+
+    generate = P.generate
+    monkeypatch.setattr(P, "generate", spy)
+    _, info = P.compact_sft(cfg.student.tiny, 3, task, tok, cfg.sft, seed=0, device=torch.device("cpu"),
+                            log=lambda m: None)
+    id_map = {t: i for i, t in enumerate(info["vocab"])}
+    compact = lambda examples: [[id_map[t] for t in tok.prompt_ids(ex.prompt)] for ex in examples]  # noqa: E731
+    assert asked == [compact(task.validation_examples())]
+    assert not {tuple(p) for p in asked[0]} & {tuple(p) for p in compact(task.eval_examples())}
+
+
+def test_the_preparation_key_holds_the_split_not_the_eval_size():
+    key = lambda *o: P.compact_key(load_config(None, list(o)), "teacher")  # noqa: E731
+    assert key("data.eval_size=256") == key("data.eval_size=1024") == key()
+    assert key("data.eval_size=1025") != key()  # past the reserve: other training pairs
+    assert P.cache_key(load_config(None, ["data.eval_size=512"]), "student") == P.cache_key(load_config(None, []), "student")
+
+
 def test_the_expansion_is_device_independent_and_seeded():
     from taopd_train.config import TinyArch
     from taopd_train.models import tiny_qwen3_config

@@ -33,7 +33,7 @@ from taopd_train.head import lm_head_weight
 from taopd_train.models import QWEN3_VOCAB, tiny_qwen3_config
 from taopd_train.rollout import generate
 
-PREP_VERSION = 4  # 4: expansion noise from a CPU generator; shipped compact weights
+PREP_VERSION = 5  # 4: expansion noise from a CPU generator; shipped compact weights. 5: early stop on validation pairs
 DISTRACTORS = 64
 
 
@@ -43,12 +43,13 @@ def task_token_ids(task, tokenizer) -> List[int]:
         for ch in task.alphabet():
             ids.update(tokenizer.encode(ch))
         rng = random.Random(0)
-        for ex in task.eval_examples() + [task.train_example(rng) for _ in range(256)]:
+        examples = task.eval_examples() + task.validation_examples() + [task.train_example(rng) for _ in range(256)]
+        for ex in examples:
             got = set(tokenizer.prompt_ids(ex.prompt)) | set(tokenizer.encode(ex.target))
             if not got <= ids:
                 raise ValueError(f"long_arithmetic: {ex.prompt!r} tokenizes outside the task alphabet")
         return sorted(ids)
-    for ex in task.eval_examples():
+    for ex in task.eval_examples() + task.validation_examples():
         ids.update(tokenizer.prompt_ids(ex.prompt))
         ids.update(tokenizer.encode(ex.target))
     for a in range(task.max_operand + 1):  # covers every train pair's tokens (digits and operators)
@@ -123,9 +124,11 @@ def _adamw(params, lr, device):
 
 
 @torch.no_grad()
-def compact_accuracy(model, task, tokenizer, id_map, device, limit=256) -> float:
+def compact_accuracy(model, task, tokenizer, id_map, device) -> float:
+    """Greedy accuracy on the task's validation pairs (never trained on, and not the held-out set the
+    driver reports: the early stop that reads this number must not choose the models on the held-out set)."""
     inv = {v: k for k, v in id_map.items()}
-    examples = task.eval_examples()[:limit]
+    examples = task.validation_examples()
     prompts = [[id_map[t] for t in tokenizer.prompt_ids(ex.prompt)] for ex in examples]
     ro = generate(model, prompts, max_new_tokens=getattr(task, "max_response_tokens", 6), eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
                   greedy=True)
@@ -171,11 +174,12 @@ def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, lo
         if done % sft.eval_every == 0 or done == steps:
             acc_compact = compact_accuracy(model, task, tokenizer, id_map, device)
             if done % 250 == 0 or acc_compact >= target or done == steps:
-                log(f"[prepare] {tag}: compact SFT step {done}/{steps} loss {loss:.4f} accuracy {acc_compact:.3f} "
+                log(f"[prepare] {tag}: compact SFT step {done}/{steps} loss {loss:.4f} "
+                    f"validation accuracy {acc_compact:.3f} "
                     f"({time.time() - t0:.0f}s)")
             if acc_compact >= target:  # early stop: the teacher is good enough / the student weak enough
                 break
-    log(f"[prepare] {tag}: compact-model accuracy {acc_compact:.3f}")
+    log(f"[prepare] {tag}: compact-model validation accuracy {acc_compact:.3f}")
     del opt
     return model, {"compact_accuracy": acc_compact, "compact_loss": loss, "steps": done, "sft_seconds": time.time() - t0,
                    "vocab": vocab}
@@ -218,8 +222,8 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
             raise ValueError(f"{shipped}: its vocabulary is not this task's tokens")
         id_map = {t: i for i, t in enumerate(vocab)}
         acc = compact_accuracy(model, task, tokenizer, id_map, device)
-        log(f"[prepare] {tag}: shipped compact weights {shipped.name} (accuracy {acc:.3f}, recorded "
-            f"{info['compact_accuracy']:.3f} after {info['steps']} SFT steps)")
+        log(f"[prepare] {tag}: shipped compact weights {shipped.name} (validation accuracy {acc:.3f}, "
+            f"recorded {info['compact_accuracy']:.3f} after {info['steps']} SFT steps)")
         info = dict(info, compact_accuracy_measured=acc, source="shipped")
     else:
         model, info = compact_sft(arch, steps, task, tokenizer, sft, seed=seed, device=device, log=log, tag=tag,
@@ -306,6 +310,16 @@ def _noise(cfg, role: str) -> list:
     return [cfg.sft.teacher_noise] if role == "teacher" and cfg.data.source == "long_arithmetic" else []
 
 
+def _data_key(cfg) -> list:
+    """The task as a key part: its size and its split (reserved held-out and validation pair counts), not
+    ``data.eval_size`` itself, since any held-out set within the reserve trains on the same pairs."""
+    from taopd_train.task import build_task
+
+    d = cfg.data
+    return ([d.source, d.max_operand, list(build_task(d, cfg.seed).split)]
+            + ([d.digits, d.chain] if d.source == "long_arithmetic" else []))
+
+
 def cache_key(cfg, role: str) -> str:
     """Everything that affects one prepared model (so changing the student's SFT keeps the cached teacher)."""
     sft = dataclasses.asdict(cfg.sft)
@@ -316,8 +330,7 @@ def cache_key(cfg, role: str) -> str:
                                                           "teacher_target", "student_target", "seed", "shipped",
                                                           "teacher_noise")},
         "noise": _noise(cfg, role),
-        "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
-        + ([cfg.data.digits, cfg.data.chain] if cfg.data.source == "long_arithmetic" else []), "seed": prep_seed(cfg),
+        "data": _data_key(cfg), "seed": prep_seed(cfg),
         "distractors": DISTRACTORS, "torch": torch.__version__.split("+")[0],
     }
     if cfg.sft.seed is not None and cfg.data.source == "arithmetic":  # its held-out split follows the run's seed
@@ -330,12 +343,10 @@ def compact_key(cfg, role: str) -> str:
     """Everything that affects one compact SFT run (the name of its shipped weights): not the torch version,
     the cache folder or the calibration after the expansion."""
     sft = cfg.sft
-    blob = {"v": 1, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
+    blob = {"v": 2, "role": role, "arch": dataclasses.asdict(getattr(cfg, role).tiny),
             "steps": getattr(sft, f"{role}_steps"), "target": getattr(sft, f"{role}_target"),
             "sft": [sft.batch_size, sft.lr, sft.eval_every] + _noise(cfg, role),
-            "data": [cfg.data.source, cfg.data.max_operand, cfg.data.eval_size]
-            + ([cfg.data.digits, cfg.data.chain] if cfg.data.source == "long_arithmetic" else []),
-            "seed": prep_seed(cfg), "distractors": DISTRACTORS}
+            "data": _data_key(cfg), "seed": prep_seed(cfg), "distractors": DISTRACTORS}
     if cfg.data.source == "arithmetic":  # its held-out split (never trained on) follows the run's seed
         blob["split_seed"] = cfg.seed
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]

@@ -3,7 +3,8 @@
 Three sources of prompts:
 - ``arithmetic``: a synthetic task generated in code (two-digit addition, the sum written least
   significant digit first, e.g. ``37+45=`` -> ``28``), with exact answer checking. Held-out prompts
-  are a fixed, seeded set of operand pairs that training never samples.
+  are a fixed, seeded set of operand pairs that training never samples; a second such set
+  (validation) is what preparation's early stop reads (``split_sizes``).
 - ``long_arithmetic``: repeated addition with every partial result written out, all numbers least
   significant digit first (``12840+7*4=``: the running total of 4821 after each of four additions of
   7): responses of ~40 tokens whose positions differ in how teachable they are (copies, digit sums,
@@ -39,6 +40,21 @@ class Example:
         return self.answer if self.solution is None else self.solution
 
 
+HELD_OUT_RESERVE = 1024  # pairs never trained on, the held-out set drawn from their front
+VALIDATION_SIZE = 256  # further pairs never trained on, for preparation's early stop
+
+
+def split_sizes(n_pairs: int, num_eval: int) -> tuple:
+    """(reserved, validation) pair counts of a built-in task with ``n_pairs`` (prompt) pairs.
+
+    The held-out set is the first ``num_eval`` of ``reserved`` pairs that training never samples, so any
+    ``data.eval_size`` up to the reserve trains on the same pairs (and prepares the same models); the
+    ``validation`` pairs after them, also never trained on, are what preparation's early stop reads, so
+    the held-out accuracy the driver reports was not used to choose the prepared models."""
+    reserved = max(num_eval, min(HELD_OUT_RESERVE, n_pairs // 8))
+    return reserved, min(VALIDATION_SIZE, max(1, n_pairs // 8))
+
+
 class ArithmeticTask:
     """a+b with 0 <= a, b <= max_operand; the response is the sum's digits reversed (little-endian).
 
@@ -51,13 +67,16 @@ class ArithmeticTask:
     def __init__(self, max_operand: int = 99, num_eval: int = 256, seed: int = 0):
         self.max_operand = max_operand
         n = (max_operand + 1) ** 2
-        if num_eval >= n:
-            raise ValueError(f"data.eval_size={num_eval} leaves no training pairs (only {n} exist)")
+        reserved, num_val = split_sizes(n, num_eval)
+        if n - reserved - num_val < n // 4:
+            raise ValueError(f"data.eval_size={num_eval} leaves too few training pairs (only {n} exist)")
         rng = random.Random(seed + 1_000_003)
         pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
         rng.shuffle(pairs)
         self.eval_pairs = sorted(pairs[:num_eval])
-        self.train_pairs = sorted(pairs[num_eval:])
+        self.validation_pairs = sorted(pairs[reserved:reserved + num_val])
+        self.train_pairs = sorted(pairs[reserved + num_val:])
+        self.split = (reserved, num_val)
 
     @staticmethod
     def format(a: int, b: int) -> Example:
@@ -68,6 +87,9 @@ class ArithmeticTask:
 
     def eval_examples(self) -> List[Example]:
         return [self.format(a, b) for a, b in self.eval_pairs]
+
+    def validation_examples(self) -> List[Example]:
+        return [self.format(a, b) for a, b in self.validation_pairs]
 
     @staticmethod
     def check(response: str, answer: str) -> bool:
@@ -90,7 +112,8 @@ class LongArithmeticTask:
     offset back), the lowest digit is a digit sum and a carried digit depends on the carry chain. The
     answer check is exact on the final total (the text after the last ``;``). Held-out prompts are a
     fixed set of (start, k) pairs, the same for every run seed (so that seeds compare on one held-out
-    set), that training never samples.
+    set), that training never samples; validation pairs, also never trained on, serve the early stop
+    of preparation (``split_sizes``).
     """
 
     name = "long_arithmetic"
@@ -100,15 +123,22 @@ class LongArithmeticTask:
             raise ValueError(f"long_arithmetic: digits={digits} and chain={chain} must be >= 1")
         self.digits, self.chain = digits, chain
         self.max_operand = 10 ** digits - 1
-        if num_eval >= (self.max_operand + 1) * 9 // 2:
+        n = (self.max_operand + 1) * 9
+        reserved, num_val = split_sizes(n, num_eval)
+        if n - reserved - num_val < n // 4:
             raise ValueError(f"data.eval_size={num_eval} is too large for {digits}-digit starts")
         del seed  # the held-out set does not depend on the run seed
         rng = random.Random(2_000_003 + digits)
-        pairs = set()
-        while len(pairs) < num_eval:
-            pairs.add((rng.randint(0, self.max_operand), rng.randint(1, 9)))
-        self.eval_pairs = sorted(pairs)
-        self._held_out = frozenset(pairs)
+        drawn, seen = [], set()  # distinct pairs in the order drawn: held-out first, then validation
+        while len(drawn) < reserved + num_val:
+            pair = (rng.randint(0, self.max_operand), rng.randint(1, 9))
+            if pair not in seen:
+                seen.add(pair)
+                drawn.append(pair)
+        self.eval_pairs = sorted(drawn[:num_eval])
+        self.validation_pairs = sorted(drawn[reserved:])
+        self._not_trained = frozenset(drawn)
+        self.split = (reserved, num_val)
         width = digits + 1
         # the longest response in tokens: chain steps of (total, '+', k, ';'), the last total, EOS
         self.max_response_tokens = chain * (width + 3) + width + 1
@@ -128,7 +158,7 @@ class LongArithmeticTask:
     def _train_pair(self, rng: random.Random) -> tuple:
         while True:
             pair = (rng.randint(0, self.max_operand), rng.randint(1, 9))
-            if pair not in self._held_out:
+            if pair not in self._not_trained:
                 return pair
 
     def train_example(self, rng: random.Random) -> Example:
@@ -157,6 +187,9 @@ class LongArithmeticTask:
 
     def eval_examples(self) -> List[Example]:
         return [self.format(a, k) for a, k in self.eval_pairs]
+
+    def validation_examples(self) -> List[Example]:
+        return [self.format(a, k) for a, k in self.validation_pairs]
 
     @staticmethod
     def final_answer(response: str) -> Optional[str]:
