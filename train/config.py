@@ -67,7 +67,7 @@ class DataConfig:
     split: str = "train"
     eval_source: Optional[str] = None  # default: held-out rows of ``source``
     eval_split: Optional[str] = None
-    eval_size: int = 256
+    eval_size: int = 512  # held-out prompts (up to 1,024 leave the prepared models as they are: task.split_sizes)
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template (HF tokenizers)
     system_prompt: Optional[str] = None
     enable_thinking: bool = False  # Qwen3 chat template switch
