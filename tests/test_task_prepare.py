@@ -93,3 +93,19 @@ def test_shipped_files_are_named_by_their_preparation(path):
         info = json.loads(f.metadata()["info"])
     assert {"compact_accuracy", "steps", "vocab"} <= set(info)
     assert path.stat().st_size < 8 * 2 ** 20
+
+
+@pytest.mark.parametrize("config", [None, "arithmetic"])
+def test_the_bundled_configs_have_shipped_weights_that_met_their_early_stop(config):
+    """A fresh machine expands these instead of training (the same models everywhere); a change to what the
+    preparation depends on without regenerated weights would silently train here instead."""
+    from safetensors import safe_open
+
+    cfg = load_config(config, [])
+    for role in ("teacher", "student"):
+        path = P.shipped_path(cfg, role)
+        assert path.is_file(), f"{path.name}: regenerate with python -m taopd_train.prepare --export"
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+        assert info["compact_accuracy"] >= getattr(cfg.sft, f"{role}_target"), (role, info["compact_accuracy"])
+        assert info["steps"] < getattr(cfg.sft, f"{role}_steps")  # it stopped early, on the validation pairs
