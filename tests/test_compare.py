@@ -1,5 +1,6 @@
 """train/compare.py end to end on tiny random models: every file, the documented fields, resume."""
 
+import dataclasses
 import json
 
 import pytest
@@ -63,10 +64,18 @@ def test_compare_writes_every_file_and_resumes(tmp_path, monkeypatch):
     md = (out / "compare.md").read_text()
     assert all(f"| {s} | 2 |" in md for s in strategies)
     assert (out / "compare.png").stat().st_size > 0
-    # other settings in the same folder: refused, not mixed
-    with pytest.raises(cmp.ConfigError, match="other settings"):
-        cmp.compare(_cfg(tmp_path).__class__(**{**cfg.__dict__, "optim": type(cfg.optim)(**{**cfg.optim.__dict__,
-                    "steps": 2})}), strategies, seeds, out, kl_contexts=3, log=lambda m: None, progress=False)
+    # other settings in the same folder: refused, not mixed, and the message names them
+    with pytest.raises(cmp.ConfigError, match=r"other settings \(driver\.optim\.steps: 1 -> 2; steps: 1 -> 2\)"):
+        cmp.compare(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=2)), strategies, seeds, out,
+                    kl_contexts=3, log=lambda m: None, progress=False)
+    with pytest.raises(cmp.ConfigError, match=r"kl_contexts: 3 -> 4"):
+        cmp.compare(cfg, strategies, seeds, out, kl_contexts=4, log=lambda m: None, progress=False)
+    # where the prepared models are cached and what is logged do not change a run's numbers: it resumes
+    calls.clear()
+    moved = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, cache_dir=str(tmp_path / "elsewhere")),
+                                logging=dataclasses.replace(cfg.logging, plot=not cfg.logging.plot, every=3))
+    again = cmp.compare(moved, strategies, seeds, out, kl_contexts=3, log=lambda m: None, progress=False)
+    assert calls == [] and again["runs"] == data["runs"]
 
 
 def test_main_rejects_unknown_strategies(tmp_path, capsys):

@@ -37,10 +37,13 @@ from taopd_kernels import STRATEGIES, teachability_stats
 
 from taopd_train import head
 from taopd_train import run as driver
-from taopd_train.config import cli_exit_code, Config, ConfigError, load_config, to_dict
+from taopd_train.config import _flatten, _matches, cli_exit_code, Config, ConfigError, load_config, to_dict
 
 DEFAULT_STRATEGIES = ("all", "teachability", "random", "entropy", "divergence", "tip", "incompatible")
 DEFAULT_SEEDS = (0, 1, 2)
+# Driver settings that leave a run's numbers as they are (where files go, what is displayed; compare
+# sets the checkpoint settings itself): a comparison resumes across them. Every other key must match.
+NOT_RUN_DEFINING = ("logging.", "checkpoint.", "sft.cache_dir")
 
 
 # ================================================================== held-out KL on a fixed bank
@@ -172,6 +175,18 @@ def run_config(cfg: Config, strategy: str, seed: int, out: Path) -> Config:
         checkpoint=dataclasses.replace(cfg.checkpoint, every=0, dir=None, resume=None, save_optimizer=False))
 
 
+def settings_changes(old: dict, new: dict) -> List[str]:
+    """'key: old -> new' for every setting of two comparisons that shapes their runs' numbers (the
+    strategies and seeds may differ: a comparison can grow)."""
+    def flat(settings):
+        f = _flatten({k: v for k, v in settings.items() if k not in ("strategies", "seeds")})
+        return {k: v for k, v in f.items() if not (k.startswith("driver.") and _matches(k[7:], NOT_RUN_DEFINING))}
+
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
 def compare(cfg: Config, strategies: Sequence[str] = DEFAULT_STRATEGIES, seeds: Sequence[int] = DEFAULT_SEEDS,
             out: Path = Path("runs/compare"), kl_contexts: int = 64, log: Callable[[str], None] = print,
             progress: bool = True) -> dict:
@@ -187,11 +202,10 @@ def compare(cfg: Config, strategies: Sequence[str] = DEFAULT_STRATEGIES, seeds: 
     runs: List[dict] = []
     if path.is_file():
         old = json.loads(path.read_text())
-        same = {k: v for k, v in old["config"].items() if k not in ("strategies", "seeds")} == \
-            {k: v for k, v in settings.items() if k not in ("strategies", "seeds")}
-        if not same:
-            raise ConfigError(f"{path} holds a comparison with other settings (driver config, steps, keep_ratio "
-                              "or kl_contexts): use another --out, or delete it")
+        changed = settings_changes(old["config"], settings)
+        if changed:
+            raise ConfigError(f"{path} holds a comparison with other settings ({'; '.join(changed)}): use another "
+                              "--out, or delete it")
         runs = [r for r in old["runs"]]
     done = {(r["strategy"], r["seed"]) for r in runs}
     todo = [(st, sd) for sd in seeds for st in strategies if (st, sd) not in done]
