@@ -73,19 +73,15 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     ``sampled_weight`` (= logp_s(y) - logp_t(y)) and ignores the teacher (h_t may be None).
     """
     from .kept_backward import kept_backward
-    from .stats_forward import row_softmax
 
     with torch.no_grad():
-        # The kept rows' softmax (maximum, log S0) and E_ps[z_s - z_t] again, from the forward kernel's own
-        # tl.dot tiles on just these rows (a few percent of the forward's work): the backward's p_s then sums
-        # to 1 and p_s * (g - E[g]) to 0 on the logits it forms, as in the PyTorch backend. ``lse_s`` and
-        # ``expected_gap`` of the forward are the interface's; these supersede them.
-        teacher = (h_t, w_t, b_t) if estimator == "full" else (h_s, w_s, b_s)
-        row_max, log_s0, gap = row_softmax(h_s, w_s, b_s, *teacher, vocab_size=vocab_size, temperature=temperature,
-                                           split_size=chunk_vocab) if h_s.shape[0] else (lse_s, lse_s, lse_s)
-        grads = kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, temperature=temperature,
-                              estimator=estimator, row_max=row_max, log_s0=log_s0,
-                              expected_gap=gap if estimator == "full" else None, row_coef=row_coef,
-                              sampled_ids=sampled_ids, sampled_weight=sampled_weight,
-                              need_bias_grad=need_bias_grad, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
-        return KeptGrads(*grads, lse=row_max + log_s0)
+        # The kept rows' softmax (maximum, log S0, E_ps[z_s - z_t]) is recomputed by the backward kernel's
+        # own first pass, from the very logits its gradient pass forms: p_s then sums to 1 and p_s * (g - E[g])
+        # to 0 on them, as in the PyTorch backend. ``lse_s`` and ``expected_gap`` of the forward are the
+        # interface's; these supersede them.
+        d_h, d_w, d_b, lse = kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size,
+                                           temperature=temperature, estimator=estimator, row_coef=row_coef,
+                                           sampled_ids=sampled_ids, sampled_weight=sampled_weight,
+                                           need_bias_grad=need_bias_grad, chunk_rows=chunk_rows,
+                                           chunk_vocab=chunk_vocab)
+        return KeptGrads(d_h, d_w, d_b, lse=lse)

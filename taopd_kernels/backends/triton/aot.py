@@ -58,8 +58,9 @@ class Compiled:
                 f"spill {self.spill_bytes:5d} B  smem {self.shared_bytes:6d} B  {MMA[self.arch] if self.tensor_cores else 'NO MMA'}")
 
 
-def _capture(launch: Callable[[], None], module, arch: int):
-    """Run a launcher with its tuned kernel replaced by a recorder; returns (jit fn, args, kwargs, configs)."""
+def _capture(launch: Callable[[], None], module, arch: int, want: Callable[[dict], bool] = lambda kwargs: True):
+    """Run a launcher with its tuned kernel replaced by a recorder; returns (args, kwargs, configs) of the
+    first launch whose keyword arguments ``want`` accepts (the launches before it do nothing)."""
     seen = {}
 
     class _Recorder:
@@ -68,8 +69,9 @@ def _capture(launch: Callable[[], None], module, arch: int):
 
         def __getitem__(self, grid):
             def call(*args, **kwargs):
-                seen.update(args=args, kwargs=kwargs, configs=self.configs)
-                raise _Captured()
+                if want(kwargs):
+                    seen.update(args=args, kwargs=kwargs, configs=self.configs)
+                    raise _Captured()
             return call
 
     hopper = arch >= 90
@@ -165,18 +167,22 @@ def compile_shipped(arch: int, *, rows: int = 8192, d_s: int = 2048, d_t: int = 
     jobs = []
     if "forward" in kernels:
         jobs.append(("forward", _forward, _forward._stats_forward_kernel, lambda: _forward.launch_stats_forward(
-            h_s, w_s, None, h_t, w_t, None, vocab_size=vocab, top_k=top_k, temperature=1.0, sampled_ids=y)))
+            h_s, w_s, None, h_t, w_t, None, vocab_size=vocab, top_k=top_k, temperature=1.0, sampled_ids=y),
+            lambda kwargs: True))
     kept = max(1, rows // 20)
     for estimator in ("full", "sampled"):
         if f"backward_{estimator}" not in kernels:
             continue
         f32 = torch.empty(kept, dtype=torch.float32, device="meta")
-        jobs.append((f"bwd_{estimator}", _backward, _backward._kept_backward_kernel,
-                     lambda e=estimator, f=f32: _backward.kept_backward(
-                         h_s[:kept], w_s, None, h_t[:kept], w_t, None, vocab_size=vocab, temperature=1.0, estimator=e,
-                         row_max=f, log_s0=f, expected_gap=f, row_coef=f, sampled_ids=y[:kept], sampled_weight=f)))
-    for name, module, fn, launch in jobs:
-        args, kwargs, shipped = _capture(launch, module, arch)
+        # the kept backward's two passes: the softmax (SOFTMAX=True) and the gradient, each compiled
+        for softmax in (True, False):
+            jobs.append((f"bwd_{estimator}{'_sm' if softmax else ''}", _backward, _backward._kept_backward_kernel,
+                         lambda e=estimator, f=f32: _backward.kept_backward(
+                             h_s[:kept], w_s, None, h_t[:kept], w_t, None, vocab_size=vocab, temperature=1.0,
+                             estimator=e, row_coef=f, sampled_ids=y[:kept], sampled_weight=f),
+                         lambda kwargs, sm=softmax: kwargs.get("SOFTMAX", False) == sm))
+    for name, module, fn, launch, want in jobs:
+        args, kwargs, shipped = _capture(launch, module, arch, want)
         for config in shipped[configs or slice(None)]:
             out.append(compile_as_jit(fn, args, kwargs, config, arch, name))
     return out

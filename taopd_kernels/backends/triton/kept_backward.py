@@ -6,10 +6,15 @@ z_s (and z_t for the "full" estimator) with ``tl.dot`` and writes, without the p
     full:     g[r, v] = p_s(v) * ((z_s(v) - z_t(v)) - E_ps[z_s - z_t][r])      c_r = row_coef[r]
     sampled:  g[r, v] = 1[v = y_r] - p_s(v)                                  c_r = row_coef[r] * w_r
 
-(p_s = e^((z - m) - log S0) with the kept rows' maximum and log-sum from the forward kernel run on them;
-w_r = logp_s(y) - logp_t(y) = -A_r; row_coef already holds
+(p_s = e^((z - m) - log S0); w_r = logp_s(y) - logp_t(y) = -A_r; row_coef already holds
 grad_output / normalizer / tau) into a workspace G [R, n] (bf16 for bf16 inputs, else float32: fp16 would flush small p_s to zero), and the bias gradient
 db[v] = sum_r c_r g[r, v] as float32 partial sums per row block (summed on the host, deterministic).
+The kept rows' maximum m, log S0 and E_ps[z_s - z_t] come from a first pass of the same kernel
+(``SOFTMAX``): the same tiles, blocks and config, so the same logits to the bit. Each program writes
+its tile's per-row (max, sum e^(z - max), sum e^(z - max) (z_s - z_t)), merged on the host per chunk
+in float64. Logits formed by another kernel (the forward's) can differ from these in the last bit,
+eps |z| each, and at |z| / tau ~ 1e2-1e6 that moved p_s of a near-one-hot row by as much (a
+gradient a hundred times less accurate than naive float32 autograd there).
 The launcher then reduces each chunk with cuBLAS:
 
     dh    += (G @ W_s[v0:v0+n]) * c            (float32 GEMM output, float32 accumulation across chunks)
@@ -17,7 +22,8 @@ The launcher then reduces each chunk with cuBLAS:
 
 Grid: (row blocks of BLOCK_M) x (column tiles of the chunk), row blocks fastest so that the programs
 running together share a W tile. Memory held: the workspace and the matmul
-results of one chunk, bounded by ``WORKSPACE_BYTES`` (the chunk width is chosen from it), plus the
+results of one chunk, bounded by ``WORKSPACE_BYTES`` (the chunk width is chosen from it), the first
+pass's partials (3 floats per kept row per ``MIN_BLOCK_V`` columns of one chunk), plus the
 float32 outputs dh [R, D_s], dW [V_s, D_s], db [V_s] that the interface returns; never [N, V].
 Rows of dW (and db) at or beyond ``vocab_size`` are zero.
 """
@@ -31,24 +37,27 @@ import triton
 import triton.language as tl
 
 from .._tiles import mm_float32
+from .stats_forward import _merge_softmax
 from ._common import device_guard, dot_config, interpreting, is_hopper, logits_tile, operand_bytes, rows_bucket, shipped
 
 WORKSPACE_BYTES = 128 << 20
 # The row block is fixed (not tuned) so the db partial buffer has a known number of rows.
 BLOCK_M_GPU = 64
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=16)
+# The narrowest column tile of any config: the first pass's partial slots per chunk are sized for it.
+MIN_BLOCK_V = 64
 
 
 @triton.jit
 def _kept_backward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-    max_ptr, logs0_ptr, gap_ptr, coef_ptr, y_ptr, g_ptr, db_ptr,
-    R, V0, VLEN,
+    max_ptr, logs0_ptr, gap_ptr, coef_ptr, y_ptr, g_ptr, db_ptr, part_ptr,
+    R, V0, VLEN, N_SLOTS,
     stride_hsm, stride_hsd, stride_wsv, stride_wsd,
     stride_htm, stride_htd, stride_wtv, stride_wtd,
     stride_g, inv_tau, ROWS_BUCKET,
     D_S: tl.constexpr, D_T: tl.constexpr, FULL: tl.constexpr, NEED_DB: tl.constexpr,
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTMAX: tl.constexpr,
     DTYPE_S: tl.constexpr, DTYPE_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     EVEN_DS: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -66,25 +75,42 @@ def _kept_backward_kernel(
 
     zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_c, cols_c, D_S, stride_hsm, stride_hsd, stride_wsv, stride_wsd,
                      inv_tau, HAS_BS, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DS, DTYPE_S, PREC_S)
-    # p_s = e^((z_s - m) - log S0): z_s - lse would subtract two numbers of size |z| (~eps |z| lost).
-    p_s = tl.exp((zs - tl.load(max_ptr + rows_c)[:, None]) - tl.load(logs0_ptr + rows_c)[:, None])
-    if FULL:
-        zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd, stride_wtv,
-                         stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT, DTYPE_T, PREC_T)
-        # Cancellation-free: p_s * (g - E_ps[g]) with g = z_s - z_t, not log p_s - log p_t - KL_rev.
-        eg = tl.load(gap_ptr + rows_c)
-        g = tl.where(p_s > 0, p_s * ((zs - zt) - eg[:, None]), 0.0)
+    if SOFTMAX:
+        # First pass: this tile's per-row softmax partials, from exactly the logits the gradient pass forms.
+        zm = tl.where(col_ok[None, :], zs, -float("inf"))
+        m = tl.max(zm, axis=1)
+        base = tl.where(m > -float("inf"), m, 0.0)  # a row of -inf logits (a -inf bias): e = 0, no NaN
+        e = tl.where(col_ok[None, :], tl.exp(zs - base[:, None]), 0.0)
+        if FULL:
+            zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd, stride_wtv,
+                             stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT, DTYPE_T, PREC_T)
+            q = tl.sum(tl.where(e > 0, e * (zs - zt), 0.0), axis=1)
+        else:
+            q = tl.zeros([BLOCK_M], dtype=tl.float32)
+        slot = part_ptr + pid_v.to(tl.int64) * R + rows
+        tl.store(slot, m, mask=row_ok)
+        tl.store(slot + N_SLOTS * R, tl.sum(e, axis=1), mask=row_ok)
+        tl.store(slot + 2 * N_SLOTS * R, q, mask=row_ok)
     else:
-        y = tl.load(y_ptr + rows_c)
-        g = tl.where(cols_c[None, :] == y[:, None], 1.0, 0.0) - p_s
-    ok = row_ok[:, None] & col_ok[None, :]
-    g = tl.where(ok, g, 0.0)
-    g_off = rows.to(tl.int64)[:, None] * stride_g + local[None, :]
-    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=ok)
-    if NEED_DB:
-        coef = tl.load(coef_ptr + rows_c)
-        db = tl.sum(g * coef[:, None], axis=0)
-        tl.store(db_ptr + pid_m.to(tl.int64) * VLEN + local, db, mask=col_ok)
+        # p_s = e^((z_s - m) - log S0): z_s - lse would subtract two numbers of size |z| (~eps |z| lost).
+        p_s = tl.exp((zs - tl.load(max_ptr + rows_c)[:, None]) - tl.load(logs0_ptr + rows_c)[:, None])
+        if FULL:
+            zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_c, cols_c, D_T, stride_htm, stride_htd, stride_wtv,
+                             stride_wtd, inv_tau, HAS_BT, BLOCK_M, BLOCK_V, BLOCK_D, EVEN_DT, DTYPE_T, PREC_T)
+            # Cancellation-free: p_s * (g - E_ps[g]) with g = z_s - z_t, not log p_s - log p_t - KL_rev.
+            eg = tl.load(gap_ptr + rows_c)
+            g = tl.where(p_s > 0, p_s * ((zs - zt) - eg[:, None]), 0.0)
+        else:
+            y = tl.load(y_ptr + rows_c)
+            g = tl.where(cols_c[None, :] == y[:, None], 1.0, 0.0) - p_s
+        ok = row_ok[:, None] & col_ok[None, :]
+        g = tl.where(ok, g, 0.0)
+        g_off = rows.to(tl.int64)[:, None] * stride_g + local[None, :]
+        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=ok)
+        if NEED_DB:
+            coef = tl.load(coef_ptr + rows_c)
+            db = tl.sum(g * coef[:, None], axis=0)
+            tl.store(db_ptr + pid_m.to(tl.int64) * VLEN + local, db, mask=col_ok)
 
 
 def _configs(hopper: bool, nbytes: int):
@@ -97,6 +123,7 @@ def _configs(hopper: bool, nbytes: int):
         shapes = [(128, 8, 4)] if wide else [(128, 4, 3), (128, 8, 4), (256, 8, 3)]
     else:
         shapes = [(128, 8, 3), (64, 4, 3)] if wide else [(128, 4, 3), (128, 8, 3), (64, 4, 3)]
+    assert min(v for v, _, _ in shapes) >= MIN_BLOCK_V
     return [triton.Config(dict(BLOCK_V=v, BLOCK_D=block_d), num_warps=w, num_stages=s) for v, w, s in shapes]
 
 
@@ -132,10 +159,11 @@ def _block_m() -> int:
 
 
 def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  row_max, log_s0, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
+                  row_coef, sampled_ids=None, sampled_weight=None,
                   need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
                   chunk_vocab: Optional[int] = None):
-    """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] or None); see the module docstring."""
+    """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] or None, lse float32 [R]: the kept
+    rows' log-sum-exps from the first pass's logits); see the module docstring."""
     device = h_s.device
     rows, d_s = h_s.shape
     full = estimator == "full"
@@ -145,7 +173,7 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     d_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=device) if need_bias_grad else None
     if rows == 0:
         d_w.zero_()
-        return d_h, d_w, d_b
+        return d_h, d_w, d_b, torch.zeros(0, dtype=torch.float32, device=device)
 
     coef = row_coef.to(device=device, dtype=torch.float32)
     if not full:
@@ -173,36 +201,57 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     dtype_t, prec_t = dot_config(h_t, w_t) if full else (dtype_s, prec_s)
     nbytes = operand_bytes(h_s, w_s, *((h_t, w_t) if full else ()))
     y = sampled_ids.to(device=device, dtype=torch.int32).contiguous() if not full else None
-    row_max = row_max.to(device=device, dtype=torch.float32).contiguous()
-    log_s0 = log_s0.to(device=device, dtype=torch.float32).contiguous()
-    if full:
-        expected_gap = expected_gap.to(device=device, dtype=torch.float32).contiguous()
+    n_slots = triton.cdiv(width, MIN_BLOCK_V)
+    part = torch.empty(3 * n_slots * min(rows, row_chunk), dtype=torch.float32, device=device)
+    lse = torch.empty(rows, dtype=torch.float32, device=device)
     b_s_c = b_s.contiguous() if b_s is not None else None
     b_t_c = b_t.contiguous() if (b_t is not None and full) else None
     h_t_any = h_t if full else h_s
     w_t_any = w_t if full else w_s
 
+    flags = dict(D_S=d_s, D_T=h_t_any.shape[1], FULL=full, NEED_DB=need_bias_grad,
+                 HAS_BS=b_s_c is not None, HAS_BT=b_t_c is not None,
+                 DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t)
     for r0 in range(0, rows, row_chunk):
         r1 = min(r0 + row_chunk, rows)
         n_rows = r1 - r0
+        db_rows = triton.cdiv(n_rows, _block_m())
+        slots = part[: 3 * n_slots * n_rows].view(3, n_slots, n_rows)  # contiguous: the kernel indexes it so
+
+        def launch(v0, softmax, row_max, log_s0, gap, g, db_buf):
+            n = min(v0 + width, vocab_size) - v0
+            args = (h_s[r0:r1], w_s, b_s_c if b_s_c is not None else w_s,
+                    h_t_any[r0:r1], w_t_any, b_t_c if b_t_c is not None else w_t_any,
+                    row_max, log_s0, gap, coef[r0:r1], y[r0:r1] if y is not None else coef, g, db_buf, slots,
+                    n_rows, v0, n, n_slots,
+                    h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
+                    h_t_any.stride(0), h_t_any.stride(1), w_t_any.stride(0), w_t_any.stride(1),
+                    g.stride(0), 1.0 / float(temperature), rows_bucket(n_rows))
+            _launch(args, dict(flags, SOFTMAX=softmax), n_rows, n, device, nbytes)
+
+        # First pass: (max, S0, Q) per row from the same tiles, merged chunk by chunk in float64.
+        run = None
+        g0 = workspace[:n_rows].view(n_rows, 1)  # not written by this pass
+        for v0 in range(0, vocab_size, width):
+            slots[0].fill_(-torch.inf)
+            slots[1:].zero_()
+            launch(v0, True, coef, coef, coef, g0, coef)
+            p = slots.double()
+            if run is not None:
+                p = torch.cat([run[:, None], p], 1)
+            m, log_s0, _, gap = _merge_softmax(p[0], p[1], None, p[2])
+            run = torch.stack([m, log_s0.exp(), gap * log_s0.exp()])
+        row_max = run[0].float().contiguous()
+        log_s0 = run[1].log().float().contiguous()
+        gap = (run[2] / run[1]).float().contiguous()
+        lse[r0:r1] = row_max + log_s0
+
         for v0 in range(0, vocab_size, width):
             v1 = min(v0 + width, vocab_size)
             n = v1 - v0
             g = workspace[: n_rows * n].view(n_rows, n)
-            db_rows = triton.cdiv(n_rows, _block_m())
             db_buf = db_part[: db_rows * n] if need_bias_grad else coef
-            args = (h_s[r0:r1], w_s, b_s_c if b_s_c is not None else w_s,
-                    h_t_any[r0:r1], w_t_any, b_t_c if b_t_c is not None else w_t_any,
-                    row_max[r0:r1], log_s0[r0:r1], expected_gap[r0:r1] if full else row_max,
-                    coef[r0:r1], y[r0:r1] if y is not None else coef, g, db_buf,
-                    n_rows, v0, n,
-                    h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
-                    h_t_any.stride(0), h_t_any.stride(1), w_t_any.stride(0), w_t_any.stride(1),
-                    g.stride(0), 1.0 / float(temperature), rows_bucket(n_rows))
-            flags = dict(D_S=d_s, D_T=h_t_any.shape[1], FULL=full, NEED_DB=need_bias_grad,
-                         HAS_BS=b_s_c is not None, HAS_BT=b_t_c is not None,
-                         DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t)
-            _launch(args, flags, n_rows, n, device, nbytes)
+            launch(v0, False, row_max, log_s0, gap, g, db_buf)
 
             w_chunk = w_s[v0:v1]
             if w_chunk.dtype != mm_dtype:
@@ -216,4 +265,4 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             if need_bias_grad:
                 d_b[v0:v1] += db_buf.view(db_rows, n).sum(0)
     d_h.mul_(coef[:, None])
-    return d_h, d_w, d_b
+    return d_h, d_w, d_b, lse

@@ -416,16 +416,6 @@ def _merge_softmax(m, s0, s1, q):
     return base, total.log(), entropy, gap
 
 
-def row_softmax(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float,
-                split_size: Optional[int] = None):
-    """(row maximum, log S0, E_ps[z_s - z_t]) of the student's scaled logits for these rows, float32 [R],
-    from this kernel's own tiles (the kept-row backward forms its p_s from them)."""
-    part = launch_stats_forward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size, top_k=1,
-                                temperature=temperature, split_size=split_size)[0].double()
-    m, log_s0, _, gap = _merge_softmax(part[:, 0], part[:, 1], None, part[:, 3])
-    return m.float(), log_s0.float(), gap.float()
-
-
 def _merge_topk(val, ids, other, top_k: int):
     """Exact top-K over splits [S, R, K] -> sorted (ids int64, values, other values) [R, K]."""
     splits, rows, k = val.shape
