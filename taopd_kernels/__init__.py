@@ -15,7 +15,7 @@ from .api import (
 )
 from .backends import available as backend_available
 from .loss import TeachabilityKLLoss, labels_to_positions, select_across, teachability_kl_loss
-from .options import BACKENDS, ESTIMATORS, STRATEGIES
+from .options import BACKENDS, DEFAULTS, ESTIMATORS, STRATEGIES, LossHeadOptions, default_vocab_size
 from .selection import batch_normalize, num_to_keep, select_top, strategy_scores
 from .stats import TeachabilityStats
 
@@ -31,6 +31,9 @@ __all__ = [
     "select_across",
     "labels_to_positions",
     "TeachabilityStats",
+    "LossHeadOptions",
+    "DEFAULTS",
+    "default_vocab_size",
     "STRATEGIES",
     "ESTIMATORS",
     "BACKENDS",

@@ -23,6 +23,7 @@ import torch
 
 from . import backends
 from .options import (
+    DEFAULTS,
     DeferredChecks,
     HeadOptions,
     SelectionOptions,
@@ -34,6 +35,7 @@ from .options import (
     check_sampled_ids,
     check_selection_options,
     check_tensor,
+    default_vocab_size,
 )
 from .selection import default_sequence_ids, score_and_select
 from .stats import RowStats, TeachabilityStats, scatter_rows
@@ -98,7 +100,7 @@ class _HiddenHead:
         self.w_s, self.b_s = w_s, b_s
         self.h_t = h_t.reshape(-1, h_t.shape[-1])
         self.w_t, self.b_t = w_t, b_t
-        self.max_vocab = min(w_s.shape[0], w_t.shape[0])
+        self.max_vocab = default_vocab_size(w_s.shape[0], w_t.shape[0])
 
     @property
     def student(self) -> tuple:
@@ -158,7 +160,7 @@ class _LogitsHead:
         self.leading = tuple(zs.shape[:-1])
         self.zs = zs.reshape(-1, zs.shape[-1])
         self.zt = zt.reshape(-1, zt.shape[-1])
-        self.max_vocab = min(zs.shape[-1], zt.shape[-1])
+        self.max_vocab = default_vocab_size(zs.shape[-1], zt.shape[-1])
 
     @property
     def student(self) -> tuple:
@@ -452,10 +454,11 @@ def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher
 def teachability_stats(
     student_hidden, student_weight, teacher_hidden, teacher_weight, *,
     student_bias=None, teacher_bias=None, valid_mask=None, sequence_ids=None, sampled_ids=None,
-    top_k: int = 16, keep_ratio: float = 0.05, strategy: Optional[str] = "teachability", temperature: float = 1.0,
-    vocab_size: Optional[int] = None, min_per_sequence: int = 1, seed: int = 0,
-    backend: str = "auto", chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
-    check_finite: bool = True,
+    top_k: int = DEFAULTS.top_k, keep_ratio: float = DEFAULTS.keep_ratio, strategy: Optional[str] = DEFAULTS.strategy,
+    temperature: float = DEFAULTS.temperature, vocab_size: Optional[int] = DEFAULTS.vocab_size,
+    min_per_sequence: int = DEFAULTS.min_per_sequence, seed: int = DEFAULTS.seed, backend: str = DEFAULTS.backend,
+    chunk_rows: Optional[int] = DEFAULTS.chunk_rows, chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
+    check_finite: bool = DEFAULTS.check_finite,
 ) -> TeachabilityStats:
     """Forward statistics (docs/math.md, Per-position statistics) and the selection (Scores and
     selection), with no loss and no autograd. ``strategy=None``: statistics only (``score`` and ``kept``
@@ -475,11 +478,11 @@ def teachability_stats(
 def select_positions(
     stats: TeachabilityStats,
     *,
-    strategy: str = "teachability",
-    keep_ratio: float = 0.05,
+    strategy: str = DEFAULTS.strategy,
+    keep_ratio: float = DEFAULTS.keep_ratio,
     sequence_ids: Optional[torch.Tensor] = None,
-    min_per_sequence: int = 1,
-    seed: int = 0,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed,
 ):
     """Scores and the kept mask from statistics (docs/math.md, Scores and selection); returns (score, kept).
 
@@ -511,22 +514,22 @@ def fused_teachability_kl(
     valid_mask: Optional[torch.Tensor] = None,
     sequence_ids: Optional[torch.Tensor] = None,
     sampled_ids: Optional[torch.Tensor] = None,
-    top_k: int = 16,
-    keep_ratio: float = 0.05,
-    strategy: str = "teachability",
-    estimator: str = "full",
-    temperature: float = 1.0,
-    vocab_size: Optional[int] = None,
-    min_per_sequence: int = 1,
-    seed: int = 0,
+    top_k: int = DEFAULTS.top_k,
+    keep_ratio: float = DEFAULTS.keep_ratio,
+    strategy: str = DEFAULTS.strategy,
+    estimator: str = DEFAULTS.estimator,
+    temperature: float = DEFAULTS.temperature,
+    vocab_size: Optional[int] = DEFAULTS.vocab_size,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed,
     keep_mask: Optional[torch.Tensor] = None,
     normalizer: Optional[float] = None,
     stats: Optional[TeachabilityStats] = None,
     row_weight: Optional[torch.Tensor] = None,
-    backend: str = "auto",
-    chunk_rows: Optional[int] = None,
-    chunk_vocab: Optional[int] = None,
-    check_finite: bool = True,
+    backend: str = DEFAULTS.backend,
+    chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
+    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
+    check_finite: bool = DEFAULTS.check_finite,
 ):
     """TA-OPD loss head from final hidden states and lm_head weights, never holding [N, V] logits.
 
@@ -579,19 +582,19 @@ def teachability_kl_from_logits(
     valid_mask: Optional[torch.Tensor] = None,
     sequence_ids: Optional[torch.Tensor] = None,
     sampled_ids: Optional[torch.Tensor] = None,
-    top_k: int = 16,
-    keep_ratio: float = 0.05,
-    strategy: str = "teachability",
-    estimator: str = "full",
-    temperature: float = 1.0,
-    vocab_size: Optional[int] = None,
-    min_per_sequence: int = 1,
-    seed: int = 0,
+    top_k: int = DEFAULTS.top_k,
+    keep_ratio: float = DEFAULTS.keep_ratio,
+    strategy: str = DEFAULTS.strategy,
+    estimator: str = DEFAULTS.estimator,
+    temperature: float = DEFAULTS.temperature,
+    vocab_size: Optional[int] = DEFAULTS.vocab_size,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed,
     keep_mask: Optional[torch.Tensor] = None,
     normalizer: Optional[float] = None,
-    backend: str = "auto",
-    chunk_rows: Optional[int] = None,
-    chunk_vocab: Optional[int] = None,
+    backend: str = DEFAULTS.backend,
+    chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
+    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
 ):
     """The same loss and statistics for callers that already hold logits [..., V_s] and [..., V_t].
 

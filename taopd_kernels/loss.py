@@ -36,6 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .api import fused_teachability_kl, select_positions, teachability_stats
+from .options import DEFAULTS, default_vocab_size
 from .stats import TeachabilityStats
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,8 +45,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # ------------------------------------------------------------------------------------------ labels
 
 
-def labels_to_positions(labels: torch.Tensor, leading: tuple, vocab_size: int, *, ignore_index: int = -100,
-                        shift_labels: bool = False, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def labels_to_positions(labels: torch.Tensor, leading: tuple, vocab_size: int, *,
+                        ignore_index: int = DEFAULTS.ignore_index, shift_labels: bool = False, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(valid_mask, sampled_ids) from labels: valid where ``labels != ignore_index``, ids 0 elsewhere.
 
     ``leading``: the hidden states' leading shape; ``vocab_size``: the used vocabulary (ids must lie in
@@ -77,7 +78,9 @@ def labels_to_positions(labels: torch.Tensor, leading: tuple, vocab_size: int, *
 
 
 def _used_vocab(student_weight, teacher_weight, vocab_size):
-    return vocab_size if vocab_size is not None else min(student_weight.shape[0], teacher_weight.shape[0])
+    if vocab_size is not None:
+        return vocab_size
+    return default_vocab_size(student_weight.shape[0], teacher_weight.shape[0])
 
 
 def _normalizer_from(num_items_in_batch) -> float:
@@ -150,20 +153,20 @@ def teachability_kl_loss(
     num_items_in_batch=None,
     keep_mask: Optional[torch.Tensor] = None,
     stats: Optional[TeachabilityStats] = None,
-    strategy: str = "teachability",
-    keep_ratio: float = 0.05,
-    top_k: int = 16,
-    estimator: str = "full",
-    temperature: float = 1.0,
-    vocab_size: Optional[int] = None,
-    min_per_sequence: int = 1,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    seed: int = 0,
-    backend: str = "auto",
-    chunk_rows: Optional[int] = None,
-    chunk_vocab: Optional[int] = None,
-    check_finite: bool = True,
+    strategy: str = DEFAULTS.strategy,
+    keep_ratio: float = DEFAULTS.keep_ratio,
+    top_k: int = DEFAULTS.top_k,
+    estimator: str = DEFAULTS.estimator,
+    temperature: float = DEFAULTS.temperature,
+    vocab_size: Optional[int] = DEFAULTS.vocab_size,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
+    ignore_index: int = DEFAULTS.ignore_index,
+    reduction: str = DEFAULTS.reduction,
+    seed: int = DEFAULTS.seed,
+    backend: str = DEFAULTS.backend,
+    chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
+    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
+    check_finite: bool = DEFAULTS.check_finite,
 ):
     """Functional twin of ``TeachabilityKLLoss``: returns ``(loss, stats)``.
 
@@ -225,10 +228,10 @@ def teachability_kl_loss(
 def select_across(
     stats_list: Sequence[TeachabilityStats],
     *,
-    strategy: str = "teachability",
-    keep_ratio: float = 0.05,
-    min_per_sequence: int = 1,
-    seed: int = 0,
+    strategy: str = DEFAULTS.strategy,
+    keep_ratio: float = DEFAULTS.keep_ratio,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed,
 ) -> Tuple[List[torch.Tensor], float]:
     """One selection over several micro-batches' statistics; returns (kept masks, normaliser).
 
@@ -284,11 +287,13 @@ class TeachabilityKLLoss(torch.nn.Module):
     stats=None)`` returns ``(loss, stats)``; see ``teachability_kl_loss`` and the module docstring.
     """
 
-    def __init__(self, strategy: str = "teachability", keep_ratio: float = 0.05, top_k: int = 16,
-                 estimator: str = "full", temperature: float = 1.0, vocab_size: Optional[int] = None,
-                 min_per_sequence: int = 1, ignore_index: int = -100, reduction: str = "mean", *, seed: int = 0,
-                 backend: str = "auto", chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
-                 check_finite: bool = True):
+    def __init__(self, strategy: str = DEFAULTS.strategy, keep_ratio: float = DEFAULTS.keep_ratio,
+                 top_k: int = DEFAULTS.top_k, estimator: str = DEFAULTS.estimator,
+                 temperature: float = DEFAULTS.temperature, vocab_size: Optional[int] = DEFAULTS.vocab_size,
+                 min_per_sequence: int = DEFAULTS.min_per_sequence, ignore_index: int = DEFAULTS.ignore_index,
+                 reduction: str = DEFAULTS.reduction, *, seed: int = DEFAULTS.seed, backend: str = DEFAULTS.backend,
+                 chunk_rows: Optional[int] = DEFAULTS.chunk_rows, chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
+                 check_finite: bool = DEFAULTS.check_finite):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -1,11 +1,15 @@
-"""The option names (strategies, estimators, backends), defined once, and the argument checks shared by
-the public entry points: cheap, before any heavy work, naming the argument."""
+"""The loss head's options with their defaults and meaning (``LossHeadOptions``, ``DEFAULTS``), the option
+names (strategies, estimators, backends), the default vocabulary rule, all defined once, and the
+argument checks shared by the public entry points: cheap, before any heavy work, naming the argument.
+
+Every signature that takes one of these options writes its default as ``DEFAULTS.<name>``.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +29,49 @@ STRATEGIES = (
 # docs/math.md, Loss and gradients.
 ESTIMATORS = ("full", "sampled")
 BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def _option(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class LossHeadOptions:
+    """The loss head's options: each default and its meaning, written here and only here (docs/math.md)."""
+
+    top_k: int = _option(16, "K of both top-K sets behind teacher_mass C and disagreement D")
+    keep_ratio: float = _option(0.05, "rho: the kept fraction of the valid positions, in (0, 1]")
+    strategy: str = _option("teachability", f"the selection score, one of {STRATEGIES} "
+                                            "(docs/math.md, Scores and selection)")
+    estimator: str = _option("full", f"the loss estimator, one of {ESTIMATORS} (docs/math.md, Loss and "
+                                     "gradients; 'sampled' needs the sampled tokens)")
+    temperature: float = _option(1.0, "tau, dividing both models' logits")
+    vocab_size: Optional[int] = _option(None, "vocabulary columns used; None: the smaller of the two "
+                                              "vocabularies (default_vocab_size)")
+    min_per_sequence: int = _option(1, "kept positions every sequence gets at least")
+    seed: int = _option(0, "seed of strategy 'random'")
+    backend: str = _option("auto", f"one of {BACKENDS}: 'auto' chooses (triton, cuda, torch on CUDA; torch "
+                                   "elsewhere), a name means that backend or an error saying why it cannot run")
+    chunk_rows: Optional[int] = _option(None, "rows per tile (torch: positions; triton: the backward's row "
+                                              "chunk); None: the backend's own choice")
+    chunk_vocab: Optional[int] = _option(None, "vocabulary columns per tile (triton: the forward's split and "
+                                               "the backward's column chunk); None: the backend's own choice")
+    check_finite: bool = _option(True, "reject NaN/inf hidden states and weights (one extra read of each)")
+    ignore_index: int = _option(-100, "the label of positions without loss (TeachabilityKLLoss, labels)")
+    reduction: str = _option("mean", "TeachabilityKLLoss: 'mean' (over kept positions), 'sum' or 'none'")
+
+    @staticmethod
+    def doc(name: str) -> str:
+        """The documentation of option ``name``."""
+        return next(f.metadata["doc"] for f in fields(LossHeadOptions) if f.name == name)
+
+
+DEFAULTS = LossHeadOptions()
+
+
+def default_vocab_size(v_student: int, v_teacher: int) -> int:
+    """The vocabulary the loss head uses when ``vocab_size`` is None: the columns both models have."""
+    return min(int(v_student), int(v_teacher))
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -154,7 +201,7 @@ class HeadOptions:
 
 def check_head_options(*, top_k, estimator, temperature, vocab_size, max_vocab, backend,
                        chunk_rows=None, chunk_vocab=None) -> HeadOptions:
-    """The loss head's options; ``vocab_size`` None means ``max_vocab`` (the smaller vocabulary)."""
+    """The loss head's options; ``vocab_size`` None means ``max_vocab`` (``default_vocab_size``)."""
     vocab_size = max_vocab if vocab_size is None else as_int("vocab_size", vocab_size)
     if not 1 <= vocab_size <= max_vocab:
         raise ValueError(

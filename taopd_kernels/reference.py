@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .options import DEFAULTS, default_vocab_size
 from .selection import default_sequence_ids, score_and_select
 from .stats import RowStats
 
@@ -81,14 +82,14 @@ def reference_teachability_kl(
     valid_mask=None,
     sequence_ids=None,
     sampled_ids=None,
-    top_k: int = 16,
-    keep_ratio: float = 0.05,
-    strategy: str = "teachability",
-    estimator: str = "full",
-    temperature: float = 1.0,
-    vocab_size: Optional[int] = None,
-    min_per_sequence: int = 1,
-    seed: int = 0,
+    top_k: int = DEFAULTS.top_k,
+    keep_ratio: float = DEFAULTS.keep_ratio,
+    strategy: str = DEFAULTS.strategy,
+    estimator: str = DEFAULTS.estimator,
+    temperature: float = DEFAULTS.temperature,
+    vocab_size: Optional[int] = DEFAULTS.vocab_size,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed,
     keep_mask=None,
     dtype: torch.dtype = torch.float32,
 ):
@@ -98,7 +99,7 @@ def reference_teachability_kl(
     ``keep_mask`` replaces the selection (to compare losses and gradients on one kept set).
     """
     if vocab_size is None:
-        vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
+        vocab_size = default_vocab_size(student_weight.shape[0], teacher_weight.shape[0])
     n = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
     valid = torch.ones(n, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).bool()
     if sequence_ids is None:

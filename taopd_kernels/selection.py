@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .options import STRATEGIES
+from .options import DEFAULTS, STRATEGIES
 
 QUANTILE_LOW = 0.05
 QUANTILE_HIGH = 0.95
@@ -74,7 +74,7 @@ def strategy_scores(
     disagreement: torch.Tensor,
     teacher_mass: torch.Tensor,
     valid: torch.Tensor,
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
 ) -> torch.Tensor:
     """The per-position score of one strategy (docs/math.md, Scores and selection table). NaN where not valid."""
     if strategy not in STRATEGIES:
@@ -132,7 +132,7 @@ def score_and_select(
     keep_ratio: float,
     sequence_ids: Optional[torch.Tensor],
     min_per_sequence: int,
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
 ):
     """(score, kept) of one strategy over one batch of positions: the score table, then the global top-n
     with the per-sequence top-up; ``"all"`` keeps every valid position (plain OPD, keep_ratio unused)."""
@@ -173,7 +173,7 @@ def select_top(
     *,
     keep_ratio: float,
     sequence_ids: Optional[torch.Tensor] = None,
-    min_per_sequence: int = 1,
+    min_per_sequence: int = DEFAULTS.min_per_sequence,
 ) -> torch.Tensor:
     """Keep the global top-n valid positions by score, then top up every sequence to its minimum.
 

@@ -54,7 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..options import BACKENDS
+from ..options import BACKENDS, DEFAULTS
 
 _MODULES = {
     "torch": "taopd_kernels.backends.pytorch",
@@ -305,7 +305,7 @@ def measured_choice(candidates: list, device, shape: ShapeClass) -> Optional[str
     return best
 
 
-def resolve(name: str, device, *, path: str = "hidden", top_k: int = 16,
+def resolve(name: str, device, *, path: str = "hidden", top_k: int = DEFAULTS.top_k,
             shape: Optional[ShapeClass] = None) -> tuple[str, ModuleType]:
     """(backend name, module) for a call on ``device``; ``path`` is "hidden" or "logits". ``shape`` (the call's
     ``ShapeClass``, hidden-state path) lets ``"auto"`` choose by measurement on CUDA (module docstring)."""

@@ -43,7 +43,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .. import hf
 from ..loss import TeachabilityKLLoss
-from ..options import ESTIMATORS, STRATEGIES
+from ..options import DEFAULTS, ESTIMATORS, STRATEGIES, LossHeadOptions
 from ..stats import TeachabilityStats
 
 _KEEP, _NORM, _TEACHER = "taopd_keep_mask", "taopd_normalizer", "taopd_teacher_hidden"
@@ -57,12 +57,13 @@ class TAOPDConfig(DistillationConfig):
     sampling top-k of generation; the teachability top-K is ``taopd_top_k``.
     """
 
-    taopd_strategy: str = field(default="teachability", metadata={"help": f"one of {STRATEGIES}"})
-    taopd_keep_ratio: float = field(default=0.05, metadata={"help": "kept fraction of completion tokens"})
-    taopd_top_k: int = field(default=16, metadata={"help": "K of the top-K sets behind C and D"})
-    taopd_estimator: str = field(default="full", metadata={"help": f"one of {ESTIMATORS}"})
-    taopd_min_per_sequence: int = field(default=1, metadata={"help": "kept positions per completion, at least"})
-    taopd_backend: str = field(default="auto", metadata={"help": "taopd_kernels backend"})
+    taopd_strategy: str = field(default=DEFAULTS.strategy, metadata={"help": LossHeadOptions.doc("strategy")})
+    taopd_keep_ratio: float = field(default=DEFAULTS.keep_ratio, metadata={"help": LossHeadOptions.doc("keep_ratio")})
+    taopd_top_k: int = field(default=DEFAULTS.top_k, metadata={"help": LossHeadOptions.doc("top_k")})
+    taopd_estimator: str = field(default=DEFAULTS.estimator, metadata={"help": LossHeadOptions.doc("estimator")})
+    taopd_min_per_sequence: int = field(default=DEFAULTS.min_per_sequence,
+                                        metadata={"help": LossHeadOptions.doc("min_per_sequence")})
+    taopd_backend: str = field(default=DEFAULTS.backend, metadata={"help": LossHeadOptions.doc("backend")})
     taopd_reuse_teacher_hidden: bool = field(
         default=True, metadata={"help": "keep the teacher's hidden states from the selection pass for the loss "
                                         "(one teacher forward per generation batch; memory B x C x D_t)"})

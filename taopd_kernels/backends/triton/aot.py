@@ -28,6 +28,7 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from ...options import DEFAULTS
 from . import kept_backward as _backward
 from . import stats_forward as _forward
 
@@ -155,7 +156,7 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 
 def compile_shipped(arch: int, *, rows: int = 8192, d_s: int = 2048, d_t: int = 4096, vocab: int = 151_936,
-                    top_k: int = 16, dtype=torch.bfloat16, kernels=("forward", "backward_full", "backward_sampled"),
+                    top_k: int = DEFAULTS.top_k, dtype=torch.bfloat16, kernels=("forward", "backward_full", "backward_sampled"),
                     configs: Optional[slice] = None) -> List[Compiled]:
     """Every shipped config of the chosen kernels, compiled for ``arch`` with the JIT's specialisation."""
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...options import DEFAULTS
 from ...stats import RowStats
 from .._tiles import keys_to_ids, ordered_keys, union_disagreement
 from ._common import (
@@ -304,7 +305,7 @@ def _tuned_kernel(device: torch.device, nbytes: int):
     return _TUNED[key]
 
 
-def num_splits(rows: int, vocab: int, sms: int, top_k: int = 16, block_m: int = 128, warmup_tiles: int = 4, *,
+def num_splits(rows: int, vocab: int, sms: int, top_k: int = DEFAULTS.top_k, block_m: int = 128, warmup_tiles: int = 4, *,
                row_bytes: int = 0, l2_bytes: int = 0) -> int:
     """Vocabulary splits: enough that the programs in flight keep their hidden rows in L2, then whole waves.
 
