@@ -2,7 +2,8 @@
 CUDA extension.
 
 Packages: ``taopd_kernels`` (every subpackage found under taopd_kernels/) and the training driver,
-installed as ``taopd_train`` from the folder train/ (with its bundled configs, train/configs/).
+installed as ``taopd_train`` from the folder train/ (with its bundled configs, train/configs/), and its
+experiments ``taopd_train.experiments`` (train/experiments/: the comparison and the diagnostic).
 
 The extension ``taopd_kernels._C`` (csrc/: fused statistics and logit-gradient kernels for callers that
 hold logits) is built when a CUDA toolkit (nvcc) and a CUDA build of torch are both present, and
@@ -69,7 +70,7 @@ def _cuda_extension():
 
 ext_modules, cmdclass = _cuda_extension()
 setup(
-    packages=find_packages(include=["taopd_kernels", "taopd_kernels.*"]) + ["taopd_train"],
+    packages=find_packages(include=["taopd_kernels", "taopd_kernels.*"]) + ["taopd_train", "taopd_train.experiments"],
     package_dir={"taopd_train": "train"},
     package_data={"taopd_train": ["configs/*.json", "configs/*.yaml", "prepared/*.safetensors"]},
     ext_modules=ext_modules,

@@ -1,11 +1,11 @@
-"""train/compare.py end to end on tiny random models: every file, the documented fields, resume."""
+"""The comparison (train/compare.py -> taopd_train.experiments.compare) end to end on tiny random models: every file, the documented fields, resume."""
 
 import dataclasses
 import json
 
 import pytest
 
-from taopd_train import compare as cmp
+from taopd_train.experiments import compare as cmp
 
 
 def _cfg(tmp_path):
@@ -26,11 +26,11 @@ def test_compare_writes_every_file_and_resumes(tmp_path, monkeypatch):
     real_train = cmp.driver.train
     calls = []
 
-    def flaky(c, log=None):
+    def flaky(c, log=None, hooks=None):
         calls.append((c.loss.strategy, c.seed))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_train(c, log=log)
+        return real_train(c, log=log, hooks=hooks)
 
     monkeypatch.setattr(cmp.driver, "train", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -40,8 +40,8 @@ def test_compare_writes_every_file_and_resumes(tmp_path, monkeypatch):
     assert not (out / "compare.md").exists()
     monkeypatch.setattr(cmp.driver, "train", real_train)
     calls.clear()
-    monkeypatch.setattr(cmp.driver, "train", lambda c, log=None: (calls.append((c.loss.strategy, c.seed)),
-                                                                  real_train(c, log=log))[1])
+    monkeypatch.setattr(cmp.driver, "train", lambda c, log=None, hooks=None: (
+        calls.append((c.loss.strategy, c.seed)), real_train(c, log=log, hooks=hooks))[1])
     res = cmp.compare(cfg, strategies, seeds, out, kl_contexts=3, log=lambda m: None, progress=True)
     assert calls == [("all", 1), ("teachability", 1)]  # finished runs are not rerun
     data = json.loads((out / "compare.json").read_text())

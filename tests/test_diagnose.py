@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from taopd_train import diagnose as dg
+from taopd_train.experiments import diagnose as dg
 
 
 def _table(n_prompts=40, per=25, seed=0):

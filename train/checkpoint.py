@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from taopd_train.config import Config, to_dict
-from taopd_train.parallel import barrier, is_sharded, world
+from .config import Config, to_dict
+from .parallel import barrier, is_sharded, world
 
 TRAIN_STATE_FILE = "train_state.json"
 

@@ -89,7 +89,7 @@ def _start_wandb(cfg, out_dir: Path):
     continues the same wandb run (wandb's own resume), and the whole config is recorded."""
     import wandb
 
-    from taopd_train.config import to_dict
+    from .config import to_dict
 
     id_file = out_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else None

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from taopd_train.config import CONFIG_DIR, DTYPES, ModelConfig, TinyArch
+from .config import CONFIG_DIR, DTYPES, ModelConfig, TinyArch
 
 QWEN3_VOCAB = 151_936  # Qwen3's padded embedding size (the tokenizer has 151,643 BPE ranks + specials)
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from taopd_kernels.selection import score_and_select
-from taopd_train.head import attach_head
+from .head import attach_head
 
 # --------------------------------------------------------------------------------------------------
 # Process group

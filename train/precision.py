@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from taopd_train.config import DTYPES, Config, student_dtypes, student_precision
+from .config import DTYPES, Config, student_dtypes, student_precision
 
 if TYPE_CHECKING:
-    from taopd_train.run import Models
+    from .run import Models
 
 
 def report_precision(cfg: Config, models: Models, log=print) -> Optional[dict]:

@@ -29,9 +29,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from taopd_train.head import lm_head_weight
-from taopd_train.models import QWEN3_VOCAB, tiny_qwen3_config
-from taopd_train.rollout import generate
+from .head import lm_head_weight
+from .models import QWEN3_VOCAB, tiny_qwen3_config
+from .rollout import generate
 
 PREP_VERSION = 5  # 4: expansion noise from a CPU generator; shipped compact weights. 5: early stop on validation pairs
 DISTRACTORS = 64
@@ -313,7 +313,7 @@ def _noise(cfg, role: str) -> list:
 def _data_key(cfg) -> list:
     """The task as a key part: its size and its split (reserved held-out and validation pair counts), not
     ``data.eval_size`` itself, since any held-out set within the reserve trains on the same pairs."""
-    from taopd_train.task import build_task
+    from .task import build_task
 
     d = cfg.data
     return ([d.source, d.max_operand, list(build_task(d, cfg.seed).split)]
@@ -362,7 +362,7 @@ def prepare_builtin(cfg, task, tokenizer, device, log=print) -> Dict[str, str]:
     With ``sft.shipped`` (default) and compact weights for exactly this preparation in train/prepared/,
     no SFT runs: the shipped weights are expanded (deterministically), so every machine gets the same
     models. Otherwise compact SFT runs here (seeded, one thread, deterministic algorithms)."""
-    from taopd_train.task import BUILTIN_TASKS
+    from .task import BUILTIN_TASKS
 
     if cfg.data.source not in BUILTIN_TASKS:
         raise ValueError(f"student.path/teacher.path=builtin need a built-in task: data.source in {BUILTIN_TASKS}")
@@ -410,9 +410,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     of a config; ``--export`` also copies their compact weights into train/prepared/ for shipping."""
     import argparse
 
-    from taopd_train.config import load_config
-    from taopd_train.models import load_tokenizer
-    from taopd_train.task import build_task
+    from .config import load_config
+    from .models import load_tokenizer
+    from .task import build_task
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", default=None)

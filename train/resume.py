@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from taopd_train.config import Config, ConfigError, config_changes, to_dict
+from .config import Config, ConfigError, config_changes, to_dict
 
 
 def check_resume_config(cfg: Config, saved: Optional[dict], ckpt: Path, start: int, log=print) -> Config:
@@ -38,7 +38,7 @@ def check_resume_config(cfg: Config, saved: Optional[dict], ckpt: Path, start: i
                 f"takes effect from step {start})")
     if not revert:
         return cfg
-    from taopd_train.config import _build, validate
+    from .config import _build, validate
 
     d = to_dict(cfg)
     for key, old in revert.items():

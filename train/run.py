@@ -18,6 +18,13 @@ DCP checkpoints (checkpoint.py).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python train/run.py (torchrun too): a script has no package for the relative
+    import sys  # imports below, so the package's own module runs (one copy of it)
+
+    from taopd_train.run import main
+
+    sys.exit(main())
+
 import argparse
 import contextlib
 import dataclasses
@@ -37,19 +44,18 @@ import torch
 
 from taopd_kernels import TeachabilityStats, fused_teachability_kl, teachability_stats
 
-import taopd_train.parallel as parallel
-from taopd_train import checkpoint, head
-from taopd_train.precision import changed_fraction, report_precision
-from taopd_train.resume import apply_optim_config, check_resume_config
-from taopd_train.signals import Interrupted, Signals
-from taopd_train.vocab import check_vocab, check_vocab_config, compare_tokenizers, teacher_tokenizer
-from taopd_train.checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
-from taopd_train.config import (DTYPES, Config, ConfigError, load_config, student_dtypes,
-                                student_precision, to_dict)
-from taopd_train.metrics import Logger, _SilentLogger, peak_memory_mb, plot_curves
-from taopd_train.models import load_model, load_tokenizer
-from taopd_train.rollout import Rollout, generate, make_rollout_engine, rollout_from_tokens
-from taopd_train.task import build_task
+from . import checkpoint, head, parallel
+from .checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
+from .config import DTYPES, Config, ConfigError, load_config, student_dtypes, student_precision, to_dict
+from .hooks import HeadClock, Hooks
+from .metrics import Logger, _SilentLogger, peak_memory_mb, plot_curves
+from .models import load_model, load_tokenizer
+from .precision import changed_fraction, report_precision
+from .resume import apply_optim_config, check_resume_config
+from .rollout import Rollout, generate, make_rollout_engine, rollout_from_tokens
+from .signals import Interrupted, Signals
+from .task import build_task
+from .vocab import check_vocab, check_vocab_config, compare_tokenizers, teacher_tokenizer
 
 # ================================================================== set-up
 
@@ -129,7 +135,7 @@ def build_models(cfg: Config, device: torch.device, student_path: Optional[str] 
     task = build_task(cfg.data, cfg.seed)
     builtin = {}
     if "builtin" in (cfg.student.path, cfg.teacher.path) and not (cfg.student.random_init and cfg.teacher.random_init):
-        from taopd_train.prepare import prepare_builtin
+        from .prepare import prepare_builtin  # driver code (the built-in task's models); lazy: heavy
 
         builtin = prepare_builtin(cfg, task, tokenizer, device, log=log)
     scfg = dataclasses.replace(cfg.student, dtype=student_dtypes(cfg)[0])  # precision decides the student's dtype
@@ -265,13 +271,14 @@ def _head_kwargs(cfg: Config, models: Models, mb: MicroBatch) -> dict:
 
 
 @torch.no_grad()
-def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch]):
+def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch], clock: Optional[HeadClock] = None):
     """Teacher and student forwards without grad; per-position statistics (docs/math.md, Per-position statistics) per micro-batch.
 
     Returns (stats per micro-batch, teacher (hidden, lm_head weight, bias) per micro-batch: reused by
     ``loss_backward``). Statistics only (``strategy=None``): the selection is ``select``'s, over the whole
     batch. Both lm_head weights are the full ones, also when FSDP shards them (``head.call_with_full_head``);
-    a sharded teacher's full weight is fetched once per step."""
+    a sharded teacher's full weight is fetched once per step. ``clock``: times the statistics calls."""
+    clock = clock or HeadClock()
     stats, teacher_out = [], []
     w_t = b_t = None
     for mb in mbs:
@@ -282,8 +289,9 @@ def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch]):
         def stats_head(h_s, w_s, b_s):
             h_s, w_s, b_s = _head_inputs(models, h_s, w_s, b_s)
             with _no_autocast(models):
-                return teachability_stats(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=None,
-                                          check_finite=cfg.loss.check_finite, **_head_kwargs(cfg, models, mb))
+                return clock.forward(lambda: teachability_stats(
+                    h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, strategy=None,
+                    check_finite=cfg.loss.check_finite, **_head_kwargs(cfg, models, mb)))
 
         with student_compute(models):
             stats.append(head.call_with_full_head(models.student, mb.input_ids, mb.attention_mask, stats_head,
@@ -313,10 +321,13 @@ def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], s
 
 
 def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tuple,
-                  stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float) -> torch.Tensor:
+                  stats: TeachabilityStats, keep_mask: torch.Tensor, normalizer: float,
+                  clock: Optional[HeadClock] = None) -> torch.Tensor:
     """Student forward with grad, fused loss head on this micro-batch, backward. The micro-batch losses
     of one step sum to the batch loss (each is divided by the batch's kept count; under torchrun by the
-    count over all ranks, and FSDP sums the ranks' gradients). ``teacher_out``: from ``compute_stats``."""
+    count over all ranks, and FSDP sums the ranks' gradients). ``teacher_out``: from ``compute_stats``;
+    ``clock``: times the loss head's forward and backward."""
+    clock = clock or HeadClock()
     if normalizer <= 0:
         return torch.zeros((), dtype=torch.float64, device=mb.input_ids.device)
     h_t, w_t, b_t = teacher_out
@@ -325,7 +336,7 @@ def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tupl
     def loss_head(h_s, w_s, b_s):  # inside the student's forward: the full lm_head weight, even under FSDP
         h_s, w_s, b_s = _head_inputs(models, h_s, w_s, b_s)
         with _no_autocast(models):
-            return _loss(h_s, w_s, b_s)
+            return clock.loss(lambda h: _loss(h, w_s, b_s), h_s)
 
     def _loss(h_s, w_s, b_s):
         loss, _ = fused_teachability_kl(
@@ -379,25 +390,16 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
         _skip_step(opt, sched)
         return {"loss": float("nan"), "grad_norm": float("nan"), "lr": lr, "skipped": True,
                 "nonfinite": f"{int(bad_rollouts)} rollouts met non-finite student logits", "kept_fraction": 0.0,
-                "kl/all": float("nan"), "tokens_per_s": 0.0, "step_time_s": time.perf_counter() - t0}
+                "kl/all": float("nan"), "tokens_per_s": 0.0, "step_time_s": time.perf_counter() - t0,
+                "loss_head_s": 0.0}
+    clock = HeadClock()
     mbs = micro_batches(cfg, ro, seq_offset=mine.start)
-    stats, teacher_hidden = compute_stats(cfg, models, mbs)
+    stats, teacher_hidden = compute_stats(cfg, models, mbs, clock=clock)
     masks, normalizer, allstats = select(cfg, stats, mbs, step)
     loss = 0.0
     for mb, h_t, st, keep in zip(mbs, teacher_hidden, stats, masks):
-        loss += loss_backward(cfg, models, mb, h_t, st, keep, normalizer)
-    # the KL estimate of the sampled estimator: mean of logp_s(y) - logp_t(y) over kept positions
-    kept = allstats.kept.bool() if allstats.kept is not None else allstats.valid.bool()
-    if allstats.logp_student_sampled is not None and allstats.logp_teacher_sampled is not None:
-        w = (allstats.logp_student_sampled - allstats.logp_teacher_sampled).double()
-        kl_sum, kl_n = torch.where(kept, w, 0.0).sum(), kept.sum().double()
-    else:
-        kl_sum = kl_n = torch.zeros((), dtype=torch.float64, device=device)
-    dropped = allstats.dropped.sum().double() if allstats.dropped is not None else kl_n.new_zeros(())
-    totals = torch.stack([torch.as_tensor(loss, dtype=torch.float64).to(device),
-                          ro.response_mask.sum().double(), ro.attention_mask.sum().double(),
-                          dropped.to(device), kl_sum.to(device), kl_n.to(device)])
-    loss, resp_total, tokens, dropped, kl_sum, kl_n = parallel.all_reduce_sum(totals).tolist()
+        loss += loss_backward(cfg, models, mb, h_t, st, keep, normalizer, clock=clock)
+    loss, resp_total, tokens, dropped, kl_sum, kl_n = _step_totals(loss, ro, allstats)
     # the decision is the same on every rank: the loss is the global sum, the gradient norm global
     gnorm = optimizer_step(cfg, models.student, opt, sched, loss=loss if not dropped else float("nan"))
     skipped = not (math.isfinite(loss) and math.isfinite(gnorm)) or bool(dropped)
@@ -425,7 +427,26 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
         "entropy/all": s["entropy_student/all"], "entropy/kept": s["entropy_student/kept"],
         "response_length": float(resp_len.mean()), "lr": lr, "grad_norm": gnorm,
         "tokens_per_s": tokens / dt, "step_time_s": dt, "rollout_time_s": t_roll - t0, "peak_mem_mb": peak_memory_mb(),
+        "loss_head_s": clock.seconds,
     }
+
+
+def _step_totals(loss, ro: Rollout, allstats: TeachabilityStats) -> List[float]:
+    """The step's sums over all ranks, read in one transfer: (loss, response tokens, tokens, positions
+    without a finite logit, and the sampled estimator's KL estimate: sum and count over kept positions)."""
+    device = ro.input_ids.device
+    # the KL estimate of the sampled estimator: mean of logp_s(y) - logp_t(y) over kept positions
+    kept = allstats.kept.bool() if allstats.kept is not None else allstats.valid.bool()
+    if allstats.logp_student_sampled is not None and allstats.logp_teacher_sampled is not None:
+        w = (allstats.logp_student_sampled - allstats.logp_teacher_sampled).double()
+        kl_sum, kl_n = torch.where(kept, w, 0.0).sum(), kept.sum().double()
+    else:
+        kl_sum = kl_n = torch.zeros((), dtype=torch.float64, device=device)
+    dropped = allstats.dropped.sum().double() if allstats.dropped is not None else kl_n.new_zeros(())
+    totals = torch.stack([torch.as_tensor(loss, dtype=torch.float64).to(device),
+                          ro.response_mask.sum().double(), ro.attention_mask.sum().double(),
+                          dropped.to(device), kl_sum.to(device), kl_n.to(device)])
+    return parallel.all_reduce_sum(totals).tolist()
 
 
 # ================================================================== evaluation
@@ -475,7 +496,10 @@ def _rank0_first(ctx, fn):
 # ================================================================== the loop
 
 
-def train(cfg: Config, log=None) -> dict:
+def train(cfg: Config, log=None, hooks: Optional[Hooks] = None) -> dict:
+    """One run: set up (or resume), train ``optim.steps`` steps, evaluate, checkpoint; returns the summary.
+    ``log``: where messages go (default: print); ``hooks``: callbacks for code that watches the run
+    (``hooks.Hooks``)."""
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -503,7 +527,7 @@ def train(cfg: Config, log=None) -> dict:
     signals = Signals()
     try:
         _rank0_first(ctx, claim)
-        summary = _train(cfg, ctx, out_dir, say, log, signals, t_start)
+        summary = _train(cfg, ctx, out_dir, say, log, signals, t_start, hooks or Hooks())
     finally:
         signals.restore()
         for lk in locks:
@@ -537,21 +561,36 @@ def _find(cfg: Config, ctx, say):
     return ckpt, (found[1] if ctx.is_main else checkpoint.load_trainer_state(ckpt))
 
 
-def _train(cfg: Config, ctx, out_dir: Path, say, log, signals: Signals, t_start: float) -> dict:
-    device = ctx.device
+@dataclass
+class _Resume:
+    """Where a run starts: step 0, or a checkpoint (its folder, trainer state and the weights' format)."""
+
+    cfg: Config  # with the checkpoint's run-defining settings where changes were allowed
+    start: int = 0
+    ckpt: Optional[Path] = None
+    trainer: Optional[dict] = None
+    dcp_dir: Optional[Path] = None  # a sharded run's DCP weights
+    hf_dir: Optional[str] = None  # a single-process run's HF student folder
+
+
+def _resume_point(cfg: Config, ctx, say) -> _Resume:
     ckpt, trainer = _find(cfg, ctx, say)
-    start = 0
-    if ckpt is not None:
-        start = int(trainer["step"])
-        if start > cfg.optim.steps:
-            raise ConfigError(f"optim.steps={cfg.optim.steps}: the checkpoint {ckpt} is already at step {start}; "
-                              f"raise optim.steps above {start} to continue it, or resume an earlier checkpoint")
-        cfg = check_resume_config(cfg, trainer.get("config"), ckpt, start, log=say)
-    dcp_dir = ckpt / "dcp" if ckpt is not None and checkpoint.is_dcp_checkpoint(ckpt / "dcp") else None
-    hf_dir = str(ckpt / "student") if ckpt is not None and dcp_dir is None else None
+    if ckpt is None:
+        return _Resume(cfg)
+    start = int(trainer["step"])
+    if start > cfg.optim.steps:
+        raise ConfigError(f"optim.steps={cfg.optim.steps}: the checkpoint {ckpt} is already at step {start}; "
+                          f"raise optim.steps above {start} to continue it, or resume an earlier checkpoint")
+    cfg = check_resume_config(cfg, trainer.get("config"), ckpt, start, log=say)
+    dcp_dir = ckpt / "dcp" if checkpoint.is_dcp_checkpoint(ckpt / "dcp") else None
+    return _Resume(cfg, start, ckpt, trainer, dcp_dir, str(ckpt / "student") if dcp_dir is None else None)
+
+
+def _setup_models(cfg: Config, ctx, res: _Resume, say) -> Models:
+    """Both models built (rank 0 first: it prepares the built-in ones), checked and wrapped."""
     if ctx.distributed and not ctx.is_main:
         parallel.barrier()  # rank 0 first: it prepares (and caches on disk) the built-in models if needed
-    models = build_models(cfg, device, student_path=hf_dir, log=say)
+    models = build_models(cfg, ctx.device, student_path=res.hf_dir, log=say)
     if ctx.distributed and ctx.is_main:
         parallel.barrier()
     check_vocab(cfg, models, log=say)
@@ -559,143 +598,222 @@ def _train(cfg: Config, ctx, out_dir: Path, say, log, signals: Signals, t_start:
     say(compare_tokenizers(models.tokenizer, t_tok) if t_tok is not None else
         "[vocab] the teacher has no tokenizer of its own (built-in / random init): it reads the student's tokens")
     wrap_models(cfg, models, ctx)
+    return models
+
+
+def _restore(cfg: Config, ctx, res: _Resume, models: Models, opt, sched, say) -> dict:
+    """The loop's state (history, teacher and theta_0 accuracies): fresh, or the checkpoint's, whose
+    weights, optimizer and schedule are loaded."""
+    if res.ckpt is None:
+        return {"history": {"train": [], "eval": []}, "teacher_accuracy": None, "student_before": None}
+    trainer = res.trainer
+    if res.dcp_dir is not None:  # written by a sharded run: reshards to this world size (one process too)
+        checkpoint.load_dcp(res.dcp_dir, models.student, opt)
+    if "optimizer" in trainer and ctx.distributed:
+        say("[resume] warning: the optimizer state of a single-process checkpoint is not loaded into a "
+            "sharded run (its moments start from zero); the weights are")
+        trainer.pop("optimizer")
+    trainer = checkpoint.load_training_checkpoint(res.ckpt, opt, sched, trainer)
+    apply_optim_config(cfg, opt, sched)
+    say(f"[resume] from {res.ckpt} at step {res.start}")
+    return trainer["state"]
+
+
+def _rollout_engine(cfg: Config, res: _Resume, models: Models):
+    """None (the student generates), or the vLLM engine with the student's weights."""
+    if cfg.rollout.engine == "hf":
+        return None
+    path = res.hf_dir or cfg.student.path
+    if path == "builtin" or cfg.student.random_init and res.hf_dir is None:
+        raise ConfigError("rollout.engine=vllm: the student must be a HF checkpoint directory (student.path)")
+    engine = make_rollout_engine(cfg.rollout.engine, model_path=path, seed=cfg.seed,
+                                 gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+    engine.sync_weights(models.student)
+    return engine
+
+
+def _train(cfg: Config, ctx, out_dir: Path, say, log, signals: Signals, t_start: float, hooks: Hooks) -> dict:
+    res = _resume_point(cfg, ctx, say)
+    cfg = res.cfg
+    models = _setup_models(cfg, ctx, res, say)
     pure_sample = report_precision(cfg, models, log=say)
     opt, sched = build_optimizer(cfg, models.student)
-    state = {"history": {"train": [], "eval": []}, "teacher_accuracy": None, "student_before": None}
-    if ckpt is not None:
-        if dcp_dir is not None:  # written by a sharded run: reshards to this world size (one process too)
-            checkpoint.load_dcp(dcp_dir, models.student, opt)
-        if "optimizer" in trainer and ctx.distributed:
-            say("[resume] warning: the optimizer state of a single-process checkpoint is not loaded into a "
-                "sharded run (its moments start from zero); the weights are")
-            trainer.pop("optimizer")
-        trainer = checkpoint.load_training_checkpoint(ckpt, opt, sched, trainer)
-        apply_optim_config(cfg, opt, sched)
-        state = trainer["state"]
-        say(f"[resume] from {ckpt} at step {start}")
+    state = _restore(cfg, ctx, res, models, opt, sched, say)
     if cfg.loss.estimator == "sampled":
         say("[loss] estimator=sampled: the logged 'loss' (also 'surrogate_loss') is the policy-gradient surrogate "
             "sum m*(logp_s(y)-logp_t(y))*logp_s(y)/sum m, whose gradient estimates the reverse KL's; it is not a KL. "
             "'kl_sampled/kept' (mean logp_s(y)-logp_t(y) over kept positions) is the KL estimate, 'kl/kept' the "
             "exact reverse KL")
-    engine = None
-    if cfg.rollout.engine != "hf":
-        path = hf_dir or cfg.student.path
-        if path == "builtin" or cfg.student.random_init and hf_dir is None:
-            raise ConfigError("rollout.engine=vllm: the student must be a HF checkpoint directory (student.path)")
-        engine = make_rollout_engine(cfg.rollout.engine, model_path=path, seed=cfg.seed,
-                                       gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
-        engine.sync_weights(models.student)
+    engine = _rollout_engine(cfg, res, models)
     if ctx.is_main:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     t_prep = time.time() - t_start
 
-    logger = Logger(cfg, total=cfg.optim.steps, initial=start, resumed=ckpt is not None) if ctx.is_main \
+    logger = Logger(cfg, total=cfg.optim.steps, initial=res.start, resumed=res.ckpt is not None) if ctx.is_main \
         else _SilentLogger()
     if logger.bar is None or log is not None:
         logger.write = say
+    loop = _Loop(cfg, ctx, models, opt, sched, engine, state, res.start, res.ckpt, logger, say, signals, hooks,
+                 out_dir, t_start, t_prep, pure_sample, last_ckpt=res.ckpt)
     try:
-        return _loop(cfg, ctx, models, opt, sched, engine, state, start, ckpt, logger, say, signals, out_dir,
-                     t_start, t_prep, pure_sample)
+        return _loop(loop)
     finally:
         logger.close()
 
 
-def _loop(cfg, ctx, models, opt, sched, engine, state, start, ckpt, logger, say, signals, out_dir, t_start, t_prep,
-          pure_sample) -> dict:
-    if state["teacher_accuracy"] is None and cfg.eval.at_start:
-        ev = evaluate(cfg, models.teacher, models)
-        state["teacher_accuracy"] = ev["accuracy"]
-        logger.log(0, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval_teacher")
-        ev = evaluate(cfg, models.student, models)
-        state["student_before"] = ev["accuracy"]
-        state["history"]["eval"].append((0, ev["accuracy"]))
-        logger.log(0, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
-        logger.write(f"[eval] teacher accuracy {state['teacher_accuracy']:.3f} | student before "
-                     f"{state['student_before']:.3f} (n={ev['n']})")
+@dataclass
+class _Loop:
+    """What the loop works with, and what it carries from step to step."""
 
-    signals.install()
-    last_ckpt, last_save, streak, limit = ckpt, time.time(), 0, cfg.optim.max_nonfinite_steps
+    cfg: Config
+    ctx: parallel.DistContext
+    models: Models
+    opt: torch.optim.Optimizer
+    sched: object
+    engine: object  # None: the student generates
+    state: dict  # checkpointed: history, teacher_accuracy, student_before
+    start: int
+    ckpt: Optional[Path]  # the checkpoint resumed from
+    logger: object
+    say: object
+    signals: Signals
+    hooks: Hooks
+    out_dir: Path
+    t_start: float
+    t_prep: float
+    pure_sample: object  # report_precision's sample of weights, checked after the first step, then None
+    last_ckpt: Optional[Path] = None
+    last_save: float = dataclasses.field(default_factory=time.time)
+    streak: int = 0  # non-finite steps in a row
+
+
+def _loop(r: _Loop) -> dict:
+    if r.state["teacher_accuracy"] is None and r.cfg.eval.at_start:
+        _evaluate_at_start(r)
+    r.signals.install()
+    r.last_save = time.time()
     t_loop = time.time()
-    for step in range(start, cfg.optim.steps):
-        metrics = train_step(cfg, models, opt, sched, step, engine)
+    for step in range(r.start, r.cfg.optim.steps):
+        metrics = train_step(r.cfg, r.models, r.opt, r.sched, step, r.engine)
         done = step + 1
-        state["history"]["train"].append((done, metrics["loss"]))
-        if metrics.get("skipped"):
-            streak += 1
-            logger.log(done, metrics)
-            logger.write(f"[nonfinite] step {done}: {metrics['nonfinite']}: the optimizer step was skipped ({streak} "
-                         f"in a row; the run stops at optim.max_nonfinite_steps={limit})")
-            if streak >= limit:
-                raise NonFiniteError(
-                    f"{streak} steps in a row with non-finite values (last: step {done}, {metrics['nonfinite']}); the "
-                    f"run stops. Those steps did not change the weights; the last good checkpoint is "
-                    f"{last_ckpt or 'none (none was saved)'}. Lower optim.lr, or use precision=bf16-mixed / fp32")
-        else:
-            streak = 0
-            if pure_sample is not None:  # the measured counterpart of report_precision's estimate
-                frac = changed_fraction(models.student, pure_sample)
-                say(f"[precision] after the first step, {frac:.1%} of the sampled student weights changed"
-                    + ("" if frac >= 0.5 else f"; warning: {student_precision(cfg)} rounds most updates away at "
-                       f"optim.lr={cfg.optim.lr:g}: use precision=bf16-mixed"))
-                pure_sample = None
-            if done % cfg.logging.every == 0 or done == cfg.optim.steps:
-                logger.log(done, metrics)
-            logger.progress(metrics)
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.optim.steps:
-            ev = evaluate(cfg, models.student, models)
-            state["history"]["eval"].append((done, ev["accuracy"]))
-            logger.log(done, {k: v for k, v in ev.items() if k != "n"}, kind="eval")
-            logger.write(f"[eval] step {done}: student accuracy {ev['accuracy']:.3f}")
-        c = cfg.checkpoint
-        periodic = bool(c.every and done % c.every == 0)
-        timed = bool(c.every_minutes and time.time() - last_save >= 60 * c.every_minutes)
-        stop = signals.signum
-        if ctx.distributed:  # every rank takes the same decision (rank 0's clock, anyone's signal)
-            flags = parallel.all_reduce_sum(torch.tensor(
-                [float(timed and ctx.is_main), float(stop or 0), float(stop is not None)], dtype=torch.float64,
-                device=ctx.device)).tolist()
-            timed = flags[0] > 0
-            stop = stop or (int(flags[1] / flags[2]) if flags[2] else None)
-        if streak and not stop:  # in a non-finite streak: no periodic checkpoint rotates a good one out
-            periodic = timed = False
-        if done != cfg.optim.steps and (periodic or timed or stop):
-            last_ckpt = checkpoint.save_training_checkpoint(cfg, models, opt, sched, done, state, export=bool(stop))
-            last_save = time.time()
-            if timed and not periodic:
-                logger.write(f"[checkpoint] step {done}: {last_ckpt} ({c.every_minutes:g} minutes since the last)")
-        if stop:
-            if done == cfg.optim.steps:  # the last step: the regular end follows (it saves)
-                say(f"[signal] {signal.Signals(stop).name} at the last step: finishing normally")
-                break
-            raise Interrupted(stop, last_ckpt, done)
-    train_time = time.time() - t_loop
+        r.hooks.on_step_end(done, metrics)
+        _record_step(r, done, metrics)
+        if r.cfg.eval.every and done % r.cfg.eval.every == 0 and done != r.cfg.optim.steps:
+            ev = _evaluation(r, "student", done)
+            r.state["history"]["eval"].append((done, ev["accuracy"]))
+            r.logger.log(done, {k: v for k, v in ev.items() if k != "n"}, kind="eval")
+            r.logger.write(f"[eval] step {done}: student accuracy {ev['accuracy']:.3f}")
+        if _checkpoint_or_stop(r, done):
+            break
+    return _finish(r, time.time() - t_loop)
 
-    final = evaluate(cfg, models.student, models)
-    end_step = cfg.optim.steps
-    if not state["history"]["eval"] or state["history"]["eval"][-1][0] != end_step:
-        state["history"]["eval"].append((end_step, final["accuracy"]))
-    logger.log(end_step, {k: v for k, v in final.items() if k != "n"}, kind="eval")
-    if ckpt is not None and start == end_step:
-        ckpt_path = ckpt  # nothing trained since this checkpoint
+
+def _evaluation(r: _Loop, which: str, step: int) -> dict:
+    """The teacher's or the student's evaluation, or the one the hooks give for it; reported to them."""
+    model = r.models.teacher if which == "teacher" else r.models.student
+    ev = r.hooks.reuse_evaluation(step, which)
+    if ev is None:
+        ev = evaluate(r.cfg, model, r.models)
+    r.hooks.on_evaluate(step, which, ev, model)
+    return ev
+
+
+def _evaluate_at_start(r: _Loop) -> None:
+    ev = _evaluation(r, "teacher", 0)
+    r.state["teacher_accuracy"] = ev["accuracy"]
+    r.logger.log(0, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval_teacher")
+    ev = _evaluation(r, "student", 0)
+    r.state["student_before"] = ev["accuracy"]
+    r.state["history"]["eval"].append((0, ev["accuracy"]))
+    r.logger.log(0, {"accuracy": ev["accuracy"], "samples": ev["samples"]}, kind="eval")
+    r.logger.write(f"[eval] teacher accuracy {r.state['teacher_accuracy']:.3f} | student before "
+                   f"{r.state['student_before']:.3f} (n={ev['n']})")
+
+
+def _record_step(r: _Loop, done: int, metrics: dict) -> None:
+    """History and logs of one step; a non-finite step counts towards the streak that stops the run."""
+    r.state["history"]["train"].append((done, metrics["loss"]))
+    limit = r.cfg.optim.max_nonfinite_steps
+    if metrics.get("skipped"):
+        r.streak += 1
+        r.logger.log(done, metrics)
+        r.logger.write(f"[nonfinite] step {done}: {metrics['nonfinite']}: the optimizer step was skipped ({r.streak} "
+                       f"in a row; the run stops at optim.max_nonfinite_steps={limit})")
+        if r.streak >= limit:
+            raise NonFiniteError(
+                f"{r.streak} steps in a row with non-finite values (last: step {done}, {metrics['nonfinite']}); the "
+                f"run stops. Those steps did not change the weights; the last good checkpoint is "
+                f"{r.last_ckpt or 'none (none was saved)'}. Lower optim.lr, or use precision=bf16-mixed / fp32")
+        return
+    r.streak = 0
+    if r.pure_sample is not None:  # the measured counterpart of report_precision's estimate
+        frac = changed_fraction(r.models.student, r.pure_sample)
+        r.say(f"[precision] after the first step, {frac:.1%} of the sampled student weights changed"
+              + ("" if frac >= 0.5 else f"; warning: {student_precision(r.cfg)} rounds most updates away at "
+                 f"optim.lr={r.cfg.optim.lr:g}: use precision=bf16-mixed"))
+        r.pure_sample = None
+    if done % r.cfg.logging.every == 0 or done == r.cfg.optim.steps:
+        r.logger.log(done, metrics)
+    r.logger.progress(metrics)
+
+
+def _checkpoint_or_stop(r: _Loop, done: int) -> bool:
+    """A periodic, timed or signalled checkpoint after step ``done``; raises ``Interrupted`` on a signal
+    (True: a signal at the last step, which ends normally)."""
+    c = r.cfg.checkpoint
+    periodic = bool(c.every and done % c.every == 0)
+    timed = bool(c.every_minutes and time.time() - r.last_save >= 60 * c.every_minutes)
+    stop = r.signals.signum
+    if r.ctx.distributed:  # every rank takes the same decision (rank 0's clock, anyone's signal)
+        flags = parallel.all_reduce_sum(torch.tensor(
+            [float(timed and r.ctx.is_main), float(stop or 0), float(stop is not None)], dtype=torch.float64,
+            device=r.ctx.device)).tolist()
+        timed = flags[0] > 0
+        stop = stop or (int(flags[1] / flags[2]) if flags[2] else None)
+    if r.streak and not stop:  # in a non-finite streak: no periodic checkpoint rotates a good one out
+        periodic = timed = False
+    if done != r.cfg.optim.steps and (periodic or timed or stop):
+        r.last_ckpt = checkpoint.save_training_checkpoint(r.cfg, r.models, r.opt, r.sched, done, r.state,
+                                                          export=bool(stop))
+        r.last_save = time.time()
+        if timed and not periodic:
+            r.logger.write(f"[checkpoint] step {done}: {r.last_ckpt} ({c.every_minutes:g} minutes since the last)")
+    if stop:
+        if done == r.cfg.optim.steps:  # the last step: the regular end follows (it saves)
+            r.say(f"[signal] {signal.Signals(stop).name} at the last step: finishing normally")
+            return True
+        raise Interrupted(stop, r.last_ckpt, done)
+    return False
+
+
+def _finish(r: _Loop, train_time: float) -> dict:
+    """The final evaluation and checkpoint, the plot, the summary (summary.json and the [done] line)."""
+    final = _evaluation(r, "student", r.cfg.optim.steps)
+    end_step = r.cfg.optim.steps
+    history = r.state["history"]
+    if not history["eval"] or history["eval"][-1][0] != end_step:
+        history["eval"].append((end_step, final["accuracy"]))
+    r.logger.log(end_step, {k: v for k, v in final.items() if k != "n"}, kind="eval")
+    if r.ckpt is not None and r.start == end_step:
+        ckpt_path = r.ckpt  # nothing trained since this checkpoint
     else:
-        ckpt_path = checkpoint.save_training_checkpoint(cfg, models, opt, sched, end_step, state)
-    if cfg.logging.plot and ctx.is_main:
-        plot_curves(state["history"], out_dir / "curves.png", state["teacher_accuracy"])
-    summary = {"teacher_accuracy": state["teacher_accuracy"], "student_before": state["student_before"],
-               "student_after": final["accuracy"], "steps": end_step, "strategy": cfg.loss.strategy,
-               "keep_ratio": cfg.loss.keep_ratio, "prepare_s": t_prep, "train_s": train_time,
-               "total_s": time.time() - t_start, "checkpoint": str(ckpt_path)}
+        ckpt_path = checkpoint.save_training_checkpoint(r.cfg, r.models, r.opt, r.sched, end_step, r.state)
+    if r.cfg.logging.plot and r.ctx.is_main:
+        plot_curves(history, r.out_dir / "curves.png", r.state["teacher_accuracy"])
+    summary = {"teacher_accuracy": r.state["teacher_accuracy"], "student_before": r.state["student_before"],
+               "student_after": final["accuracy"], "steps": end_step, "strategy": r.cfg.loss.strategy,
+               "keep_ratio": r.cfg.loss.keep_ratio, "prepare_s": r.t_prep, "train_s": train_time,
+               "total_s": time.time() - r.t_start, "checkpoint": str(ckpt_path)}
     t, b, a = summary["teacher_accuracy"], summary["student_before"], summary["student_after"]
     if t is not None and b is not None and t > b:
         summary["gap_closed"] = (a - b) / (t - b)
-    logger.log(end_step, summary, kind="summary")
-    if ctx.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    r.logger.log(end_step, summary, kind="summary")
+    if r.ctx.is_main:
+        (r.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     gap = f" | gap closed {summary['gap_closed'] * 100:.0f}%" if "gap_closed" in summary else ""
     measured = [f"{name} {v:.3f}" for name, v in (("teacher", t), ("student before", b)) if v is not None]
-    say(f"[done] {' | '.join(measured + [f'student after {a:.3f}'])}{gap} | {summary['total_s']:.0f}s total "
-        f"({t_prep:.0f}s preparation)")  # an accuracy not measured (eval.at_start=false) is left out, not 'None'
+    r.say(f"[done] {' | '.join(measured + [f'student after {a:.3f}'])}{gap} | {summary['total_s']:.0f}s total "
+          f"({r.t_prep:.0f}s preparation)")  # an accuracy not measured (eval.at_start=false) is left out, not 'None'
     return summary
 
 
@@ -741,8 +859,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":  # python train/run.py: the installed package's module runs (one copy of it)
-    from taopd_train.run import main as _main
-
-    sys.exit(_main())

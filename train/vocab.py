@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
 
-from taopd_train import checkpoint, head
-from taopd_train.config import Config, ConfigError
-from taopd_train.models import declared_vocab_size
+from . import checkpoint, head
+from .config import Config, ConfigError
+from .models import declared_vocab_size
 
 if TYPE_CHECKING:
-    from taopd_train.run import Models
+    from .run import Models
 
 
 def check_vocab_config(cfg: Config, tokenizer) -> None:
@@ -112,7 +112,7 @@ def teacher_tokenizer(cfg: Config):
     m = cfg.teacher
     if m.path == "builtin" or (m.random_init and not Path(m.path).expanduser().is_dir()):
         return None
-    from taopd_train.models import _local_or_raise
+    from .models import _local_or_raise
 
     path = Path(_local_or_raise(m.path, "teacher"))
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",

@@ -1,11 +1,11 @@
-#!/usr/bin/env python
 """Strategies x seeds on the same prepared models, the same prompt stream and the same number of steps.
 
     python train/compare.py                                        # all 7 strategies x 3 seeds, built-in default
     python train/compare.py --strategies all,teachability --seeds 0,1 --steps 50 --out runs/cmp optim.lr=1e-4
     python train/compare.py --out runs/cmp                         # again: finished runs are kept, the rest run
 
-Every run is ``train/run.py``'s ``train`` with ``loss.strategy`` and ``seed`` set (keep_ratio 0.05 for
+Every run is the driver's ``run.train`` with ``loss.strategy`` and ``seed`` set, watched through the
+loop's callbacks (``RunRecord``, a ``hooks.Hooks``) (keep_ratio 0.05 for
 the selectors unless overridden; ``all`` keeps every position). The run seed drives the prompt
 stream, the rollouts and the ``random`` selector; the built-in models are prepared once, with
 ``sft.seed`` pinned to the config's seed, so every run starts from the same theta_0 against the same
@@ -21,11 +21,9 @@ and held-out KL against step, mean and min-max over seeds). Per-run driver outpu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -33,11 +31,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from taopd_kernels import STRATEGIES, teachability_stats
+from taopd_kernels import STRATEGIES
 
-from taopd_train import head
-from taopd_train import run as driver
-from taopd_train.config import _flatten, _matches, cli_exit_code, Config, ConfigError, load_config, to_dict
+from .. import run as driver
+from ..config import _flatten, _matches, cli_exit_code, Config, ConfigError, load_config, to_dict
+from ..hooks import Hooks
+from .bank import KLBank
 
 DEFAULT_STRATEGIES = ("all", "teachability", "random", "entropy", "divergence", "tip", "incompatible")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -46,117 +45,43 @@ DEFAULT_SEEDS = (0, 1, 2)
 NOT_RUN_DEFINING = ("logging.", "checkpoint.", "sft.cache_dir")
 
 
-# ================================================================== held-out KL on a fixed bank
+# ================================================================== what one driver run shows
 
 
-class KLBank:
-    """Contexts sampled once by theta_0 (frozen), with the teacher's hidden states at their response positions."""
+class RunRecord(Hooks):
+    """The loop's callbacks for one run: per-step kept fraction, the loss head's time (the driver's
+    ``loss_head_s``), and at every student evaluation the held-out KLs on the bank ([step, accuracy,
+    KL_rev, KL_fwd] in ``curve``). Teacher and theta_0 evaluations are the same for every run (greedy
+    decoding, same models): they are computed once and kept in ``cache``, shared across runs."""
 
-    def __init__(self, cfg: Config, models, n: int, seed: int):
-        from taopd_train.diagnose import build_bank, hidden_rows
+    def __init__(self, kl_bank: Optional[KLBank], cache: dict):
+        self.kl_bank, self.cache = kl_bank, cache
+        self.kept: List[float] = []
+        self.curve: List[list] = []
+        self.head_s = 0.0
 
-        self.cfg, self.chunk = cfg, cfg.rollout.micro_batch_size
-        self.bank = build_bank(cfg, models, n, seed)
-        self.vocab = driver.vocab_limit(cfg, models)
-        self.h_t = hidden_rows(models.teacher, self.bank, self.chunk)
-        self.w_t = head.lm_head_weight(models.teacher).detach().clone()
-        self.n_positions = int(self.h_t.shape[0])
+    def on_step_end(self, step: int, metrics: dict) -> None:
+        self.kept.append(metrics["kept_fraction"])
+        self.head_s += metrics["loss_head_s"]
 
-    @torch.no_grad()
-    def kl(self, student) -> tuple:
-        """(mean reverse KL, mean forward KL) of ``student`` against the teacher over the bank's positions."""
-        from taopd_train.diagnose import hidden_rows
+    def _key(self, step: int, which: str) -> Optional[str]:
+        return "teacher" if which == "teacher" else ("theta_0" if step == 0 and not self.curve else None)
 
-        was = student.training
-        student.eval()
-        h_s = hidden_rows(student, self.bank, self.chunk)
-        st = teachability_stats(h_s, head.lm_head_weight(student).detach(), self.h_t, self.w_t, strategy=None,
-                                top_k=self.cfg.loss.top_k, temperature=self.cfg.loss.temperature,
-                                vocab_size=self.vocab, backend=self.cfg.loss.backend, check_finite=False)
-        student.train(was)
-        return float(st.kl_reverse.double().mean()), float(st.kl_forward.double().mean())
+    def reuse_evaluation(self, step: int, which: str) -> Optional[dict]:
+        return self.cache.get(self._key(step, which))
 
-
-# ================================================================== instrumentation of one driver run
-
-
-class _Mark(torch.autograd.Function):
-    """Identity that stamps the time when its backward runs (brackets the loss head's backward)."""
-
-    @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.box.append(time.perf_counter())
-        return g, None
-
-
-@contextlib.contextmanager
-def instrument(kl_bank: Optional[KLBank], cache: dict):
-    """Wraps the driver's phases for one run (restored afterwards): the step counter, per-step kept
-    fraction, the loss head's time (statistics + loss forward + loss backward, from the kernels' calls),
-    and at every student evaluation the held-out KLs. Teacher and theta_0 evaluations are the same for
-    every run (greedy decoding, same models) and are computed once (``cache``)."""
-    rec = {"step": 0, "kept": [], "curve": [], "head_s": 0.0}
-    orig = {name: getattr(driver, name) for name in ("train_step", "evaluate", "teachability_stats",
-                                                      "fused_teachability_kl")}
-
-    def train_step(cfg, models, opt, sched, step, engine=None):
-        m = orig["train_step"](cfg, models, opt, sched, step, engine)
-        rec["step"] = step + 1
-        rec["kept"].append(m["kept_fraction"])
-        return m
-
-    def evaluate(cfg, model, models, limit=None):
-        key = "teacher" if model is models.teacher else ("theta_0" if rec["step"] == 0 and not rec["curve"] else None)
-        if key is not None and key in cache:
-            ev = cache[key]
+    def on_evaluate(self, step: int, which: str, result: dict, model) -> None:
+        key = self._key(step, which)
+        if which == "teacher":
+            self.cache[key] = result
+            return
+        if key == "theta_0" and "theta_0_kl" in self.cache:
+            kl = self.cache["theta_0_kl"]
         else:
-            ev = orig["evaluate"](cfg, model, models, limit)
-            if key == "teacher":
-                cache[key] = ev
-        if model is not models.teacher:
-            if key == "theta_0" and "theta_0_kl" in cache:
-                kl = cache["theta_0_kl"]
-            else:
-                kl = kl_bank.kl(model) if kl_bank is not None else (float("nan"), float("nan"))
-            if key == "theta_0":
-                cache.update(theta_0=ev, theta_0_kl=kl)
-            rec["curve"].append([rec["step"], ev["accuracy"], kl[0], kl[1]])
-        return ev
-
-    def stats(*a, **k):
-        t = time.perf_counter()
-        out = orig["teachability_stats"](*a, **k)
-        rec["head_s"] += time.perf_counter() - t
-        return out
-
-    def fused(h_s, *a, **k):
-        end, start = [], []
-        if h_s.requires_grad:
-            h_s = _Mark.apply(h_s, end)
-        t = time.perf_counter()
-        loss, st = orig["fused_teachability_kl"](h_s, *a, **k)
-        rec["head_s"] += time.perf_counter() - t
-        if loss.requires_grad:
-            loss = _Mark.apply(loss, start)
-            rec.setdefault("pending", []).append((start, end))
-        return loss, st
-
-    for name, fn in (("train_step", train_step), ("evaluate", evaluate), ("teachability_stats", stats),
-                     ("fused_teachability_kl", fused)):
-        setattr(driver, name, fn)
-    try:
-        yield rec
-    finally:
-        for name, fn in orig.items():
-            setattr(driver, name, fn)
-        for start, end in rec.pop("pending", []):  # backward brackets: loss head's backward only
-            if start and end:
-                rec["head_s"] += end[0] - start[0]
+            kl = self.kl_bank.kl(model) if self.kl_bank is not None else (float("nan"), float("nan"))
+        if key == "theta_0":
+            self.cache.update(theta_0=result, theta_0_kl=kl)
+        self.curve.append([step, result["accuracy"], kl[0], kl[1]])
 
 
 # ================================================================== the comparison
@@ -199,30 +124,14 @@ def compare(cfg: Config, strategies: Sequence[str] = DEFAULT_STRATEGIES, seeds: 
     settings = {"driver": to_dict(cfg), "strategies": list(strategies), "seeds": list(seeds),
                 "steps": cfg.optim.steps, "keep_ratio": cfg.loss.keep_ratio, "kl_contexts": kl_contexts}
     path = out / "compare.json"
-    runs: List[dict] = []
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = settings_changes(old["config"], settings)
-        if changed:
-            raise ConfigError(f"{path} holds a comparison with other settings ({'; '.join(changed)}): use another "
-                              "--out, or delete it")
-        runs = [r for r in old["runs"]]
+    runs = _finished_runs(path, settings)
     done = {(r["strategy"], r["seed"]) for r in runs}
     todo = [(st, sd) for sd in seeds for st in strategies if (st, sd) not in done]
     if runs:
         log(f"[compare] resuming: {len(runs)} finished runs kept, {len(todo)} to run")
     result = {"config": settings, "runs": runs}
     if todo:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        t0 = time.time()
-        device = driver.pick_device(cfg)
-        torch.manual_seed(cfg.seed)
-        models = driver.build_models(run_config(cfg, strategies[0], cfg.seed, out), device, log=log)
-        kl_bank = KLBank(cfg, models, kl_contexts, seed=driver.step_seed(cfg.seed, 10 ** 6, 13))
-        result["kl_bank"] = {"contexts": kl_contexts, "positions": kl_bank.n_positions}
-        del models
-        log(f"[compare] KL bank: {kl_contexts} contexts, {kl_bank.n_positions} positions ({time.time() - t0:.0f}s)")
+        kl_bank = _kl_bank(cfg, strategies[0], out, kl_contexts, result, log)
         caches: dict = {}  # teacher / theta_0 evaluations, per held-out set
         bar = None
         if progress:
@@ -231,26 +140,9 @@ def compare(cfg: Config, strategies: Sequence[str] = DEFAULT_STRATEGIES, seeds: 
             bar = tqdm(total=len(seeds) * len(strategies), initial=len(done), desc="compare", unit="run",
                        dynamic_ncols=True)
         for strategy, seed in todo:
-            rcfg = run_config(cfg, strategy, seed, out)
-            shutil.rmtree(rcfg.logging.out_dir, ignore_errors=True)  # an unfinished run starts over
-            t = time.time()
             # long_arithmetic's held-out set is the same for every run seed; other tasks' splits follow the seed
             cache = caches.setdefault("any" if cfg.data.source == "long_arithmetic" else seed, {})
-            with instrument(kl_bank, cache) as rec:
-                summary = driver.train(rcfg, log=lambda m: None)
-            curve = rec["curve"]
-            entry = {
-                "strategy": strategy, "seed": seed,
-                "keep_ratio": 1.0 if strategy == "all" else cfg.loss.keep_ratio,
-                "kept_fraction": float(np.mean(rec["kept"])) if rec["kept"] else float("nan"),
-                "final_accuracy": summary["student_after"],
-                "accuracy_curve": [[s, a] for s, a, _, _ in curve],
-                "heldout_kl_reverse": curve[-1][2], "heldout_kl_forward": curve[-1][3],
-                "kl_curve": [[s, r, f] for s, _, r, f in curve],
-                "teacher_accuracy": summary["teacher_accuracy"], "student_before": summary["student_before"],
-                "gap_closed": summary.get("gap_closed"), "steps": summary["steps"],
-                "loss_head_s": rec["head_s"], "total_s": time.time() - t,
-            }
+            entry = one_run(cfg, strategy, seed, out, kl_bank, cache)
             runs.append(entry)
             path.write_text(json.dumps(result, indent=1))
             if bar is not None:
@@ -265,6 +157,55 @@ def compare(cfg: Config, strategies: Sequence[str] = DEFAULT_STRATEGIES, seeds: 
     (out / "compare.md").write_text(markdown_table(result))
     plot_compare(result, out / "compare.png")
     return result
+
+
+def _finished_runs(path: Path, settings: dict) -> List[dict]:
+    """The runs of an earlier comparison in the same folder (refused if its settings differ)."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    changed = settings_changes(old["config"], settings)
+    if changed:
+        raise ConfigError(f"{path} holds a comparison with other settings ({'; '.join(changed)}): use another "
+                          "--out, or delete it")
+    return [r for r in old["runs"]]
+
+
+def _kl_bank(cfg: Config, strategy: str, out: Path, kl_contexts: int, result: dict, log) -> KLBank:
+    """The held-out KL bank, sampled by theta_0 (models built once for it, then dropped)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    device = driver.pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    models = driver.build_models(run_config(cfg, strategy, cfg.seed, out), device, log=log)
+    kl_bank = KLBank(cfg, models, kl_contexts, seed=driver.step_seed(cfg.seed, 10 ** 6, 13))
+    result["kl_bank"] = {"contexts": kl_contexts, "positions": kl_bank.n_positions}
+    del models
+    log(f"[compare] KL bank: {kl_contexts} contexts, {kl_bank.n_positions} positions ({time.time() - t0:.0f}s)")
+    return kl_bank
+
+
+def one_run(cfg: Config, strategy: str, seed: int, out: Path, kl_bank: KLBank, cache: dict) -> dict:
+    """One driver run of the comparison (started over if an earlier one did not finish): its entry."""
+    rcfg = run_config(cfg, strategy, seed, out)
+    shutil.rmtree(rcfg.logging.out_dir, ignore_errors=True)
+    t = time.time()
+    rec = RunRecord(kl_bank, cache)
+    summary = driver.train(rcfg, log=lambda m: None, hooks=rec)
+    curve = rec.curve
+    return {
+        "strategy": strategy, "seed": seed,
+        "keep_ratio": 1.0 if strategy == "all" else cfg.loss.keep_ratio,
+        "kept_fraction": float(np.mean(rec.kept)) if rec.kept else float("nan"),
+        "final_accuracy": summary["student_after"],
+        "accuracy_curve": [[s, a] for s, a, _, _ in curve],
+        "heldout_kl_reverse": curve[-1][2], "heldout_kl_forward": curve[-1][3],
+        "kl_curve": [[s, r, f] for s, _, r, f in curve],
+        "teacher_accuracy": summary["teacher_accuracy"], "student_before": summary["student_before"],
+        "gap_closed": summary.get("gap_closed"), "steps": summary["steps"],
+        "loss_head_s": rec.head_s, "total_s": time.time() - t,
+    }
 
 
 # ================================================================== reports
@@ -376,8 +317,3 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     return cli_exit_code(body)
 
-
-if __name__ == "__main__":
-    from taopd_train.compare import main as _main
-
-    sys.exit(_main())

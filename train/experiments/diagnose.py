@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The fixed-context diagnostic (docs/math.md, The fixed-context diagnostic).
 
     python train/diagnose.py                                  # the built-in default pair, plain OPD from theta_0
@@ -38,8 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -49,8 +46,9 @@ import torch
 
 from taopd_kernels import batch_normalize, teachability_stats
 
-from taopd_train import head
-from taopd_train.config import cli_exit_code, Config, ConfigError, load_config
+from .. import head, run
+from ..config import DTYPES, cli_exit_code, Config, ConfigError, load_config
+from .bank import Bank, build_bank, hidden_rows
 
 SPLIT = ["H_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
 BASELINE = ["H_norm", "D_norm", "HxD", "pos_norm", "Ht_norm"]
@@ -221,46 +219,7 @@ def analyze(table: Dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> 
     return out
 
 
-# ================================================================== the bank and the scores (torch)
-
-
-@dataclasses.dataclass
-class Bank:
-    """Frozen contexts: prompt + theta_0's sampled response, with the positions that predict response tokens."""
-
-    input_ids: torch.Tensor  # [N, T]
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    valid: torch.Tensor  # [N, T-1]
-    prompts: List[str]
-
-
-@torch.no_grad()
-def build_bank(cfg: Config, models, n: int, seed: int) -> Bank:
-    from taopd_train import run
-    from taopd_train.rollout import generate
-
-    rng = random.Random(seed)
-    examples = [models.task.train_example(rng) for _ in range(n)]
-    prompts = run.encode_prompts(cfg, models.tokenizer, examples)
-    device = next(models.student.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ro = generate(models.student, prompts, max_new_tokens=cfg.rollout.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
-                  pad_id=models.tokenizer.pad_id, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                  generator=gen, vocab_limit=run.vocab_limit(cfg, models))
-    valid, _ = head.loss_positions(ro.input_ids, ro.response_mask)
-    return Bank(ro.input_ids, ro.attention_mask, ro.position_ids(), valid, [e.prompt for e in examples])
-
-
-@torch.no_grad()
-def hidden_rows(model, bank: Bank, chunk: int) -> torch.Tensor:
-    """Final hidden states at the bank's valid positions, [P, D], in flat (row-major) order."""
-    out = []
-    for s in range(0, bank.input_ids.shape[0], chunk):
-        h = head.final_hidden(model, bank.input_ids[s:s + chunk], bank.attention_mask[s:s + chunk],
-                              bank.position_ids[s:s + chunk])[:, :-1]
-        out.append(h[bank.valid[s:s + chunk]].float())
-    return torch.cat(out)
+# ================================================================== the scores (torch)
 
 
 @torch.no_grad()
@@ -296,8 +255,6 @@ def load_student(path: str, cfg: Config, device):
     """A student from a HF directory, a driver step folder (with student/) or a checkpoint root (with latest)."""
     from transformers import AutoModelForCausalLM
 
-    from taopd_train.config import DTYPES
-
     p = Path(path).expanduser()
     if (p / "latest").is_file():
         p = p / (p / "latest").read_text().strip()
@@ -313,8 +270,6 @@ def load_student(path: str, cfg: Config, device):
 
 def train_theta_tau(cfg: Config, steps: int, out: Path, log=print):
     """Plain full-token OPD (loss.strategy=all) for ``steps`` steps from theta_0 with the driver."""
-    from taopd_train import run
-
     tcfg = dataclasses.replace(
         cfg, loss=dataclasses.replace(cfg.loss, strategy="all"), optim=dataclasses.replace(cfg.optim, steps=steps),
         eval=dataclasses.replace(cfg.eval, every=0, at_start=False),
@@ -327,8 +282,6 @@ def train_theta_tau(cfg: Config, steps: int, out: Path, log=print):
 def diagnose(cfg: Config, *, contexts: int = 256, checkpoint: Optional[str] = None, train_steps: int = 40,
              top_k: Sequence[int] = (8, 16, 32), n_boot: int = 1000, out: Path = Path("runs/diagnostic"),
              log: Callable[[str], None] = print) -> dict:
-    from taopd_train import run
-
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -346,15 +299,7 @@ def diagnose(cfg: Config, *, contexts: int = 256, checkpoint: Optional[str] = No
     w_t, w_0 = head.lm_head_weight(models.teacher).detach(), head.lm_head_weight(models.student).detach().clone()
     log(f"[diagnose] bank: {contexts} contexts, {h_t.shape[0]} response positions ({time.time() - t0:.0f}s)")
 
-    trained = {}
-    if checkpoint:
-        student_tau, where = load_student(checkpoint, cfg, device)
-        trained = {"checkpoint": where}
-    else:
-        summary = train_theta_tau(cfg, train_steps, out, log=log)
-        student_tau, where = load_student(summary["checkpoint"], cfg, device)
-        trained = {"train_steps": train_steps, "strategy": "all", "checkpoint": where,
-                   "student_after_accuracy": summary.get("student_after"), "train_s": summary.get("train_s")}
+    student_tau, trained = theta_tau(cfg, checkpoint, train_steps, out, device, log)
     h_tau = hidden_rows(student_tau, bank, chunk)
     w_tau = head.lm_head_weight(student_tau).detach()
     t_ref = time.time()
@@ -362,44 +307,70 @@ def diagnose(cfg: Config, *, contexts: int = 256, checkpoint: Optional[str] = No
     log(f"[diagnose] full-vocabulary KL_fwd before {float(kl_before.mean()):.4f} after {float(kl_after.mean()):.4f} "
         f"({time.time() - t_ref:.0f}s)")
 
-    rows, pos, pos_norm = position_features(bank)
-    allvalid = torch.ones(h_t.shape[0], dtype=torch.bool)
-    gain = (kl_before - kl_after)
-    before = kl_before
-    gain_rel = torch.where(before > 1e-6, gain / before.clamp_min(1e-12), torch.full_like(gain, float("nan")))
-    base = {"prompt_id": rows.numpy(), "position": pos.numpy(), "gain": gain.numpy(), "gain_rel": gain_rel.numpy(),
-            "kl_fwd_before": kl_before.numpy(), "kl_fwd_after": kl_after.numpy(), "pos_norm": pos_norm.numpy(),
-            "Ht_norm": batch_normalize(ent_t.float(), allvalid).double().numpy(), "Ht": ent_t.numpy()}
+    base = position_table(bank, kl_before, kl_after, ent_t)
     result = {"config": {"contexts": contexts, "top_k": list(top_k), "bootstrap": n_boot, "seed": cfg.seed,
                          "temperature": tau, "vocab_size": vocab, "data_source": cfg.data.source,
                          "student": cfg.student.path, "teacher": cfg.teacher.path, **trained},
               "n_contexts": contexts, "n_positions": int(h_t.shape[0]),
               "kl_fwd_before_mean": float(kl_before.mean()), "kl_fwd_after_mean": float(kl_after.mean()),
-              "gain_mean": float(gain.mean()), "by_k": {}}
+              "gain_mean": float((kl_before - kl_after).mean()), "by_k": {}}
     csv_k = 16 if 16 in top_k else top_k[0]
     for k in top_k:
         st = teachability_stats(h_0, w_0, h_t, w_t, top_k=k, strategy=None, temperature=tau, vocab_size=vocab,
                                 backend=cfg.loss.backend, check_finite=False)
-        H, D, C = st.entropy_student, st.disagreement, st.teacher_mass
-        Hn, Dn, Cn = (batch_normalize(x, allvalid).double() for x in (H, D, C))
-        table = dict(base, H=H.double().numpy(), D=D.double().numpy(), C=C.double().numpy(), H_norm=Hn.numpy(),
-                     D_norm=Dn.numpy(), C_norm=Cn.numpy(), D_learn=(Dn * Cn).numpy(), D_incompat=(Dn * (1 - Cn)).numpy())
+        table = score_table(base, st)
         kres = analyze(table, n_boot=n_boot, seed=cfg.seed + k)
         kres["kernel_vs_reference_kl_fwd_max_abs"] = float((st.kl_forward.double() - kl_before).abs().max())
         result["by_k"][str(k)] = kres
         if k == csv_k:
             _write_csv(out / "tokens.csv", table)
             csv_table = table
-        c = kres["coefficients"]
-        log(f"[diagnose] K={k}: beta D_learn {c['D_learn']['beta']:+.3f} {_ci(c['D_learn']['ci'])} | D_incompat "
-            f"{c['D_incompat']['beta']:+.3f} {_ci(c['D_incompat']['ci'])} | Q3 gap {kres['q3_gap']['gap']:+.4f} "
-            f"{_ci(kres['q3_gap']['ci'])} | matched {kres['matched_gap']['gap']:+.4f}")
+        _log_k(log, k, kres)
     result["total_s"] = time.time() - t0
     (out / "diagnostic.json").write_text(json.dumps(result, indent=1))
     plot_diagnostic(result, csv_table, out / "diagnostic.png", csv_k)
     log(f"[diagnose] wrote {out / 'diagnostic.json'}, {out / 'tokens.csv'}, {out / 'diagnostic.png'} "
         f"({result['total_s']:.0f}s)")
     return result
+
+
+def theta_tau(cfg: Config, checkpoint: Optional[str], train_steps: int, out: Path, device, log):
+    """(theta_tau, what it is): the student of ``checkpoint``, or trained from theta_0 (``train_theta_tau``)."""
+    if checkpoint:
+        student_tau, where = load_student(checkpoint, cfg, device)
+        return student_tau, {"checkpoint": where}
+    summary = train_theta_tau(cfg, train_steps, out, log=log)
+    student_tau, where = load_student(summary["checkpoint"], cfg, device)
+    return student_tau, {"train_steps": train_steps, "strategy": "all", "checkpoint": where,
+                         "student_after_accuracy": summary.get("student_after"), "train_s": summary.get("train_s")}
+
+
+def position_table(bank: Bank, kl_before: torch.Tensor, kl_after: torch.Tensor, ent_t: torch.Tensor) -> dict:
+    """The columns that do not depend on K, one row per bank position: the gain and its parts, the
+    position in the response, the teacher's entropy."""
+    rows, pos, pos_norm = position_features(bank)
+    allvalid = torch.ones(kl_before.shape[0], dtype=torch.bool)
+    gain = kl_before - kl_after
+    gain_rel = torch.where(kl_before > 1e-6, gain / kl_before.clamp_min(1e-12), torch.full_like(gain, float("nan")))
+    return {"prompt_id": rows.numpy(), "position": pos.numpy(), "gain": gain.numpy(), "gain_rel": gain_rel.numpy(),
+            "kl_fwd_before": kl_before.numpy(), "kl_fwd_after": kl_after.numpy(), "pos_norm": pos_norm.numpy(),
+            "Ht_norm": batch_normalize(ent_t.float(), allvalid).double().numpy(), "Ht": ent_t.numpy()}
+
+
+def score_table(base: dict, st) -> dict:
+    """``base`` with theta_0's statistics for one K (``st``) and their batch normalisations."""
+    allvalid = torch.ones(st.entropy_student.shape[0], dtype=torch.bool)
+    H, D, C = st.entropy_student, st.disagreement, st.teacher_mass
+    Hn, Dn, Cn = (batch_normalize(x, allvalid).double() for x in (H, D, C))
+    return dict(base, H=H.double().numpy(), D=D.double().numpy(), C=C.double().numpy(), H_norm=Hn.numpy(),
+                D_norm=Dn.numpy(), C_norm=Cn.numpy(), D_learn=(Dn * Cn).numpy(), D_incompat=(Dn * (1 - Cn)).numpy())
+
+
+def _log_k(log, k: int, kres: dict) -> None:
+    c = kres["coefficients"]
+    log(f"[diagnose] K={k}: beta D_learn {c['D_learn']['beta']:+.3f} {_ci(c['D_learn']['ci'])} | D_incompat "
+        f"{c['D_incompat']['beta']:+.3f} {_ci(c['D_incompat']['ci'])} | Q3 gap {kres['q3_gap']['gap']:+.4f} "
+        f"{_ci(kres['q3_gap']['ci'])} | matched {kres['matched_gap']['gap']:+.4f}")
 
 
 def _ci(ci) -> str:
@@ -472,8 +443,3 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     return cli_exit_code(body)
 
-
-if __name__ == "__main__":
-    from taopd_train.diagnose import main as _main
-
-    sys.exit(_main())
