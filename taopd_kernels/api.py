@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from . import backends, estimators
 from .options import (
     DEFAULTS,
     DeferredChecks,
@@ -271,14 +271,6 @@ def _check_reused_lse(recomputed: Optional[torch.Tensor], given: torch.Tensor) -
                          f"log-sum-exps differ by up to {worst:.3g}); recompute them for these inputs")
 
 
-def _per_row_loss(stats: TeachabilityStats, estimator: str) -> torch.Tensor:
-    """The loss of each position before the mask and the normaliser (docs/math.md, Loss and gradients)."""
-    if estimator == "full":
-        return stats.kl_reverse.reshape(-1)
-    lp_s = stats.logp_student_sampled.reshape(-1)
-    return (lp_s - stats.logp_teacher_sampled.reshape(-1)) * lp_s  # -A * logp_s(y)
-
-
 def _normalizer(normalizer, checks: DeferredChecks):
     """None (the kept count), a Python number > 0, or a device scalar (checked with the call's sync)."""
     if normalizer is None:
@@ -391,7 +383,7 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
         return None, stats
 
     weight = _row_weight(row_weight, pos, checks)
-    per_row = _per_row_loss(stats, opts.estimator)
+    per_row = estimators.per_position_loss(stats, opts.estimator).reshape(-1)
     if weight is not None:
         per_row = torch.where(weight != 0, per_row * weight, 0.0)  # a weight of 0 drops even an infinite row
     checks.add((kept & ~torch.isfinite(per_row)).any(), lambda: ValueError(
@@ -405,7 +397,7 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
         torch.zeros((), dtype=torch.float64, device=device)
     sampled_weight = None
     if opts.estimator == "sampled":
-        sampled_weight = (stats.logp_student_sampled - stats.logp_teacher_sampled).reshape(-1)
+        sampled_weight = estimators.sampled_weight(stats.logp_student_sampled, stats.logp_teacher_sampled).reshape(-1)
     plan = _BackwardPlan(head=head, backend=impl, kept_idx=kept_idx, normalizer=norm, estimator=opts.estimator,
                          opts=opts, lse_s=stats.lse_student.reshape(-1), expected_gap=stats.expected_gap.reshape(-1),
                          sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight,

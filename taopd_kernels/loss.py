@@ -36,6 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .api import fused_teachability_kl, select_positions, teachability_stats
+from .estimators import per_position_loss
 from .options import DEFAULTS, default_vocab_size
 from .stats import TeachabilityStats
 
@@ -95,14 +96,6 @@ def _normalizer_from(num_items_in_batch) -> float:
 
 
 # ------------------------------------------------------------------------- reduction="none"
-
-
-def _per_row_value(stats: TeachabilityStats, estimator: str) -> torch.Tensor:
-    """The per-position loss l_t of docs/math.md, Loss and gradients (NaN where not valid)."""
-    if estimator == "full":
-        return stats.kl_reverse
-    lp_s = stats.logp_student_sampled
-    return (lp_s - stats.logp_teacher_sampled) * lp_s
 
 
 class _PerRowLoss(torch.autograd.Function):
@@ -209,7 +202,7 @@ def teachability_kl_loss(
                                          keep_mask=keep_mask, normalizer=1.0, stats=stats,
                                          check_finite=check_finite, **common)
     kept = stats.kept.bool()
-    values = torch.where(kept, _per_row_value(stats, estimator), torch.zeros((), device=kept.device)).float()
+    values = torch.where(kept, per_position_loss(stats, estimator), torch.zeros((), device=kept.device)).float()
     frozen = stats
 
     def run_rows(leaves, weight):

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .estimators import sampled_token_loss
 from .options import DEFAULTS, default_vocab_size
 from .selection import default_sequence_ids, score_and_select
 from .stats import RowStats
@@ -127,7 +128,112 @@ def reference_teachability_kl(
         y = sampled_ids.reshape(-1, 1).long().clamp(0, vocab_size - 1)
         lp_s_y = logp_s.gather(1, y).squeeze(1)
         lp_t_y = torch.log_softmax(zt, -1).gather(1, y).squeeze(1)
-        advantage = -(lp_s_y - lp_t_y).detach()
-        per_row = torch.where(kept, -advantage * lp_s_y, torch.zeros_like(lp_s_y))
+        per_row = torch.where(kept, sampled_token_loss(lp_s_y, lp_t_y), torch.zeros_like(lp_s_y))
     loss = (per_row * m).sum() / denom
     return loss.float(), {"rows": rows, "score": score, "kept": kept, "valid": valid}
+
+
+# ---------------------------------------------------------------------------- sparse teacher signal
+# docs/math.md, Sparse teacher signal: a row-by-row float64 twin of ``taopd_kernels.sparse`` written with
+# plain Python sets and sorts, for the tests.
+
+import math  # noqa: E402  (this section's own import; the module's head is shared)
+
+_SPARSE_REST_SLACK_PER_TERM = 2.0 ** -23
+
+
+def _known_row(ids, logps, extra_ids=(), extra_logps=(), vocab_size=None):
+    """(known {id: logp}, p_min, rest) of one row: the returned top-k plus any scored ids."""
+    usable = lambda i: i >= 0 and (vocab_size is None or i < vocab_size)  # noqa: E731
+    known = {int(i): float(lp) for i, lp in zip(ids, logps) if usable(i)}
+    p_min = min((math.exp(lp) for lp in known.values()), default=math.inf)
+    for i, lp in zip(extra_ids, extra_logps):
+        if usable(i) and int(i) not in known:
+            known[int(i)] = float(lp)
+    mass = sum(math.exp(lp) for lp in known.values())
+    rest = min(1.0, max(0.0, 1.0 - mass) + len(known) * _SPARSE_REST_SLACK_PER_TERM)
+    return known, p_min, rest, mass
+
+
+def _ranked_row(known_returned: dict, k: int) -> list:
+    return [i for i, _ in sorted(known_returned.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def _filled_row(known: dict, p_min: float, rest: float, query: list) -> list:
+    """log p at each query id: known, or log min(p_min, rest / number of unknown query ids)."""
+    unknown = [i for i in query if i not in known]
+    fill = min(p_min, rest / max(len(unknown), 1))
+    return [known[i] if i in known else (math.log(fill) if fill > 0 else -math.inf) for i in query]
+
+
+def _union_kl_row(logp_t: list, logp_s: list) -> float:
+    lt, ls = torch.tensor(logp_t, dtype=torch.float64), torch.tensor(logp_s, dtype=torch.float64)
+    lt, ls = lt - torch.logsumexp(lt, 0), ls - torch.logsumexp(ls, 0)
+    return float(_plogq(lt.exp(), lt - ls).sum())
+
+
+def reference_sparse_stats(*, teacher_topk_ids, teacher_topk_logprobs, top_k: int, student_logits=None,
+                           student_topk_ids=None, student_topk_logprobs=None, teacher_scored_ids=None,
+                           teacher_scored_logprobs=None, sampled_ids=None, teacher_logprob_sampled=None,
+                           temperature: float = DEFAULTS.temperature, vocab_size: Optional[int] = None) -> dict:
+    """float64 statistics of docs/math.md, Sparse teacher signal, for inputs flattened to [N, ...]: a dict of
+    [N] tensors (teacher_mass, teacher_mass_upper, teacher_mass_exact, disagreement, entropy_student,
+    logp_student_sampled, kl_sampled) and lists of the top-K ids."""
+    t_ids, t_lp = teacher_topk_ids.reshape(-1, teacher_topk_ids.shape[-1]), teacher_topk_logprobs.double()
+    t_lp = t_lp.reshape(t_ids.shape).clamp(max=0.0)
+    n = t_ids.shape[0]
+    if student_logits is not None:
+        z = student_logits.reshape(n, -1).double()
+        vocab_size = z.shape[1] if vocab_size is None else vocab_size
+        logp_s = torch.log_softmax(z[:, :vocab_size] / temperature, 1)
+    out = {k: [] for k in ("teacher_mass", "teacher_mass_upper", "teacher_mass_exact", "disagreement",
+                           "entropy_student", "logp_student_sampled", "kl_sampled", "ids_s", "ids_t")}
+    for r in range(n):
+        extra = ((), ())
+        if teacher_scored_ids is not None:
+            extra = (teacher_scored_ids.reshape(n, -1)[r].tolist(),
+                     teacher_scored_logprobs.reshape(n, -1)[r].double().clamp(max=0.0).tolist())
+        t_known, t_pmin, t_rest, _ = _known_row(t_ids[r].tolist(), t_lp[r].tolist(), *extra, vocab_size=vocab_size)
+        returned, _, _, _ = _known_row(t_ids[r].tolist(), t_lp[r].tolist(), vocab_size=vocab_size)
+        ids_t = _ranked_row(returned, top_k)
+        if student_logits is not None:
+            order = torch.sort(-(z[r, :vocab_size] / temperature), stable=True).indices[:top_k].tolist()
+            ids_s, row = order, logp_s[r]
+            s_at = lambda q: [float(row[i]) for i in q]  # noqa: E731
+            out["entropy_student"].append(float(-_plogq(row.exp(), row).sum()))
+            lp_y = float(row[int(sampled_ids.reshape(-1)[r])]) if sampled_ids is not None else math.nan
+        else:
+            s_known, s_pmin, s_rest, _ = _known_row(student_topk_ids.reshape(n, -1)[r].tolist(),
+                                                     student_topk_logprobs.reshape(n, -1)[r].double()
+                                                     .clamp(max=0.0).tolist(), vocab_size=vocab_size)
+            ids_s = _ranked_row(s_known, top_k)
+            s_at = lambda q: _filled_row(s_known, s_pmin, s_rest, q)  # noqa: E731
+            out["entropy_student"].append(math.nan)
+            lp_y = math.nan
+        unknown_s = [i for i in ids_s if i not in t_known]
+        c_lb = sum(math.exp(t_known[i]) for i in ids_s if i in t_known)
+        union = ids_s + [i for i in ids_t if i not in ids_s]
+        out["teacher_mass"].append(c_lb)
+        out["teacher_mass_upper"].append(c_lb + min(t_rest, len(unknown_s) * t_pmin) if unknown_s else c_lb)
+        out["teacher_mass_exact"].append(not unknown_s)
+        out["disagreement"].append(_union_kl_row(_filled_row(t_known, t_pmin, t_rest, union), s_at(union)))
+        lp_t_y = float(teacher_logprob_sampled.reshape(-1)[r]) if teacher_logprob_sampled is not None else math.nan
+        out["logp_student_sampled"].append(lp_y)
+        out["kl_sampled"].append(lp_y - lp_t_y)
+        out["ids_s"].append(ids_s)
+        out["ids_t"].append(ids_t)
+    result = {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items() if k not in ("ids_s", "ids_t")}
+    result["teacher_mass_exact"] = result["teacher_mass_exact"].bool()
+    return {**result, "ids_s": out["ids_s"], "ids_t": out["ids_t"]}
+
+
+def reference_sparse_loss(student_logits, sampled_ids, teacher_logprob_sampled, kept, *,
+                          temperature: float = DEFAULTS.temperature, normalizer: Optional[float] = None):
+    """The sampled-token loss over the kept rows in float64 with autograd (docs/math.md, Loss and gradients,
+    estimator "sampled"): sum_kept (logp_s(y) - logp_t(y)).detach() * logp_s(y) / normalizer."""
+    z = student_logits.reshape(-1, student_logits.shape[-1]).double() / temperature
+    lp_y = torch.log_softmax(z, 1).gather(1, sampled_ids.reshape(-1, 1).long()).squeeze(1)
+    per_row = sampled_token_loss(lp_y, teacher_logprob_sampled.reshape(-1).double())
+    kept = kept.reshape(-1).bool()
+    norm = float(kept.sum()) if normalizer is None else normalizer
+    return torch.where(kept, per_row, torch.zeros_like(lp_y)).sum() / max(norm, 1.0)
