@@ -147,3 +147,22 @@ def test_driver_modules_import_each_other_relatively():
             found += [f"{_where(path, node)}: {n}" for n in names
                       if n.split(".")[0] == "taopd_train"]
     assert found == ["train/run.py:24: taopd_train.run"], found
+
+
+def test_loss_config_defaults_are_the_librarys():
+    """train/config.py's LossConfig takes every loss-head default from taopd_kernels.options.DEFAULTS (the
+    driver's own choice: check_finite off), and writes none of them again."""
+    import dataclasses
+
+    from taopd_kernels import DEFAULTS
+    from taopd_train.config import LossConfig
+
+    ours = {f.name: f.default for f in dataclasses.fields(LossConfig)}
+    assert {k: v for k, v in ours.items() if k != "check_finite"} == \
+        {k: getattr(DEFAULTS, k) for k in ours if k != "check_finite"}
+    assert ours["check_finite"] is False
+    tree = ast.parse((TRAIN / "config.py").read_text())
+    loss_cfg = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LossConfig")
+    literal = [s.target.id for s in loss_cfg.body if isinstance(s, ast.AnnAssign) and isinstance(s.value, ast.Constant)
+               and s.target.id != "check_finite"]
+    assert not literal, f"LossConfig defaults written as literals: {literal}"

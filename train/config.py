@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import yaml
 
-from taopd_kernels import BACKENDS, ESTIMATORS, STRATEGIES
+from taopd_kernels import BACKENDS, DEFAULTS, ESTIMATORS, STRATEGIES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -97,17 +97,21 @@ class DistributedConfig:
 
 @dataclass
 class LossConfig:
-    strategy: str = "teachability"
-    keep_ratio: float = 0.05
-    top_k: int = 16
-    estimator: str = "full"
-    temperature: float = 1.0
-    vocab_size: Optional[int] = None  # default: min of the two lm_head sizes
-    min_per_sequence: int = 1
-    backend: str = "auto"
-    chunk_rows: Optional[int] = None
-    chunk_vocab: Optional[int] = None
-    check_finite: bool = False  # reject NaN/inf hidden states and weights when scoring (a full pass over both lm_heads)
+    """The loss head's options: their defaults and meaning are the library's (``LossHeadOptions``), but
+    for ``check_finite``."""
+
+    strategy: str = DEFAULTS.strategy
+    keep_ratio: float = DEFAULTS.keep_ratio
+    top_k: int = DEFAULTS.top_k
+    estimator: str = DEFAULTS.estimator
+    temperature: float = DEFAULTS.temperature
+    vocab_size: Optional[int] = DEFAULTS.vocab_size
+    min_per_sequence: int = DEFAULTS.min_per_sequence
+    backend: str = DEFAULTS.backend
+    chunk_rows: Optional[int] = DEFAULTS.chunk_rows
+    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab
+    # off in the driver: the check is a full pass over both lm_heads at every step (the library's calls check)
+    check_finite: bool = False
 
 
 @dataclass
@@ -373,6 +377,22 @@ def _check(cond: bool, key: str, msg: str, value: Any):
 
 
 def validate(cfg: Config) -> None:
+    """Every value in range, each error naming its dotted key (``ConfigError``)."""
+    _check_models(cfg)
+    _check_data_and_rollout(cfg)
+    _check_distributed(cfg)
+    _check_loss(cfg)
+    _check_optim(cfg)
+    _check_eval_and_logging(cfg)
+    _check_checkpoint_and_precision(cfg)
+    _check_sft(cfg)
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+           "must be auto, cpu, cuda or cuda:N", cfg.device)
+    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
+
+
+def _check_models(cfg: Config) -> None:
+    """Student and teacher: dtype, path, attention, the built-in architecture."""
     for role in ("student", "teacher"):
         m: ModelConfig = getattr(cfg, role)
         _check(m.dtype in DTYPES, f"{role}.dtype", f"must be one of {tuple(DTYPES)}", m.dtype)
@@ -389,6 +409,10 @@ def validate(cfg: Config) -> None:
                t.num_kv_heads)
         _check(not (m.random_init and m.path == "builtin" and not m.config_file), f"{role}.random_init",
                "needs a config_file (or a path holding config.json)", m.random_init)
+
+
+def _check_data_and_rollout(cfg: Config) -> None:
+    """The task's data and the rollouts."""
     d = cfg.data
     _check(d.max_operand >= 1, "data.max_operand", "must be >= 1", d.max_operand)
     _check(1 <= d.digits <= 12, "data.digits", "must be in [1, 12]", d.digits)
@@ -404,12 +428,20 @@ def validate(cfg: Config) -> None:
     _check(r.engine in ("hf", "vllm"), "rollout.engine", "must be hf or vllm", r.engine)
     _check(0 < r.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization", "must be in (0, 1]",
            r.vllm_gpu_memory_utilization)
+
+
+def _check_distributed(cfg: Config) -> None:
+    """Settings used under torchrun."""
     dd = cfg.distributed
     _check(dd.teacher in ("shard", "replicate"), "distributed.teacher", "must be shard or replicate", dd.teacher)
     _check(dd.param_dtype is None or dd.param_dtype in DTYPES, "distributed.param_dtype",
            f"must be one of {tuple(DTYPES)} or null", dd.param_dtype)
     _check(dd.reduce_dtype in DTYPES, "distributed.reduce_dtype", f"must be one of {tuple(DTYPES)}", dd.reduce_dtype)
     _check(dd.backend in (None, "nccl", "gloo"), "distributed.backend", "must be nccl, gloo or null", dd.backend)
+
+
+def _check_loss(cfg: Config) -> None:
+    """The loss head: strategy, estimator, selection and kernel options."""
     lo = cfg.loss
     _check(lo.strategy in STRATEGIES, "loss.strategy", f"must be one of {', '.join(STRATEGIES)}", lo.strategy)
     _check(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {', '.join(ESTIMATORS)}", lo.estimator)
@@ -423,6 +455,10 @@ def validate(cfg: Config) -> None:
     for name in ("chunk_rows", "chunk_vocab"):
         v = getattr(lo, name)
         _check(v is None or v >= 1, f"loss.{name}", "must be >= 1 or null", v)
+
+
+def _check_optim(cfg: Config) -> None:
+    """AdamW, the schedule, clipping, the non-finite guard."""
     o = cfg.optim
     _check(o.steps >= 0, "optim.steps", "must be >= 0", o.steps)
     _check(math.isfinite(o.lr) and 0 < o.lr <= 10, "optim.lr", "must be a finite number in (0, 10]", o.lr)
@@ -439,6 +475,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
     _check(o.max_grad_norm is None or (o.max_grad_norm > 0 and math.isfinite(o.max_grad_norm)),
            "optim.max_grad_norm", "must be a finite number > 0 or null", o.max_grad_norm)
+
+
+def _check_eval_and_logging(cfg: Config) -> None:
+    """Evaluation and logging (wandb must be installed when asked for)."""
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
@@ -456,6 +496,10 @@ def validate(cfg: Config) -> None:
             found = True
         _check(found, "logging.wandb", "needs the wandb package: `pip install wandb` (or logging.wandb=false); "
                "logging.wandb_mode=offline logs without a network", lg.wandb)
+
+
+def _check_checkpoint_and_precision(cfg: Config) -> None:
+    """Checkpoints, and a precision that agrees with student.dtype."""
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", "must be >= 0", c.every)
     _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0", c.keep_last)
@@ -468,6 +512,10 @@ def validate(cfg: Config) -> None:
         _check(cfg.student.dtype in ("float32", want), "student.dtype",
                f"conflicts with precision={cfg.precision} (student parameters in {want}); drop student.dtype "
                "(precision decides the student's dtype) or choose the matching precision", cfg.student.dtype)
+
+
+def _check_sft(cfg: Config) -> None:
+    """Preparation of the built-in models."""
     s = cfg.sft
     for name in ("batch_size", "calib_batch_size"):
         _check(getattr(s, name) >= 1, f"sft.{name}", "must be >= 1", getattr(s, name))
@@ -479,9 +527,6 @@ def validate(cfg: Config) -> None:
     for name in ("teacher_target", "student_target"):
         _check(0 < getattr(s, name) <= 1, f"sft.{name}", "must be in (0, 1]", getattr(s, name))
     _check(s.calib_lr > 0, "sft.calib_lr", "must be > 0", s.calib_lr)
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
-           "must be auto, cpu, cuda or cuda:N", cfg.device)
-    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
 
 
 # ------------------------------------------------------------------ resuming with a changed config

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from taopd_kernels import DEFAULTS
 from taopd_kernels.selection import score_and_select
 from .head import attach_head
 
@@ -230,9 +231,9 @@ def _gather_columns(x: torch.Tensor, group=None) -> list[torch.Tensor]:
     return [o[:, :s] for o, s in zip(out, sizes)]
 
 
-def global_select(stats, *, strategy: str = "teachability", keep_ratio: float = 0.05,
-                  sequence_ids: Optional[torch.Tensor] = None, min_per_sequence: int = 1, seed: int = 0,
-                  global_sequence_ids: bool = False, group=None) -> GlobalSelection:
+def global_select(stats, *, strategy: str = DEFAULTS.strategy, keep_ratio: float = DEFAULTS.keep_ratio,
+                  sequence_ids: Optional[torch.Tensor] = None, min_per_sequence: int = DEFAULTS.min_per_sequence,
+                  seed: int = DEFAULTS.seed, global_sequence_ids: bool = False, group=None) -> GlobalSelection:
     """docs/math.md, Scores and selection over the positions of every rank, as one process would over the concatenation.
 
     ``stats``: this rank's ``TeachabilityStats`` (only entropy, D, C and ``valid`` are used). What

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from taopd_kernels import TeachabilityStats, fused_teachability_kl, teachability_stats
+from taopd_kernels import TeachabilityStats, default_vocab_size, fused_teachability_kl, teachability_stats
 
 from . import checkpoint, head, parallel
 from .checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
@@ -212,7 +212,7 @@ def encode_prompts(cfg: Config, tokenizer, examples) -> List[List[int]]:
 
 
 def vocab_limit(cfg: Config, models: Models) -> int:
-    v = min(head.lm_head_weight(models.student).shape[0], head.lm_head_weight(models.teacher).shape[0])
+    v = default_vocab_size(head.lm_head_weight(models.student).shape[0], head.lm_head_weight(models.teacher).shape[0])
     return cfg.loss.vocab_size or v
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
 
+from taopd_kernels import default_vocab_size
+
 from . import checkpoint, head
 from .config import Config, ConfigError
 from .models import declared_vocab_size
@@ -52,7 +54,7 @@ def _check_vocab(cfg, tokenizer, heads: dict, embeddings: dict, log) -> Optional
             role, h = next((r, h) for r, h in heads.items() if h and lo.vocab_size > h)
             raise ConfigError(f"loss.vocab_size={lo.vocab_size}: larger than the {role}'s lm_head ({h:,} rows)")
         return None
-    smaller = min(heads.values())
+    smaller = default_vocab_size(heads["student"], heads["teacher"])
     if lo.vocab_size is not None and lo.vocab_size > smaller:
         raise ConfigError(f"loss.vocab_size={lo.vocab_size}: must be <= {smaller:,}, the smaller lm_head (student "
                           f"{heads['student']:,} rows, teacher {heads['teacher']:,} rows); null uses {smaller:,}")

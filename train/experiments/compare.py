@@ -4,9 +4,9 @@
     python train/compare.py --strategies all,teachability --seeds 0,1 --steps 50 --out runs/cmp optim.lr=1e-4
     python train/compare.py --out runs/cmp                         # again: finished runs are kept, the rest run
 
-Every run is the driver's ``run.train`` with ``loss.strategy`` and ``seed`` set, watched through the
-loop's callbacks (``RunRecord``, a ``hooks.Hooks``) (keep_ratio 0.05 for
-the selectors unless overridden; ``all`` keeps every position). The run seed drives the prompt
+Every run is the driver's ``run.train`` with ``loss.strategy`` and ``seed`` set (the configured
+keep_ratio for the selectors; ``all`` keeps every position), watched through the loop's callbacks
+(``RunRecord``, a ``hooks.Hooks``). The run seed drives the prompt
 stream, the rollouts and the ``random`` selector; the built-in models are prepared once, with
 ``sft.seed`` pinned to the config's seed, so every run starts from the same theta_0 against the same
 teacher, and for a given seed every strategy sees the same prompts. The held-out KLs are measured on
