@@ -43,6 +43,7 @@ from typing import Dict, List, Optional
 import torch
 
 from taopd_kernels import TeachabilityStats, default_vocab_size, fused_teachability_kl, teachability_stats
+from taopd_kernels.estimators import sampled_weight
 
 from . import checkpoint, head, parallel
 from .checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
@@ -435,10 +436,10 @@ def _step_totals(loss, ro: Rollout, allstats: TeachabilityStats) -> List[float]:
     """The step's sums over all ranks, read in one transfer: (loss, response tokens, tokens, positions
     without a finite logit, and the sampled estimator's KL estimate: sum and count over kept positions)."""
     device = ro.input_ids.device
-    # the KL estimate of the sampled estimator: mean of logp_s(y) - logp_t(y) over kept positions
+    # the KL estimate of the sampled estimator: the mean of its weight logp_s(y) - logp_t(y) over kept positions
     kept = allstats.kept.bool() if allstats.kept is not None else allstats.valid.bool()
     if allstats.logp_student_sampled is not None and allstats.logp_teacher_sampled is not None:
-        w = (allstats.logp_student_sampled - allstats.logp_teacher_sampled).double()
+        w = sampled_weight(allstats.logp_student_sampled, allstats.logp_teacher_sampled).double()
         kl_sum, kl_n = torch.where(kept, w, 0.0).sum(), kept.sum().double()
     else:
         kl_sum = kl_n = torch.zeros((), dtype=torch.float64, device=device)
