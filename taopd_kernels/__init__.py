@@ -16,7 +16,8 @@ from .api import (
 from .backends import available as backend_available
 from .loss import TeachabilityKLLoss, labels_to_positions, select_across, teachability_kl_loss
 from .options import BACKENDS, DEFAULTS, ESTIMATORS, STRATEGIES, LossHeadOptions, default_vocab_size
-from .selection import batch_normalize, num_to_keep, select_top, strategy_scores
+from .selection import PartsSelection, batch_normalize, num_to_keep, select_parts, select_top, strategy_scores
+from .sparse import SparseTeachabilityStats, teachability_from_topk
 from .stats import TeachabilityStats
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "TeachabilityKLLoss",
     "teachability_kl_loss",
     "select_across",
+    "select_parts",
+    "PartsSelection",
     "labels_to_positions",
     "TeachabilityStats",
     "LossHeadOptions",
@@ -42,4 +45,6 @@ __all__ = [
     "select_top",
     "num_to_keep",
     "backend_available",
+    "teachability_from_topk",
+    "SparseTeachabilityStats",
 ]

@@ -5,7 +5,7 @@
     loss.backward()
 
 Built only on the public entry points of ``taopd_kernels.api`` (``fused_teachability_kl``,
-``select_positions``) and ``TeachabilityStats.concat``; docs/math.md is the math contract.
+``teachability_stats``) and ``selection.select_parts``; docs/math.md is the math contract.
 
 Labels: ``labels[..., t]`` is the token that position ``t`` predicts (aligned with the hidden states),
 ``ignore_index`` (default -100) where there is no loss. ``shift_labels=True`` takes HF-style unshifted
@@ -35,9 +35,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .api import fused_teachability_kl, select_positions, teachability_stats
+from .api import fused_teachability_kl, teachability_stats
 from .estimators import per_position_loss
 from .options import DEFAULTS, default_vocab_size
+from .selection import select_parts
 from .stats import TeachabilityStats
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -235,34 +236,16 @@ def select_across(
     at least 1) as ``num_items_in_batch`` (module) or ``normalizer`` (``fused_teachability_kl``), so that
     the micro-batch losses sum to the one-batch mean. Statistics from ``teachability_stats(...,
     strategy=None)`` or ``TeachabilityKLLoss.statistics`` (no selection needed). Flat ``[N]`` parts have
-    no sequences (no top-up), as for one flat batch. For several processes, gather the statistics first.
+    no sequences (no top-up), as for one flat batch. This process's parts only: across processes, use
+    ``selection.select_parts``.
     """
     parts = list(stats_list)
-    if not parts:
-        raise ValueError("select_across needs at least one TeachabilityStats")
     for i, s in enumerate(parts):
         if not isinstance(s, TeachabilityStats):
             raise TypeError(f"stats_list[{i}] must be a TeachabilityStats, got {type(s).__name__}")
-    dims = {s.valid.dim() for s in parts}
-    if len(dims) != 1:
-        raise ValueError(f"stats_list mixes position ranks {sorted(dims)}; use all [N] or all [B, T]")
-    stripped = [TeachabilityStats(**{**s.__dict__, "score": None, "kept": None}) for s in parts]
-    merged = TeachabilityStats.concat(stripped)
-    sequence_ids = None
-    if dims == {2}:
-        ids, offset = [], 0
-        for s in parts:
-            b, t = s.valid.shape
-            ids.append((torch.arange(b, device=s.valid.device) + offset).repeat_interleave(t))
-            offset += b
-        sequence_ids = torch.cat(ids)
-    elif dims != {1}:
-        raise ValueError("select_across supports [N] or [B, T] statistics")
-    _, kept = select_positions(merged, strategy=strategy, keep_ratio=keep_ratio, sequence_ids=sequence_ids,
-                               min_per_sequence=min_per_sequence, seed=seed)
-    masks = list(torch.split(kept, [s.valid.numel() for s in parts]))
-    masks = [m.view(s.valid.shape) for m, s in zip(masks, parts)]
-    return masks, float(max(int(kept.sum()), 1))
+    selection = select_parts(parts, strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
+                             seed=seed, local=True)
+    return selection.keep_masks, float(max(selection.num_kept, 1))
 
 
 # -------------------------------------------------------------------------------------- module

@@ -16,11 +16,13 @@ Choices where the math contract is silent (also in the README):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 
-from .options import DEFAULTS, STRATEGIES
+from . import distributed
+from .options import DEFAULTS, STRATEGIES, DeferredChecks, check_selection_options
 
 QUANTILE_LOW = 0.05
 QUANTILE_HIGH = 0.95
@@ -203,3 +205,99 @@ def select_top(
         need = ((pos - first) < min_per_sequence) & v[order[by_seq.indices]]
         kept[order[by_seq.indices]] |= need
     return kept.view(shape)
+
+
+# ------------------------------------------------------------------------- selection across parts
+
+
+@dataclass
+class PartsSelection:
+    """One selection over several parts (micro-batches; under torch.distributed, every rank's), seen from
+    this process: its parts' kept masks and scores, and the counts over all parts of all processes."""
+
+    keep_masks: List[torch.Tensor]  # bool, one per part, in the part's shape (``valid``)
+    scores: List[torch.Tensor]  # float32, one per part; NaN where not valid
+    num_kept: int  # kept positions over all parts and processes: the loss normaliser
+    num_valid: int  # valid positions over all parts and processes
+
+
+def disjoint_sequence_ids(ids: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Number each group's sequences (non-negative int ids) after the previous groups', so that equal ids
+    in two groups are two sequences. The offsets stay on the device (no host sync)."""
+    sizes = torch.stack([s.max() + 1 if s.numel() else s.new_zeros(()) for s in ids])
+    starts = torch.cumsum(sizes, 0) - sizes
+    return [s + start for s, start in zip(ids, starts)]
+
+
+def _local_sequence_ids(parts, sequence_ids, global_ids: bool, device, checks: DeferredChecks):
+    """This process's flat sequence ids [N], or None (no sequences). Default: for [B, ..., T] parts every
+    row is a sequence (numbered across the parts), for [N] parts none. Given ids name sequences of this
+    process (equal ids in two parts: one sequence), or of every process with ``global_ids``."""
+    if sequence_ids is None:
+        dims = {p.valid.dim() for p in parts}
+        if len(dims) != 1:
+            raise ValueError(f"the parts mix position ranks {sorted(dims)}; use all [N] or all [B, T] "
+                             "(or pass sequence_ids)")
+        if dims == {1}:
+            return None
+        rows = [default_sequence_ids(p.valid.shape, device).reshape(-1) for p in parts]
+        return torch.cat(disjoint_sequence_ids(rows))
+    ids = [sequence_ids] if isinstance(sequence_ids, torch.Tensor) else list(sequence_ids)
+    if len(ids) != len(parts) or any(s.numel() != p.valid.numel() for s, p in zip(ids, parts)):
+        raise ValueError("sequence_ids must give one id per position of every part (one tensor per part)")
+    flat = torch.cat([s.reshape(-1).to(device).long() for s in ids])
+    if not global_ids:
+        return torch.unique(flat, return_inverse=True)[1]
+    # They travel as float64 with the statistics: exact below 2**53.
+    checks.add((flat.abs() >= 2 ** 53).any(), lambda: ValueError("global sequence ids must be below 2**53 in "
+                                                                 "magnitude"))
+    return flat
+
+
+def select_parts(parts: Sequence, *, strategy: str = DEFAULTS.strategy, keep_ratio: float = DEFAULTS.keep_ratio,
+                 min_per_sequence: int = DEFAULTS.min_per_sequence, seed: int = DEFAULTS.seed, sequence_ids=None,
+                 global_sequence_ids: bool = False, group=None, local: bool = False) -> PartsSelection:
+    """docs/math.md, Scores and selection over the positions of several parts at once, as over their
+    concatenation in flat order (each part flattened, in the order given); under torch.distributed (world
+    > 1 in ``group``, None: the default group; ``local=True``: this process only) the parts of every rank,
+    rank 0's first. ``parts``: statistics (only entropy_student, disagreement, teacher_mass and valid are
+    read). ``sequence_ids``: None (``_local_sequence_ids``), or one int tensor per part; ranks number their
+    sequences after the previous ranks' unless ``global_sequence_ids`` (then one sequence may span ranks).
+
+    What crosses the network: per position five float64 numbers (H_s, D, C, valid, sequence number),
+    padded to the longest rank; every rank computes the same selection and keeps its slice. One host read
+    (the counts, with the checks); more only under torch.distributed (sizes, the layout check).
+    """
+    opts = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
+                                   seed=seed)
+    parts = list(parts)
+    if not parts:
+        raise ValueError("select_parts needs at least one part")
+    device, checks = parts[0].valid.device, DeferredChecks()
+    seq = _local_sequence_ids(parts, sequence_ids, global_sequence_ids, device, checks)
+    column = lambda name: torch.cat([getattr(p, name).reshape(-1) for p in parts]).double()  # noqa: E731
+    valid = torch.cat([p.valid.reshape(-1) for p in parts])
+    packed = torch.stack([column("entropy_student"), column("disagreement"), column("teacher_mass"),
+                          valid.double(), valid.new_zeros(valid.shape, dtype=torch.float64) if seq is None
+                          else seq.double()])
+    rank, n_ranks = (0, 1) if local else distributed.world(group)
+    if n_ranks > 1 and not distributed.same_on_every_rank(seq is not None, device, group):
+        raise ValueError("select_parts: some ranks pass sequence ids and others do not (use the same layout on "
+                         "every rank)")
+    ranks = [packed] if n_ranks == 1 else distributed.gather_columns(packed, group)
+    all_seq = None
+    if seq is not None:
+        ids = [r[4].long() for r in ranks]
+        all_seq = torch.cat(ids if global_sequence_ids else disjoint_sequence_ids(ids))
+    every = torch.cat(ranks, dim=1)
+    all_valid = every[3] > 0.5
+    score, kept = score_and_select(opts.strategy, entropy=every[0].float(), disagreement=every[1].float(),
+                                   teacher_mass=every[2].float(), valid=all_valid, keep_ratio=opts.keep_ratio,
+                                   sequence_ids=all_seq, min_per_sequence=opts.min_per_sequence, seed=opts.seed)
+    num_kept, num_valid = checks.read(kept.sum(), all_valid.sum())  # the one host read: the normaliser
+    start = sum(r.shape[1] for r in ranks[:rank])
+    sizes = [p.valid.numel() for p in parts]
+    mine = slice(start, start + valid.numel())
+    return PartsSelection(keep_masks=[m.view(p.valid.shape) for m, p in zip(kept[mine].split(sizes), parts)],
+                          scores=[s.view(p.valid.shape) for s, p in zip(score[mine].split(sizes), parts)],
+                          num_kept=num_kept, num_valid=num_valid)

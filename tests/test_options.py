@@ -32,6 +32,7 @@ ENTRY_POINTS = {
     reference.reference_teachability_kl: (HEAD | SELECT | {"estimator"}) - {"backend", "chunk_rows", "chunk_vocab"},
     selection.strategy_scores: {"seed"},
     selection.select_top: {"min_per_sequence"},
+    selection.select_parts: SELECT,
     backends.resolve: {"top_k"},
 }
 

@@ -142,3 +142,112 @@ def test_selection_properties(n, ratio, min_per, n_seq, seed, quantised):
                 want.add(i)
                 have.append(i)
     assert set(kept.nonzero().squeeze(1).tolist()) == want
+
+
+# ---------------------------------------------------------------------------------------------------
+# select_parts: one selection over several parts (micro-batches), and over the parts of every process.
+
+def _parts_inputs(n_total: int = 19):
+    """Statistics with many ties (few distinct values), 4 sequences, some invalid positions."""
+    import types
+
+    g = torch.Generator().manual_seed(5)
+    ent = torch.randint(0, 4, (n_total,), generator=g).float() / 3
+    dis = torch.randint(0, 3, (n_total,), generator=g).float()
+    mass = torch.randint(0, 3, (n_total,), generator=g).float() / 2
+    valid = torch.rand(n_total, generator=g) > 0.2
+    seq = torch.tensor([0] * 5 + [1] * 4 + [2] * 6 + [3] * 4)
+    part = lambda sl: types.SimpleNamespace(entropy_student=ent[sl], disagreement=dis[sl],  # noqa: E731
+                                            teacher_mass=mass[sl], valid=valid[sl])
+    return ent, dis, mass, valid, seq, part
+
+
+def _concatenated(strategy, ent, dis, mass, valid, seq):
+    score = strategy_scores(strategy, entropy=ent, disagreement=dis, teacher_mass=mass, valid=valid, seed=3)
+    kept = valid.clone() if strategy == "all" else select_top(score, valid, keep_ratio=0.3, sequence_ids=seq,
+                                                              min_per_sequence=2)
+    return score, kept
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("ids", ["local", "global", "none"])
+def test_select_parts_equals_the_concatenation(strategy, ids):
+    from taopd_kernels.selection import select_parts
+
+    ent, dis, mass, valid, seq, part = _parts_inputs()
+    cuts = [slice(0, 3), slice(3, 3), slice(3, 12), slice(12, None)]  # an empty part too
+    # "local": ids of this process's sequences (equal ids in two parts: one sequence), any values.
+    seq_ids = None if ids == "none" else [seq[c] + (10 if ids == "local" else 0) for c in cuts]
+    sel = select_parts([part(c) for c in cuts], strategy=strategy, keep_ratio=0.3, min_per_sequence=2, seed=3,
+                       sequence_ids=seq_ids, global_sequence_ids=ids == "global")
+    score, kept = _concatenated(strategy, ent, dis, mass, valid, None if ids == "none" else seq)
+    assert torch.equal(torch.cat(sel.keep_masks), kept)
+    assert torch.allclose(torch.cat(sel.scores), score, rtol=0, atol=0, equal_nan=True)
+    assert (sel.num_kept, sel.num_valid) == (int(kept.sum()), int(valid.sum()))
+    assert [m.shape for m in sel.keep_masks] == [valid[c].shape for c in cuts]
+
+
+def test_select_parts_numbers_rows_of_2d_parts_across_parts():
+    from taopd_kernels.selection import disjoint_sequence_ids, select_parts
+
+    ent, dis, mass, valid, _, part = _parts_inputs(24)
+    grid = lambda x: x.view(6, 4)  # noqa: E731
+    whole = part(slice(None))
+    two_d = [type(whole)(**{k: grid(v)[a:b] for k, v in vars(whole).items()}) for a, b in ((0, 2), (2, 6))]
+    sel = select_parts(two_d, keep_ratio=0.3, min_per_sequence=2, strategy="teachability")
+    rows = torch.arange(24) // 4
+    _, kept = _concatenated("teachability", ent, dis, mass, valid, rows)
+    assert torch.equal(torch.cat([m.reshape(-1) for m in sel.keep_masks]), kept)
+    assert [m.shape for m in sel.keep_masks] == [(2, 4), (4, 4)]
+    got = disjoint_sequence_ids([torch.tensor([0, 2]), torch.tensor([], dtype=torch.long), torch.tensor([1, 0])])
+    assert [g.tolist() for g in got] == [[0, 2], [], [4, 3]]
+    with pytest.raises(ValueError, match="mix position ranks"):
+        select_parts([two_d[0], whole])
+    with pytest.raises(ValueError, match="at least one"):
+        select_parts([])
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        select_parts([whole], sequence_ids=[torch.full((24,), 2 ** 53)], global_sequence_ids=True)
+
+
+def _select_parts_worker(rank, world, init, out_dir, splits):
+    import torch.distributed as dist
+
+    from taopd_kernels.selection import select_parts
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ent, dis, mass, valid, seq, part = _parts_inputs()
+        results = {}
+        for ids_kind, split in splits.items():
+            mine = slice(0, split) if rank == 0 else slice(split, None)
+            cuts = [slice(mine.start, (mine.start or 0) + 2), slice((mine.start or 0) + 2, mine.stop)]
+            ids = [seq[c] - seq[mine].min() if ids_kind == "local" else seq[c] for c in cuts]
+            for strategy in STRATEGIES:
+                sel = select_parts([part(c) for c in cuts], strategy=strategy, keep_ratio=0.3, min_per_sequence=2,
+                                   seed=3, sequence_ids=ids, global_sequence_ids=ids_kind == "global")
+                results[(ids_kind, strategy)] = (torch.cat(sel.keep_masks), sel.num_kept, sel.num_valid)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_select_parts_across_two_processes_equals_the_concatenation(tmp_path):
+    """Two gloo processes, uneven, two parts each: "local" ids renumbered from 0 on each rank (made
+    disjoint by the library), "global" ids shared by the ranks with one sequence split between them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    splits = {"local": 9, "global": 7}  # rank 0 gets positions [0, split): 9 ends sequence 1, 7 cuts it
+    mp.spawn(_select_parts_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path), splits), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ent, dis, mass, valid, seq, _ = _parts_inputs()
+    for strategy in STRATEGIES:
+        _, kept = _concatenated(strategy, ent, dis, mass, valid, seq)
+        for ids_kind in splits:
+            got = [r[(ids_kind, strategy)] for r in ranks]
+            assert torch.equal(torch.cat([g[0] for g in got]), kept), (ids_kind, strategy)
+            assert all(g[1:] == (int(kept.sum()), int(valid.sum())) for g in got)
