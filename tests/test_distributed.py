@@ -15,8 +15,8 @@ Checked:
 - resume: the checkpoint written by the 2 processes after step 1, loaded in 1 process, gives the
   same weights after step 2 as the 2-process run (optimizer state included), and the other way round
   (1-process checkpoint into 2 sharded processes);
-- ``global_select`` for every strategy on uneven ranks with many ties == ``select_top`` on the
-  concatenation; a sharded teacher gives the hidden states and full weight of a replicated one; the
+- the selection over ranks (``select_parts``, the driver's) for every strategy on uneven ranks with many
+  ties == ``select_top`` on the concatenation; a sharded teacher gives the hidden states and full weight of a replicated one; the
   lm_head weight outside the forward is refused as a shard; bfloat16 compute (MixedPrecisionPolicy)
   runs and stays close to float32.
 """
@@ -194,10 +194,11 @@ SELECT_SPLITS = {"local": 9, "global": 7}  # rank 0 gets positions [0, split): 9
 
 def extra_checks(ctx, student, teacher) -> dict:
     from taopd_kernels import STRATEGIES
+    from taopd_kernels.selection import select_parts
 
     rank, world = ctx.rank, ctx.world_size
     out = {}
-    # global_select on uneven ranks: "local": sequence ids renumbered from 0 on each rank (made global
+    # the driver's selection (select_parts) on uneven ranks: "local": sequence ids renumbered from 0 on each rank (made global
     # by the library); "global": ids shared by the ranks, one sequence split between them.
     ent, dis, mass, valid, seq = select_inputs()
     for ids_kind, split in SELECT_SPLITS.items():
@@ -206,9 +207,9 @@ def extra_checks(ctx, student, teacher) -> dict:
         fake = types.SimpleNamespace(entropy_student=ent[part], disagreement=dis[part], teacher_mass=mass[part],
                                      valid=valid[part])
         for strategy in STRATEGIES:
-            sel = parallel.global_select(fake, strategy=strategy, keep_ratio=0.3, sequence_ids=ids, min_per_sequence=2,
-                                  seed=3, global_sequence_ids=ids_kind == "global")
-            out[f"select/{ids_kind}/{strategy}"] = torch.cat(_gather_objects(sel.keep_mask, world))
+            sel = select_parts([fake], strategy=strategy, keep_ratio=0.3, sequence_ids=[ids], min_per_sequence=2,
+                               seed=3, global_sequence_ids=ids_kind == "global")
+            out[f"select/{ids_kind}/{strategy}"] = torch.cat(_gather_objects(sel.keep_masks[0], world))
             out[f"select_count/{ids_kind}/{strategy}"] = sel.num_kept
     # generate() on a sharded student: ranks stop at different lengths (synced_gpus keeps the early
     # rank stepping); greedy tokens are checked against a plain model in the test process.
@@ -372,7 +373,7 @@ def test_resume_one_process_checkpoint_in_two_processes(tmp_path_factory, tmp_pa
                           one["grads1"], LR, "resumed (2 processes) step 1 update")
 
 
-def test_global_select_matches_concatenation(tmp_path_factory):
+def test_selection_over_ranks_matches_concatenation(tmp_path_factory):
     from taopd_kernels import STRATEGIES, select_top, strategy_scores
 
     _, two = _two_process_run(tmp_path_factory)

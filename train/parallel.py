@@ -1,8 +1,7 @@
-"""Multi-process pieces: process group, FSDP2 wrapping, the global selection and summary, lockstep.
+"""Multi-process pieces: process group, FSDP2 wrapping, sums over ranks, lockstep.
 
 Everything here also works in one process without ``torchrun`` (no process group): then nothing is
-sharded, the "global" selection is the local one over the same positions. docs/distributed.md has the
-full story; the pieces, in the order a training step uses them:
+sharded. docs/distributed.md has the full story; the pieces, in the order a training step uses them:
 
 - ``init_distributed``: process group from the torchrun environment (NCCL on CUDA, gloo on CPU).
 - ``shard_model``: FSDP2 ``fully_shard`` per decoder layer, then the root (embeddings, final norm and
@@ -11,9 +10,10 @@ full story; the pieces, in the order a training step uses them:
   gradient. ``prepare_teacher`` shards a frozen teacher or keeps a full replica. The loss head runs
   inside the root's forward with the full lm_head weight (head.py).
 - ``shard_range``: this rank's contiguous block of the batch's prompts.
-- ``global_select``: docs/math.md, Scores and selection over the positions of all ranks (all_gather of three statistics,
-  validity and sequence ids per position; no logits cross the network), rank order = global order.
-  The global summary of the statistics is ``stats.summary(all_reduce=all_reduce_sum)``.
+- the selection over the positions of all ranks is the library's ``taopd_kernels.selection.select_parts``
+  (all_gather of three statistics, validity and sequence ids per position; no logits cross the network),
+  rank order = global order; the global summary of the statistics is
+  ``stats.summary(all_reduce=all_reduce_sum)``.
 - ``all_ranks_done``: generation on a sharded model steps until every rank is done.
 """
 
@@ -27,8 +27,6 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from taopd_kernels import DEFAULTS
-from taopd_kernels.selection import score_and_select
 from .head import attach_head
 
 # --------------------------------------------------------------------------------------------------
@@ -199,105 +197,7 @@ def prepare_teacher(model: torch.nn.Module, mode: str = "shard", *, param_dtype:
 
 
 # --------------------------------------------------------------------------------------------------
-# Global selection and lockstep
-
-
-@dataclass
-class GlobalSelection:
-    """The selection over all ranks, seen from this rank."""
-
-    keep_mask: torch.Tensor  # bool, this rank's positions (shape of ``valid``)
-    score: torch.Tensor  # float32, this rank's slice of the global scores (NaN where not valid)
-    num_kept: int  # kept positions over all ranks: the loss normaliser
-    num_valid: int  # valid positions over all ranks
-
-
-def _gather_columns(x: torch.Tensor, group=None) -> list[torch.Tensor]:
-    """all_gather of [C, n_r] tensors with different n_r (padded to the largest), in rank order."""
-    rank, n_ranks = world(group)
-    if n_ranks == 1:
-        return [x]
-    n = torch.tensor([x.shape[1]], dtype=torch.long, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(n_ranks)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in sizes]
-    width = max(sizes)
-    if width == 0:
-        return [x.new_zeros(x.shape[0], 0) for _ in range(n_ranks)]
-    padded = x.new_zeros(x.shape[0], width)
-    padded[:, : x.shape[1]] = x
-    out = [torch.empty_like(padded) for _ in range(n_ranks)]
-    dist.all_gather(out, padded, group=group)
-    return [o[:, :s] for o, s in zip(out, sizes)]
-
-
-def global_select(stats, *, strategy: str = DEFAULTS.strategy, keep_ratio: float = DEFAULTS.keep_ratio,
-                  sequence_ids: Optional[torch.Tensor] = None, min_per_sequence: int = DEFAULTS.min_per_sequence,
-                  seed: int = DEFAULTS.seed, global_sequence_ids: bool = False, group=None) -> GlobalSelection:
-    """docs/math.md, Scores and selection over the positions of every rank, as one process would over the concatenation.
-
-    ``stats``: this rank's ``TeachabilityStats`` (only entropy, D, C and ``valid`` are used). What
-    crosses the network: per position five numbers (H_s, D, C, valid, local sequence number) as float64,
-    padded to the longest rank. Every rank then computes the same global quantiles, scores, top-n (ties
-    to the earlier position in rank order) and per-sequence top-up, and keeps its own slice.
-    Sequence ids are made global by numbering each rank's sequences after the previous ranks' (so equal
-    local ids on two ranks are two sequences); ``global_sequence_ids=True`` says the ids already are
-    global (e.g. the prompt index), which also lets one sequence span two ranks. The
-    global flat order is rank 0's positions (flattened), then rank 1's, ...: with [B_r, T] inputs padded
-    to one T, that is the batch concatenated along B, so "random" draws the same numbers too.
-    """
-    valid = stats.valid
-    shape = valid.shape
-    device = valid.device
-    if sequence_ids is None and valid.dim() >= 2:
-        raise ValueError("global_select: pass sequence_ids for [B, T] statistics (None means no sequences, "
-                         "as for [N] positions)")
-    has_seq = sequence_ids is not None
-    n = valid.numel()
-    if has_seq and global_sequence_ids:
-        seq_local = sequence_ids.reshape(-1).to(device).long()
-        if seq_local.numel() and int(seq_local.abs().max()) >= 2 ** 53:
-            raise ValueError("global sequence ids must be below 2**53 in magnitude")
-    elif has_seq:
-        _, seq_local = torch.unique(sequence_ids.reshape(-1).to(device), return_inverse=True)
-    else:
-        seq_local = torch.zeros(n, dtype=torch.long, device=device)
-    packed = torch.stack([
-        stats.entropy_student.reshape(-1).double(),
-        stats.disagreement.reshape(-1).double(),
-        stats.teacher_mass.reshape(-1).double(),
-        valid.reshape(-1).double(),
-        seq_local.double(),
-    ])
-    rank, n_ranks = world(group)
-    if n_ranks > 1:
-        flags = torch.tensor([1 if has_seq else 0], dtype=torch.long, device=device)
-        both = torch.stack([flags, -flags]).squeeze(1)
-        dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
-        if int(both[0]) != -int(both[1]):
-            raise ValueError("global_select: some ranks pass sequence ids and others do not "
-                             "(use the same layout on every rank)")
-    parts = _gather_columns(packed, group)
-    sizes = [p.shape[1] for p in parts]
-    offset = sum(sizes[:rank])
-    seq_parts, base = [], 0
-    for p in parts:
-        s = p[4].long()
-        if global_sequence_ids:
-            seq_parts.append(s)
-            continue
-        seq_parts.append(s + base)
-        base += int(s.max()) + 1 if s.numel() else 0
-    allp = torch.cat(parts, dim=1)
-    g_valid = allp[3] > 0.5
-    score, kept = score_and_select(strategy, entropy=allp[0].float(), disagreement=allp[1].float(),
-                                   teacher_mass=allp[2].float(), valid=g_valid, keep_ratio=keep_ratio,
-                                   sequence_ids=torch.cat(seq_parts) if has_seq else None,
-                                   min_per_sequence=min_per_sequence, seed=seed)
-    mine = slice(offset, offset + n)
-    num_kept, num_valid = torch.stack([kept.sum(), g_valid.sum()]).tolist()  # one host read: the normaliser
-    return GlobalSelection(keep_mask=kept[mine].view(shape), score=score[mine].view(shape),
-                           num_kept=num_kept, num_valid=num_valid)
+# Lockstep
 
 
 def all_ranks_done(done: torch.Tensor, group=None) -> bool:

@@ -44,6 +44,7 @@ import torch
 
 from taopd_kernels import TeachabilityStats, default_vocab_size, fused_teachability_kl, teachability_stats
 from taopd_kernels.estimators import sampled_weight
+from taopd_kernels.selection import select_parts
 
 from . import checkpoint, head, parallel
 from .checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
@@ -304,21 +305,15 @@ def compute_stats(cfg: Config, models: Models, mbs: List[MicroBatch], clock: Opt
 def select(cfg: Config, stats: List[TeachabilityStats], mbs: List[MicroBatch], step: int):
     """One selection over the whole rollout batch (docs/math.md, Scores and selection). Returns (keep masks per micro-batch,
     normaliser = the batch's kept count, the concatenated statistics with score/kept filled in)."""
+    # Under torchrun: over the positions of all ranks, in rank order; sequence ids are global batch
+    # indices (micro_batches' seq_offset).
+    sel = select_parts(stats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
+                       min_per_sequence=cfg.loss.min_per_sequence, seed=step_seed(cfg.seed, step, 3),
+                       sequence_ids=[mb.sequence_ids for mb in mbs], global_sequence_ids=True)
     allstats = TeachabilityStats.concat(stats)
-    seq = torch.cat([mb.sequence_ids.reshape(-1) for mb in mbs])
-    # Under torchrun: over the positions of all ranks, in rank order (parallel.global_select);
-    # sequence ids are global batch indices (micro_batches' seq_offset).
-    sel = parallel.global_select(allstats, strategy=cfg.loss.strategy, keep_ratio=cfg.loss.keep_ratio,
-                                 sequence_ids=seq, min_per_sequence=cfg.loss.min_per_sequence,
-                                 seed=step_seed(cfg.seed, step, 3), global_sequence_ids=True)
-    kept = sel.keep_mask
-    allstats.score, allstats.kept = sel.score, kept
-    masks, start = [], 0
-    for mb in mbs:
-        n = mb.valid.numel()
-        masks.append(kept[start:start + n].view(mb.valid.shape))
-        start += n
-    return masks, float(sel.num_kept), allstats
+    allstats.score = torch.cat([s.reshape(-1) for s in sel.scores])
+    allstats.kept = torch.cat([k.reshape(-1) for k in sel.keep_masks])
+    return sel.keep_masks, float(sel.num_kept), allstats
 
 
 def loss_backward(cfg: Config, models: Models, mb: MicroBatch, teacher_out: tuple,
