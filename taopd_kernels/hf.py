@@ -6,6 +6,9 @@
     loss, stats = TeachabilityKLLoss()(s.hidden, s.weight, t.hidden, t.weight, labels, shift_labels=True,
                                        student_bias=s.bias, teacher_bias=t.bias)
 
+The one-position shift lives in ``next_token_shift`` and only there: the hidden state at position ``t``
+predicts token ``t + 1``.
+
 ``final_hidden_states`` runs the model's backbone (``model.base_model``: the decoder stack including
 its final norm, e.g. ``Qwen3Model``), not the ``lm_head``, so no ``[B, T, V]`` tensor is built.
 ``lm_head_params`` returns the output embedding's weight (the input embedding itself for tied
@@ -40,6 +43,21 @@ class HeadInputs:
     weight: torch.Tensor  # [V, D]
     bias: Optional[torch.Tensor]  # [V] or None
     logit_scale: float = 1.0  # already folded into hidden and bias
+
+
+def next_token_shift(hidden: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None, *,
+                     first_target: int = 1, num_targets: Optional[int] = None):
+    """(hidden states, targets) paired by the next-token shift: the hidden state at position ``t`` predicts
+    token ``t + 1``. For the targets (tokens, labels, masks) ``[..., T]`` at positions ``first_target`` to
+    ``first_target + num_targets - 1`` (default: all of 1 .. T-1) returns ``hidden[..., first_target - 1 :
+    first_target - 1 + num_targets, :]`` and ``targets[..., first_target : first_target + num_targets]``;
+    either argument may be None (then None in its place)."""
+    if first_target < 1:
+        raise ValueError(f"first_target must be >= 1 (token 0 has no position predicting it), got {first_target}")
+    length = hidden.shape[-2] if hidden is not None else targets.shape[-1]
+    stop = length if num_targets is None else first_target + num_targets
+    shifted = None if hidden is None else hidden[..., first_target - 1: stop - 1, :]
+    return shifted, None if targets is None else targets[..., first_target: stop]
 
 
 def _unwrap(model):

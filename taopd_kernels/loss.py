@@ -37,6 +37,7 @@ import torch
 
 from .api import fused_teachability_kl, teachability_stats
 from .estimators import per_position_loss
+from .hf import next_token_shift
 from .options import DEFAULTS, default_vocab_size
 from .selection import select_parts
 from .stats import TeachabilityStats
@@ -68,8 +69,8 @@ def labels_to_positions(labels: torch.Tensor, leading: tuple, vocab_size: int, *
     if shift_labels:
         if labels.dim() < 1 or labels.shape[-1] == 0:
             raise ValueError("shift_labels=True needs labels with a sequence dimension")
-        pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
-        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+        _, following = next_token_shift(targets=labels)
+        labels = torch.cat([following, labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):  # one host sync

@@ -53,3 +53,41 @@ def test_per_position_loss_of_each_estimator():
     assert per_position_loss(Stats, "full") is Stats.kl_reverse
     sampled = per_position_loss(Stats, "sampled")
     assert sampled[0] == -2.0 and torch.isnan(sampled[1])
+
+
+def _is_one_position_slice(node: ast.Slice) -> bool:
+    const = lambda n, v: isinstance(n, ast.Constant) and n.value == v  # noqa: E731
+    minus_one = lambda n: isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and const(n.operand, 1)  # noqa: E731
+    return (const(node.lower, 1) and node.upper is None) or (node.lower is None and minus_one(node.upper)) \
+        or (isinstance(node.lower, ast.BinOp) and isinstance(node.lower.op, ast.Sub) and const(node.lower.right, 1))
+
+
+def test_the_next_token_shift_is_written_once():
+    """``x[:, :-1]`` / ``x[..., 1:]`` / ``x[:, start - 1:]`` on hidden states, labels, tokens or masks: only
+    in hf.next_token_shift."""
+    found = []
+    for name, tree in _sources():
+        for node in ast.walk(tree):
+            value = ast.unparse(node) if isinstance(node, ast.Subscript) else ""
+            if value and "shape" not in ast.unparse(node.value) and any(w in ast.unparse(node.value) for w in
+                                                                            ("hidden", "label", "ids", "mask")):
+                slices = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+                if any(isinstance(s, ast.Slice) and _is_one_position_slice(s) for s in slices):
+                    found.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert [f.split(":")[0] for f in found] == ["taopd_kernels/hf.py"], found
+
+
+def test_next_token_shift_pairs_position_t_with_token_t_plus_1():
+    from taopd_kernels.hf import next_token_shift
+
+    hidden = torch.arange(2 * 6 * 3).view(2, 6, 3)
+    tokens = torch.arange(12).view(2, 6) + 100
+    h, y = next_token_shift(hidden, tokens)
+    assert torch.equal(h, hidden[:, :5]) and torch.equal(y, tokens[:, 1:])
+    h, y = next_token_shift(hidden, tokens, first_target=4, num_targets=2)  # a completion at tokens 4, 5
+    assert torch.equal(h, hidden[:, 3:5]) and torch.equal(y, tokens[:, 4:6])
+    assert next_token_shift(targets=tokens)[0] is None and next_token_shift(hidden)[1] is None
+    import pytest
+
+    with pytest.raises(ValueError, match="first_target"):
+        next_token_shift(hidden, first_target=0)

@@ -80,7 +80,7 @@ class TAOPDConfig(DistillationConfig):
 
 def _aligned(hidden: torch.Tensor, prompt_len: int, completion_len: int) -> torch.Tensor:
     """Hidden states at the positions that predict the completion tokens: [B, C, D]."""
-    return hidden[:, prompt_len - 1: prompt_len - 1 + completion_len]
+    return hf.next_token_shift(hidden, first_target=prompt_len, num_targets=completion_len)[0]
 
 
 def _completion_labels(inputs) -> torch.Tensor:
