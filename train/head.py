@@ -1,15 +1,18 @@
-"""What the fused loss head needs from a transformers causal LM: final hidden states and the lm_head.
+"""What the fused loss head needs from a transformers causal LM: final hidden states and the lm_head,
+from the library's adapter (``taopd_kernels.hf``), inside the (FSDP) forward.
 
 - ``final_hidden``: the last hidden states after the final norm, [B, T, D] (what the lm_head
   multiplies; no logits are ever formed); ``lm_head``: the output embedding's (weight [V, D], bias or
-  None), the input embedding matrix itself when embeddings are tied.
+  None), the input embedding matrix itself when embeddings are tied (``hf.lm_head_params``: a model
+  that caps its logits is refused; a logit scale is folded into the hidden states and bias the loss
+  head gets).
 - ``call_with_full_head(model, ..., fn)``: ``fn(hidden, weight, bias)`` *inside* the model's forward,
   registered as an FSDP2 forward method, so a sharded model hands ``fn`` the full, all-gathered
   lm_head weight (and its gradient goes back through FSDP's reduce-scatter; for tied embeddings into
   the one shared parameter). A plain model works the same way.
-- The one-position shift lives here and only here: the hidden state at position t predicts token
-  t+1, so ``fn`` gets ``hidden[:, :-1]`` and ``loss_positions`` gives ``valid = response_mask[:, 1:]``
-  and ``sampled_ids = input_ids[:, 1:]``.
+- The one-position shift is the library's ``hf.next_token_shift``: the hidden state at position t
+  predicts token t+1, so ``fn`` gets ``hidden[:, :-1]`` and ``loss_positions`` gives
+  ``valid = response_mask[:, 1:]`` and ``sampled_ids = input_ids[:, 1:]``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import types
 from typing import Callable, Optional
 
 import torch
+
+from taopd_kernels.hf import final_hidden_states, lm_head_params, next_token_shift
 
 HEAD_METHOD = "_taopd_call_head"
 
@@ -28,15 +33,13 @@ def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     tokens (left-padded batches), as in generate()."""
     if position_ids is None and attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False, **model_kwargs)
-    return out.last_hidden_state
+    return final_hidden_states(model, input_ids, attention_mask, position_ids=position_ids, **model_kwargs)
 
 
 def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(weight [V, D], bias or None) of the output embedding; tied embeddings: the embedding matrix."""
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    weight, bias, _ = lm_head_params(model)
+    return weight, bias
 
 
 def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -47,18 +50,20 @@ def loss_positions(input_ids: torch.Tensor, response_mask: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid [B, T-1], sampled_ids [B, T-1]) of a [B, T] batch: position t predicts token t+1, and
     counts when that token is a response token (and not padding)."""
-    valid = response_mask[:, 1:].bool()
+    valid = next_token_shift(targets=response_mask)[1].bool()
     if attention_mask is not None:
-        valid = valid & attention_mask[:, 1:].bool()
-    return valid, input_ids[:, 1:].contiguous()
+        valid = valid & next_token_shift(targets=attention_mask)[1].bool()
+    return valid, next_token_shift(targets=input_ids)[1].contiguous()
 
 
 def _head_method(self, input_ids, attention_mask, fn, position_ids=None, **model_kwargs):
     """Runs as (and inside) the root's FSDP forward: decoder -> hidden, then fn(hidden[:, :-1], W, b)."""
     hidden = final_hidden(self, input_ids, attention_mask, position_ids, **model_kwargs)
-    weight, bias = lm_head(self)
+    weight, bias, scale = lm_head_params(self)
     check_full_weight(weight, self.config, what=f"{type(self).__name__}.lm_head.weight")
-    return fn(hidden[:, :-1], weight, bias)  # position t predicts token t + 1 (see loss_positions)
+    if scale != 1.0:  # logits = scale * (h W^T + b) = (scale h) W^T + scale b
+        hidden, bias = hidden * scale, None if bias is None else bias * scale
+    return fn(next_token_shift(hidden)[0], weight, bias)  # position t predicts token t + 1 (see loss_positions)
 
 
 def check_full_weight(weight: torch.Tensor, config, what: str = "lm_head weight") -> None:

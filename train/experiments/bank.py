@@ -10,6 +10,7 @@ from typing import List
 import torch
 
 from taopd_kernels import teachability_stats
+from taopd_kernels.hf import next_token_shift
 
 from .. import head, run
 from ..config import Config
@@ -47,8 +48,8 @@ def hidden_rows(model, bank: Bank, chunk: int) -> torch.Tensor:
     out = []
     for s in range(0, bank.input_ids.shape[0], chunk):
         h = head.final_hidden(model, bank.input_ids[s:s + chunk], bank.attention_mask[s:s + chunk],
-                              bank.position_ids[s:s + chunk])[:, :-1]
-        out.append(h[bank.valid[s:s + chunk]].float())
+                              bank.position_ids[s:s + chunk])
+        out.append(next_token_shift(h)[0][bank.valid[s:s + chunk]].float())
     return torch.cat(out)
 
 
