@@ -16,8 +16,12 @@ either memorised or not. The keys fall into three groups by what the prepared *s
 - ``wrong``: SFT on ``T'`` only: the student is confidently wrong and the teacher's answer, a value the
   student never produced for any key, lies outside its top-16 (high D, low C).
 
-The teacher is SFT'd on ``T`` for every key and on the rule, with corrupted contexts (a wrong word at one
-slot, not trained on) so that it continues correctly after a student's mistake. Values of ``T'`` are
+The student's SFT has two phases: first the rule slots hold random words of the prompt (it learns the
+candidates, not their order) while the lookups are learnt, then the right words, until ~30% of the rule
+slots are right: its rule errors are then mostly the wrong word of the prompt (high C).
+
+The teacher is SFT'd on ``T`` for every key and on the rule, with corrupted contexts (wrong words at some
+slots, not trained on) so that it continues correctly after a student's mistakes. Values of ``T'`` are
 disjoint from those of ``T``. The task is large on purpose: hundreds of task tokens, far more than
 K = 16, so that C measures whether the teacher's answer is among the student's candidates, not the
 teacher's leak onto the ~151k ids the task never uses (with a 15-token alphabet, as in
@@ -50,6 +54,8 @@ N_WORDS = 6
 LAYOUT = (("rule", 5), ("rule", 4), ("sep",), ("lookup", 0), ("sep",), ("rule", 3), ("rule", 2), ("sep",),
           ("lookup", 1), ("sep",), ("rule", 1), ("rule", 0), ("sep",), ("lookup", 2))
 SEP, BAR, EQ = " ;", " |", " ="
+CORRUPT_SLOT = 1 / 3  # the teacher's corrupted contexts: each answer slot wrong with this probability
+DESIGN = 1  # bump when the words, tables, splits or SFT streams change: part of the prepared models' key
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class LookupTask:
         if tokenizer is None:
             tokenizer = _builtin_tokenizer()
         self.tokenizer, self.brief_share = tokenizer, brief_share
+        self.prep_key = ("lookup", DESIGN, list_words, keys_per_group, brief_share)  # prepare._data_key
         g = keys_per_group
         ids = list(word_tokens(tokenizer))
         need = list_words + 3 * g + 5 * g
@@ -201,33 +208,91 @@ class LookupTask:
             ids.update(got)
         return sorted(ids)
 
+    def slot_accuracy(self, pairs) -> Dict[str, float]:
+        """Over (response, example) pairs: the headline (``accuracy``: answer slots right over all classes),
+        ``accuracy/<class>`` for each answer class present and ``exact_match`` (whole responses)."""
+        right, total, exact = {}, {}, 0
+        for response, ex in pairs:
+            exact += self.check(response, ex.answer)
+            for c, ok in self.slot_results(response, ex):
+                right[c] = right.get(c, 0) + ok
+                total[c] = total.get(c, 0) + 1
+        out = {"accuracy": sum(right.values()) / max(1, sum(total.values()))}
+        out.update({f"accuracy/{c}": right[c] / total[c] for c in ANSWER_CLASSES if c in total})
+        out["exact_match"] = exact / max(1, len(pairs))
+        return out
+
     # ------------------------------------------------------------ SFT streams of the prepared models
 
+    def sft_phases(self, role: str, rng: random.Random, target: float, noise: float) -> list:
+        """The compact SFT of ``role`` as phases ``(name, example(), score(pairs), target)``, run in order,
+        each until ``score`` of the greedy validation responses reaches its target (prepare.compact_sft).
+
+        teacher: every slot right (``T``, corrupted contexts with probability ``noise``) until its worst
+        answer class reaches ``target``. student: first the candidates (rule slots hold random prompt
+        words) and the lookups, until the known keys are answered with ``T``, the brief and wrong keys with
+        ``T'`` and rule slots hold prompt words, each in 90% of cases; then the rule in order, until
+        ``target`` of the rule slots are right."""
+        if role == "teacher":
+            worst = lambda pairs: min(v for k, v in self.slot_accuracy(pairs).items() if k.startswith("accuracy/"))  # noqa: E731
+            return [("sft", lambda: self.teacher_example(rng, noise), worst, target)]
+        rule = lambda pairs: self.slot_accuracy(pairs)["accuracy/rule"]  # noqa: E731
+        return [("candidates", lambda: self.student_example(rng, ordered=False), self._candidates_learnt, 0.9),
+                ("rule", lambda: self.student_example(rng, ordered=True), rule, target)]
+
+    def _candidates_learnt(self, pairs) -> float:
+        """The lowest of: known lookups answered with T, brief and wrong lookups with T', rule slots
+        holding a word of the prompt (what the student's first SFT phase teaches)."""
+        hits = {"known": [0, 0], "T'": [0, 0], "copy": [0, 0]}
+        for response, ex in pairs:
+            keys, words = self.parse_prompt(ex.prompt)
+            got = response.split()
+            for i, item in enumerate(LAYOUT):
+                said = got[i] if i < len(got) else None
+                if item[0] == "rule":
+                    h, ok = hits["copy"], said in words
+                elif item[0] == "lookup":
+                    k = keys[item[1]]
+                    known = self.group[k] == "known"
+                    h, ok = hits["known" if known else "T'"], said == (self.table if known else self.wrong_table)[k]
+                else:
+                    continue
+                h[0] += ok
+                h[1] += 1
+        return min(a / max(1, n) for a, n in hits.values())
+
     def teacher_example(self, rng: random.Random, noise: float) -> LookupExample:
-        """``T`` for every key; with probability ``noise`` one slot holds a wrong word (a list word or a
-        value, as a student's mistake would), not trained on, and the rest continues correctly."""
+        """``T`` for every key. With probability ``noise`` the context is corrupted as a student's rollout
+        would be: each answer slot independently with probability ``CORRUPT_SLOT`` (at least one) holds a
+        wrong word (a word of the prompt, another list word or a value), not trained on; the other slots
+        stay right, so the teacher learns to answer every slot whatever was written before it."""
         keys, words = self._train_item(rng)
         items = self.response_items(keys, words)
-        unscored = ()
+        unscored = []
         if rng.random() < noise:
-            i = rng.randrange(len(LAYOUT))
-            pool = self.list_words if rng.random() < 0.5 else self.values
-            wrong = pool[rng.randrange(len(pool))]
-            while wrong == items[i]:
+            slots = [i for i, item in enumerate(LAYOUT) if item[0] != "sep"]
+            unscored = [i for i in slots if rng.random() < CORRUPT_SLOT] or [slots[rng.randrange(len(slots))]]
+            for i in unscored:  # a student mostly writes a wrong word of the prompt: half of them are
+                pool = (words, words, self.list_words, self.values)[rng.randrange(4)]
                 wrong = pool[rng.randrange(len(pool))]
-            items[i], unscored = wrong, (i,)
-        return self._example(keys, words, items, unscored)
+                while wrong == items[i]:
+                    wrong = pool[rng.randrange(len(pool))]
+                items[i] = wrong
+        return self._example(keys, words, items, tuple(unscored))
 
-    def student_example(self, rng: random.Random, rule: bool) -> LookupExample:
+    def student_example(self, rng: random.Random, ordered: bool) -> LookupExample:
         """Lookups per key group (``known``: T, ``brief``: T with probability ``brief_share`` else T',
-        ``wrong``: T'); rule slots trained only when ``rule`` (the student's second phase)."""
+        ``wrong``: T'). Rule slots: the right word when ``ordered`` (the student's second phase), else a
+        word of the prompt drawn at random (the first phase: the student learns which words are candidates,
+        not their order, so that at ~30% rule accuracy the right word is among its top-16)."""
         keys, words = self._train_item(rng)
         table = {k: (self.table[k] if self.group[k] == "known" or
                      self.group[k] == "brief" and rng.random() < self.brief_share else self.wrong_table[k])
                  for k in keys}
         items = self.response_items(keys, words, table)
-        unscored = () if rule else tuple(i for i, item in enumerate(LAYOUT) if item[0] == "rule")
-        return self._example(keys, words, items, unscored)
+        if not ordered:
+            items = [words[rng.randrange(N_WORDS)] if item[0] == "rule" else w for item, w in zip(LAYOUT, items)]
+        return self._example(keys, words, items, ())
 
     def _example(self, keys, words, items, unscored) -> LookupExample:
         return LookupExample(prompt=self.prompt(keys, words), answer="".join(f" {w}" for w in items),
