@@ -191,6 +191,36 @@ def test_every_strategy_runs_from_the_same_config(tmp_path, strategy):
         assert m["kept_fraction"] == 1
 
 
+def test_hooks_see_every_step_and_evaluation(tmp_path):
+    """The loop's callbacks (what the experiments watch a run through): every step's metrics with the loss
+    head's own time, every evaluation with its step and model, and an evaluation the hooks hand in is
+    used instead of evaluating."""
+    from taopd_train.hooks import Hooks
+
+    class Record(Hooks):
+        def __init__(self):
+            self.steps, self.evals, self.asked = [], [], []
+
+        def on_step_end(self, step, metrics):
+            self.steps.append((step, metrics["loss_head_s"]))
+
+        def reuse_evaluation(self, step, which):
+            self.asked.append((step, which))
+            return {"accuracy": 0.75, "n": 1, "samples": []} if which == "teacher" else None
+
+        def on_evaluate(self, step, which, result, model):
+            self.evals.append((step, which, result["accuracy"], model))
+
+    rec = Record()
+    summary = run.train(_tiny_cfg(tmp_path, "optim.steps=2", "eval.every=1"), log=lambda m: None, hooks=rec)
+    assert [s for s, _ in rec.steps] == [1, 2] and all(t > 0 for _, t in rec.steps)
+    assert rec.asked == [(0, "teacher"), (0, "student"), (1, "student"), (2, "student")]
+    assert [(s, w) for s, w, _, _ in rec.evals] == rec.asked
+    assert all((m is rec.evals[1][3]) == (w == "student") for _, w, _, m in rec.evals)  # the model evaluated
+    assert rec.evals[0][2] == 0.75 and summary["teacher_accuracy"] == 0.75  # handed in, not evaluated
+    assert summary["student_after"] == rec.evals[-1][2]
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = ["optim.steps=3", "eval.at_start=false", "eval.every=0", "checkpoint.keep_last=0",
               "optim.warmup_steps=1", "optim.schedule=cosine"]

@@ -76,11 +76,13 @@ class HeadClock:
             self._brackets.append((start, end))
         return loss
 
-    @property
     def seconds(self) -> float:
-        """The time so far, with every backward that has run since it was bracketed."""
+        """The time so far, with every bracketed backward that has run."""
+        pending = []
         for start, end in self._brackets:
             if start and end:
                 self._seconds += end[0] - start[0]
-        self._brackets = [b for b in self._brackets if not (b[0] and b[1])]
+            else:
+                pending.append((start, end))
+        self._brackets = pending
         return self._seconds

@@ -423,7 +423,7 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
         "entropy/all": s["entropy_student/all"], "entropy/kept": s["entropy_student/kept"],
         "response_length": float(resp_len.mean()), "lr": lr, "grad_norm": gnorm,
         "tokens_per_s": tokens / dt, "step_time_s": dt, "rollout_time_s": t_roll - t0, "peak_mem_mb": peak_memory_mb(),
-        "loss_head_s": clock.seconds,
+        "loss_head_s": clock.seconds(),
     }
 
 
