@@ -1,7 +1,13 @@
-"""The metadata every benchmark result carries: device, versions, git commit, date.
+"""What every bench/ script shares: the metadata its results carry (device, versions, git commit, date)
+and the smoke-mode convention.
 
     from _meta import metadata
     result = {**metadata(device), ...}
+
+Smoke mode: every script under bench/ and examples/ takes ``--smoke`` (``add_smoke_option``), which runs
+the same command at tiny shapes and few repeats on the CPU, every stage that can run without CUDA; a
+GPU-only stage at least resolves every function it would call. Results a smoke run writes go to a fresh
+temporary folder (``smoke_dir``) unless the command names one. tests/test_scripts_smoke.py runs them all.
 
 (bench/ is the script's folder, so ``_meta`` imports as a sibling module.)
 """
@@ -11,6 +17,7 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -83,6 +90,20 @@ def metadata(device) -> dict:
 
     return {"device": device_name(device), "driver": driver_version(), "cuda": torch.version.cuda, **versions(),
             "commit": git_commit(), "date": now()}
+
+
+SMOKE_HELP = ("a CPU smoke run of this command: tiny shapes, few repeats, the stages that run without CUDA, "
+              "results in a temporary folder unless one is given")
+
+
+def add_smoke_option(parser) -> None:
+    """``--smoke`` on an argparse parser, with the one help text every script shares."""
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+
+
+def smoke_dir(script: str) -> Path:
+    """A fresh temporary folder (under $TMPDIR) for a smoke run's results: never bench/results/."""
+    return Path(tempfile.mkdtemp(prefix=f"{script}-smoke-"))
 
 
 if __name__ == "__main__":  # python bench/_meta.py [cuda|cpu]: the metadata as JSON (gpu_check.sh's env stage)

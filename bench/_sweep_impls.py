@@ -30,6 +30,11 @@ from typing import Callable, Optional
 
 import torch
 
+# Every library function an implementation calls, imported here so that a rename fails on import (the CPU
+# smoke run included), not on the GPU machine.
+from taopd_kernels import backend_available, fused_teachability_kl, select_top, strategy_scores
+from taopd_kernels.reference import reference_teachability_kl
+
 IMPLS = ("naive", "torch", "triton", "cuda", "liger", "gemm")
 GPU_ONLY = ("triton", "cuda")
 LIGER_HINT = ("liger-kernel is not installed (pip install liger-kernel==0.8.5; offline: see bench/README.md, "
@@ -83,9 +88,7 @@ def available(impl: str, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, f"the {impl} backend runs on a CUDA GPU; this run is on {device.type}"
         try:
-            import taopd_kernels
-
-            ok, reason = taopd_kernels.backend_available(impl, device)
+            ok, reason = backend_available(impl, device)
         except Exception as exc:  # a half-written backend must not stop the sweep
             return False, f"the {impl} backend failed to load: {type(exc).__name__}: {exc}"
         return bool(ok), reason or ("" if ok else f"the {impl} backend is not available")
@@ -121,8 +124,6 @@ def make_inputs(cfg: Config, device: torch.device, seed: int = 0, logit_scale: f
 
 def naive_loss(h_s, w_s, h_t, w_t, *, top_k: int, keep_ratio: float, strategy: str = "teachability"):
     """The TA-OPD loss head as a PyTorch user writes it: full logits for both models, then docs/math.md."""
-    from taopd_kernels import select_top, strategy_scores
-
     zs = (h_s @ w_s.T).float()
     with torch.no_grad():
         zt = (h_t @ w_t.T).float()
@@ -176,12 +177,9 @@ class Case:
             return naive_loss(self.h_s, self.w_s, self.h_t, self.w_t, top_k=cfg.top_k,
                               keep_ratio=cfg.keep_ratio, strategy=self.strategy)
         if impl in ("torch", "triton", "cuda"):
-            from taopd_kernels import fused_teachability_kl
-
-            backend = impl
             loss, _ = fused_teachability_kl(self.h_s, self.w_s, self.h_t, self.w_t, top_k=cfg.top_k,
                                             keep_ratio=cfg.keep_ratio, strategy=self.strategy,
-                                            backend=backend, chunk_rows=cfg.chunk_rows,
+                                            backend=impl, chunk_rows=cfg.chunk_rows,
                                             chunk_vocab=cfg.chunk_vocab, check_finite=False)
             return loss
         if impl == "liger":
@@ -224,8 +222,6 @@ def agreement(impl: str, device: torch.device, *, top_k: int, keep_ratio: float,
     float32 inputs. TA-OPD implementations are checked against the reference's TA-OPD loss; liger
     against the reference with strategy="all" (full-token reverse KL), the loss it computes.
     """
-    from taopd_kernels.reference import reference_teachability_kl
-
     top_k = min(top_k, vocab)
     cfg = Config(tokens=tokens, d_student=d_student, d_teacher=d_teacher, vocab=vocab,
                  dtype=torch.float32, top_k=top_k, keep_ratio=keep_ratio, liger_compiled=liger_compiled)

@@ -2,6 +2,7 @@
 
     python bench/core_vs_reference.py                 # N=2048, V=151,936, D_s=256, D_t=512, float32
     python bench/core_vs_reference.py --tokens 512    # smaller
+    python bench/core_vs_reference.py --smoke         # N=16, V=1,000, D_s=16, D_t=24, 1 thread; JSON in a temp folder
 
 Each implementation runs in its own process; peak extra memory is the process's peak resident set
 (ru_maxrss) after the step minus before it, with the inputs and the gradient buffers allocated first.
@@ -17,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from _meta import add_smoke_option, metadata, smoke_dir
+
+SMOKE = dict(tokens=16, vocab=1000, d_student=16, d_teacher=24, threads=1)
 
 
 def measure(impl: str, tokens: int, vocab: int, d_s: int, d_t: int, threads: int) -> dict:
@@ -54,7 +58,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impl", choices=["reference", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    add_smoke_option(ap)
     args = ap.parse_args()
+    if args.smoke and not args.impl:
+        vars(args).update(SMOKE)
+        args.out = args.out or smoke_dir("core_vs_reference") / "core_vs_reference.json"
     if min(args.tokens, args.vocab, args.d_student, args.d_teacher, args.threads) < 1:
         ap.error("sizes and --threads must be positive")
     if args.impl:  # worker
@@ -75,8 +83,6 @@ def main() -> int:
         print(f"torch / reference: memory {torch_row['peak_extra_mb'] / ref['peak_extra_mb']:.3f}, "
               f"time {torch_row['fwd_bwd_s'] / ref['fwd_bwd_s']:.3f}; losses {torch_row['loss']:.6f} vs {ref['loss']:.6f}")
     if args.out:
-        from _meta import metadata
-
         meta = metadata("cpu")
         args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0 if len(rows) == 2 else 1

@@ -2,6 +2,7 @@
 # The one prepared script for the GPU machine (H100/H200, no network), in stages. From the repository root:
 #
 #     bash bench/gpu_check.sh            # results under $OUT (default: ./gpu_check_out)
+#     bash bench/gpu_check.sh --smoke    # (or SMOKE=1) every stage in its CPU smoke form, see below
 #
 # Stages, in order of what counts; each writes its results under $OUT as soon as it ends, so a run cut
 # short still returns what it reached:
@@ -16,7 +17,15 @@
 # summary.json (every stage: status, seconds; and the env metadata) is rewritten after every stage.
 # The whole script stays within GPU_CHECK_DEADLINE_S (default 300 s) so that one rerun fits a 15-minute
 # device budget with the machine's start. GPU_CHECK_SKIP=install,pytest,... skips stages by name.
+#
+# Smoke mode (CI, no GPU; tests/test_scripts_smoke.py): the same stages with the same commands, each
+# script given --smoke (tiny shapes on the CPU), the install stage without the build (its availability
+# check only), pytest collecting the -m gpu selection without running it; exits 1 if a stage failed.
 set -u
+SMOKE=${SMOKE:-0}
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+SMOKE_FLAG=""
+(( SMOKE )) && SMOKE_FLAG="--smoke"
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
@@ -29,6 +38,7 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # the source tree works eve
 export TAOPD_TRITON_PIN_CONFIG=${TAOPD_TRITON_PIN_CONFIG:-1}
 : >"$LOG"
 STAGES=()
+FAILED=0
 
 summary() {  # rewrite summary.json from the stages so far
   python3 - "$OUT" "${STAGES[@]}" <<'EOF'
@@ -58,6 +68,7 @@ stage() {  # stage NAME MAX_SECONDS COMMAND...   (the limit is cut to what the d
   timeout --kill-after=5 "$limit" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
   rc=$?
   if (( rc == 0 )); then status=ok; elif (( rc == 124 || rc == 137 )); then status=timeout; else status=failed; fi
+  (( rc == 0 )) || FAILED=$(( FAILED + 1 ))
   STAGES+=("$name|$status|$rc|$(( SECONDS - t0 ))")
   summary
   echo "=== [$name] $status rc=$rc in $(( SECONDS - t0 ))s ===" | tee -a "$LOG"
@@ -71,8 +82,10 @@ env_stage() {
 }
 
 install_stage() {
-  TORCH_CUDA_ARCH_LIST=9.0 TAOPD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-    python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
+  if [[ -z "$SMOKE_FLAG" ]]; then
+    TORCH_CUDA_ARCH_LIST=9.0 TAOPD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+      python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
+  fi
   python3 -c "import taopd_kernels, torch; d=torch.device('cuda'); \
 print({n: taopd_kernels.backend_available(n, d) for n in ('torch', 'triton', 'cuda')})"
 }
@@ -80,24 +93,24 @@ print({n: taopd_kernels.backend_available(n, d) for n in ('torch', 'triton', 'cu
 headline_stage() {
   python3 bench/vocab_sweep.py --device cuda --vocab 151936 --impls gemm,triton,cuda,naive --tokens 8192 \
     --d-student 2048 --d-teacher 4096 --dtype bfloat16 --top-k 16 --keep-ratio 0.05 --repeats 3 --warmup 1 \
-    --out "$OUT" --name headline_gpu --no-progress
+    --out "$OUT" --name headline_gpu --no-progress $SMOKE_FLAG
 }
 
 pytest_stage() {
-  python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_triton.py tests/test_cuda.py tests/test_bench.py \
-    2>&1 | tee "$OUT/pytest_gpu.txt"
+  python3 -m pytest -m gpu -q -p no:cacheprovider -rs ${SMOKE_FLAG:+--collect-only} \
+    tests/test_triton.py tests/test_cuda.py tests/test_bench.py 2>&1 | tee "$OUT/pytest_gpu.txt"
   return "${PIPESTATUS[0]}"
 }
 
-export OUT
+export OUT SMOKE_FLAG
 export -f env_stage install_stage headline_stage pytest_stage
 stage env 20 env_stage
 stage install 100 install_stage
 stage headline 100 headline_stage
 stage pytest 80 pytest_stage
 stage sweep 60 python3 bench/vocab_sweep.py --device cuda --out "$OUT" --name vocab_sweep_gpu --repeats 3 \
-  --warmup 1 --no-progress
-stage throughput 40 python3 bench/throughput.py --out "$OUT/throughput.json"
+  --warmup 1 --no-progress $SMOKE_FLAG
+stage throughput 40 python3 bench/throughput.py --out "$OUT/throughput.json" $SMOKE_FLAG
 
 echo "gpu_check.sh: $(( SECONDS - START ))s of a ${DEADLINE}s deadline" | tee -a "$LOG"
 # At most 8 files come back: keep the ones that count, bundle the rest.
@@ -107,4 +120,5 @@ mapfile -t extra < <(cd "$OUT" && find . -type f ! -name gpu_check.log | sed 's#
 if (( ${#extra[@]} )); then
   (cd "$OUT" && tar -czf extras.tar.gz "${extra[@]}" gpu_check.log && rm -f "${extra[@]}" gpu_check.log)
 fi
+(( SMOKE && FAILED )) && exit 1
 exit 0

@@ -4,7 +4,8 @@ the fused loss head (hidden states + lm_head weights, never [N, V] logits) again
 full logits. Reports step time and peak GPU memory per head as JSON.
 
     python bench/throughput.py --out bench/throughput.json                # GPU (H100/H200), 8 x 1,024 tokens
-    python bench/throughput.py --tiny --out /tmp/tp.json                  # CPU smoke run, tiny models
+    python bench/throughput.py --tiny --out /tmp/tp.json                  # CPU, tiny models
+    python bench/throughput.py --smoke                                    # --tiny, one step, temporary folder
 
 A step = teacher forward (no grad) + student forward + loss head + backward + AdamW step, on a synthetic
 batch whose second half of every sequence is the "response" (rollout generation is not timed).
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _meta import metadata
+from _meta import add_smoke_option, metadata, smoke_dir
 
 from taopd_kernels import fused_teachability_kl, teachability_kl_from_logits
 from taopd_train.config import TinyArch, load_config
@@ -77,10 +78,10 @@ def one_step(head, cfg, student, teacher, opt, batch, keep_ratio):
     return float(loss.detach())
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="where to write the JSON results")
-    ap.add_argument("--tiny", action="store_true", help="tiny models on CPU (a smoke run of this script)")
+    ap.add_argument("--out", help="where to write the JSON results (required but with --smoke)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models on CPU")
     ap.add_argument("--batch", type=int, default=None, help="sequences (default 8; --tiny: 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; --tiny: 64)")
     ap.add_argument("--keep-ratio", type=float, default=0.10)
@@ -88,7 +89,57 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per head (after one warm-up step)")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--tiny-dir", default="/tmp/taopd-throughput-tiny")
+    add_smoke_option(ap)
     args = ap.parse_args(argv)
+    if args.smoke:  # --tiny, one timed step, everything in a temporary folder
+        folder = smoke_dir("throughput")
+        args.tiny, args.steps, args.tiny_dir = True, 1, str(folder / "tiny")
+        args.out = args.out or str(folder / "throughput.json")
+    if args.out is None:
+        ap.error("the following arguments are required: --out")
+    return args
+
+
+def synthetic_batch(B: int, T: int, device) -> tuple:
+    """(ids, attention mask, positions, response mask): random tokens, the second half of every sequence
+    the response."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 151_643, (B, T), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(T, device=device).expand(B, T)
+    resp = torch.zeros_like(ids)
+    resp[:, T // 2:] = 1
+    return ids, mask, pos, resp
+
+
+def time_head(head: str, args, cfg, student, teacher, opt, batch, device) -> dict:
+    """One warm-up step, then ``args.steps`` timed ones: the head's record (or its out-of-memory)."""
+    B, T = batch[0].shape
+    try:
+        one_step(head, cfg, student, teacher, opt, batch, args.keep_ratio)  # warm-up (allocations, autotune)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times, loss = [], None
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            loss = one_step(head, cfg, student, teacher, opt, batch, args.keep_ratio)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        rec = {"status": "ok", "step_time_s": sorted(times)[len(times) // 2], "step_times_s": times,
+               "tokens_per_s": B * T / sorted(times)[len(times) // 2], "loss": loss}
+        if device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    except torch.cuda.OutOfMemoryError as e:  # the naive heads can run out of memory: that is a result
+        rec = {"status": "oom", "error": str(e).splitlines()[0]}
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return rec
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("throughput.py: no CUDA device; this measurement needs a GPU (use --tiny for a CPU smoke run)",
               file=sys.stderr)
@@ -98,45 +149,19 @@ def main(argv=None) -> int:
     T = args.seq_len or (64 if args.tiny else 1024)
     cfg, student, teacher = build(args, device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.9, 0.98), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 151_643, (B, T), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    pos = torch.arange(T, device=device).expand(B, T)
-    resp = torch.zeros_like(ids)
-    resp[:, T // 2:] = 1  # the second half of every sequence is the response
-    batch = (ids, mask, pos, resp)
+    batch = synthetic_batch(B, T, device)
     result = {
         **metadata(device),
         "setup": {"student": "tiny" if args.tiny else "Qwen3-1.7B (random init)",
                   "teacher": "tiny" if args.tiny else "Qwen3-4B (random init)",
                   "dtype": "float32" if args.tiny else "bfloat16", "batch": B, "seq_len": T,
-                  "response_tokens": int(resp[:, 1:].sum()), "keep_ratio": args.keep_ratio, "top_k": cfg.loss.top_k,
-                  "estimator": cfg.loss.estimator, "vocab_size": cfg.loss.vocab_size, "optimizer": "AdamW"},
+                  "response_tokens": int(batch[3][:, 1:].sum()), "keep_ratio": args.keep_ratio,
+                  "top_k": cfg.loss.top_k, "estimator": cfg.loss.estimator, "vocab_size": cfg.loss.vocab_size,
+                  "optimizer": "AdamW"},
         "heads": {},
     }
     for head in args.heads.split(","):
-        rec = {}
-        try:
-            one_step(head, cfg, student, teacher, opt, batch, args.keep_ratio)  # warm-up (allocations, autotune)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            times, loss = [], None
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                loss = one_step(head, cfg, student, teacher, opt, batch, args.keep_ratio)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            rec = {"status": "ok", "step_time_s": sorted(times)[len(times) // 2], "step_times_s": times,
-                   "tokens_per_s": B * T / sorted(times)[len(times) // 2], "loss": loss}
-            if device.type == "cuda":
-                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        except torch.cuda.OutOfMemoryError as e:  # the naive heads can run out of memory: that is a result
-            rec = {"status": "oom", "error": str(e).splitlines()[0]}
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-        result["heads"][head] = rec
+        result["heads"][head] = rec = time_head(head, args, cfg, student, teacher, opt, batch, device)
         print(f"{head:>7}: {json.dumps(rec)}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

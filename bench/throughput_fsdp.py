@@ -11,8 +11,10 @@ transformers generate() of N new tokens on the sharded student.
     python bench/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b --no-shard
     # several GPUs:
     torchrun --nproc_per_node=8 bench/throughput_fsdp.py --student qwen3-1.7b --teacher qwen3-4b
-    # CPU smoke test (tiny models, gloo):
+    # CPU, tiny models, gloo:
     python bench/throughput_fsdp.py --tiny --device cpu --steps 2 --warmup 1 --out /tmp/tp_fsdp.json
+    # smoke run: the same on 2 processes (torchrun on gloo), one step, generate() of 2 tokens, temporary folder
+    python bench/throughput_fsdp.py --smoke
 
 Per step (after ``--warmup`` steps), the driver's own phases (taopd_train.run): ``compute_stats``
 (teacher and student forwards without grad, statistics), ``select`` (global selection),
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _meta import metadata
+from _meta import add_smoke_option, metadata, smoke_dir
 
 import taopd_train.parallel as parallel
 from taopd_train import run
@@ -64,7 +68,7 @@ def build(name: str, dtype: torch.dtype, device: torch.device, seed: int, attn: 
     return model.to(dtype)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", default="qwen3-1.7b")
     p.add_argument("--teacher", default="qwen3-4b")
@@ -87,14 +91,30 @@ def main(argv=None):
     p.add_argument("--generate", type=int, default=0, metavar="N", help="also time generate() of N tokens")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", "--out", dest="json", default=None, help="write the summary here (JSON)")
+    add_smoke_option(p)
     a = p.parse_args(argv)
+    if a.smoke:
+        a.preset, a.device, a.dtype, a.steps, a.warmup, a.generate = "tiny", "cpu", "fp32", 1, 0, a.generate or 2
     if a.tiny:
         a.preset = "tiny"
     if a.preset == "tiny":
         a.student, a.teacher = "tiny", "tiny-teacher"
         a.prompt_len, a.response_len, a.batch = min(a.prompt_len, 8), min(a.response_len, 24), min(a.batch, 2)
+    return a
 
-    ctx = parallel.init_distributed(device=a.device, force=not a.no_shard)
+
+def launch_smoke(argv) -> int:
+    """--smoke outside torchrun: this command again on 2 processes (torchrun, gloo), its summary in a
+    temporary folder unless --json names one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg in ("--json", "--out") or arg.startswith(("--json=", "--out=")) for arg in argv):
+        argv += ["--json", str(smoke_dir("throughput_fsdp") / "throughput_fsdp.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *argv]
+    return subprocess.run(cmd).returncode
+
+
+def setup(a, ctx):
+    """(config, models, optimizer): the student sharded (FSDP2) when a process group is up."""
     dev = ctx.device
     compute = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     # Student: float32 master weights (the optimizer's), compute in `compute` through FSDP2's policy.
@@ -107,17 +127,22 @@ def main(argv=None):
     cfg = load_config(None, [f"loss.strategy={a.strategy}", f"loss.estimator={a.estimator}",
                              f"loss.keep_ratio={a.keep_ratio}", f"loss.top_k={a.top_k}", f"loss.backend={a.backend}",
                              f"rollout.micro_batch_size={a.batch}", "loss.vocab_size=null"])
-    models = run.Models(student, teacher, tokenizer=None, task=None)
+    return cfg, run.Models(student, teacher, tokenizer=None, task=None), opt
 
-    vocab = student.config.vocab_size
+
+def synthetic_rollout(a, ctx, vocab: int) -> Rollout:
+    """Random tokens (the step's cost does not depend on them), each rank its own; the last
+    ``response_len`` tokens of every sequence are the response."""
     seq_len = a.prompt_len + a.response_len
     g = torch.Generator(device="cpu").manual_seed(1000 + ctx.rank)
-    ids = torch.randint(0, vocab, (a.batch, seq_len), generator=g).to(dev)
-    attn = torch.ones_like(ids)
+    ids = torch.randint(0, vocab, (a.batch, seq_len), generator=g).to(ctx.device)
     resp = torch.zeros_like(ids)
     resp[:, a.prompt_len:] = 1
-    mbs = run.micro_batches(cfg, Rollout(ids, attn, resp, a.prompt_len), seq_offset=ctx.rank * a.batch)
+    return Rollout(ids, torch.ones_like(ids), resp, a.prompt_len)
 
+
+def timer(dev):
+    """``timed(fn) -> (fn(), seconds)``, synchronising a CUDA device before and after."""
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -129,6 +154,11 @@ def main(argv=None):
         sync()
         return out, time.perf_counter() - t
 
+    return timed
+
+
+def timed_steps(a, ctx, cfg, models, opt, mbs, timed) -> list[dict]:
+    """``a.warmup + a.steps`` training steps, each phase timed; the rows of the timed steps."""
     rows = []
     for step in range(a.warmup + a.steps):
         (stats, t_out), t_stats = timed(lambda: run.compute_stats(cfg, models, mbs))
@@ -145,16 +175,13 @@ def main(argv=None):
             rows.append(row)
         if ctx.is_main:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    return rows
 
-    gen_s = None
-    if a.generate:
-        prompt = ids[:, : a.prompt_len]
-        _, gen_s = timed(lambda: student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                                  max_new_tokens=a.generate, min_new_tokens=a.generate, do_sample=True,
-                                                  pad_token_id=0, synced_gpus=ctx.world_size > 1))
 
+def summarize(a, ctx, rows: list[dict], gen_s) -> dict:
     step_s = sum(r["step_s"] for r in rows) / max(len(rows), 1)
-    summary = dict(
+    dev = ctx.device
+    return dict(
         student=a.student, teacher=a.teacher, world_size=ctx.world_size, sharded=ctx.distributed,
         teacher_mode=a.teacher_mode, dtype=a.dtype, batch_per_rank=a.batch, prompt_len=a.prompt_len,
         response_len=a.response_len, keep_ratio=a.keep_ratio, strategy=a.strategy, estimator=a.estimator,
@@ -165,6 +192,25 @@ def main(argv=None):
         peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
         **metadata(dev),
     )
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.smoke and not a.no_shard and not parallel.launched_by_torchrun():
+        raise SystemExit(launch_smoke(argv))
+    ctx = parallel.init_distributed(device=a.device, force=not a.no_shard)
+    cfg, models, opt = setup(a, ctx)
+    ro = synthetic_rollout(a, ctx, models.student.config.vocab_size)
+    mbs = run.micro_batches(cfg, ro, seq_offset=ctx.rank * a.batch)
+    timed = timer(ctx.device)
+    rows = timed_steps(a, ctx, cfg, models, opt, mbs, timed)
+    gen_s = None
+    if a.generate:
+        prompt = ro.input_ids[:, : a.prompt_len]
+        _, gen_s = timed(lambda: models.student.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=a.generate,
+            min_new_tokens=a.generate, do_sample=True, pad_token_id=0, synced_gpus=ctx.world_size > 1))
+    summary = summarize(a, ctx, rows, gen_s)
     if ctx.is_main:
         print(json.dumps(summary, indent=1))
         if a.json:

@@ -3,6 +3,7 @@
 
     python bench/vocab_sweep.py                       # defaults for this machine (CPU or GPU)
     python bench/vocab_sweep.py --vocab 32000,151936 --impls naive,torch,gemm --repeats 5
+    python bench/vocab_sweep.py --smoke               # any command, at tiny shapes on the CPU (a smoke test)
 
 Writes <out>/<name>.json, .csv, .md (the table) and .png (time and peak memory against V), and prints
 the table. See bench/README.md for what each column means and how memory is measured.
@@ -29,13 +30,16 @@ import time
 import traceback
 from pathlib import Path
 
-from _meta import metadata
+from _meta import add_smoke_option, metadata, smoke_dir
 
 HERE = Path(__file__).resolve().parent
 
 QWEN_VOCABS = (32000, 65536, 128256, 151936, 152064, 262144)
 CPU_DEFAULTS = dict(tokens=256, d_student=128, d_teacher=256, dtype="float32", repeats=3, warmup=1)
 GPU_DEFAULTS = dict(tokens=8192, d_student=2048, d_teacher=4096, dtype="bfloat16", repeats=10, warmup=3)
+# --smoke: what replaces the command's own sizes (its other options stay as given).
+SMOKE = dict(device="cpu", vocab=[1000], tokens=64, d_student=32, d_teacher=48, repeats=1, warmup=0,
+             no_progress=True)
 DTYPES = ("float32", "bfloat16", "float16")
 RESULT_TAG = "VOCAB_SWEEP_RESULT "
 ROW_KEYS = ("impl", "vocab", "tokens", "d_student", "d_teacher", "dtype", "top_k", "keep_ratio", "fwd_ms",
@@ -74,7 +78,7 @@ def _vocab_list(text: str) -> list[int]:
 
 
 def _impl_list(text: str) -> list[str]:
-    from sweep_impls import IMPLS
+    from _sweep_impls import IMPLS
 
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -97,7 +101,7 @@ def _ratio(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sweep_impls import IMPLS
+    from _sweep_impls import IMPLS
 
     p = argparse.ArgumentParser(
         prog="vocab_sweep.py",
@@ -137,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="only redraw the PNG and the table (.md) of an earlier run's JSON, next to it")
+    add_smoke_option(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -150,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not args.replot.is_file():
             parser.error(f"--replot: no such file {str(args.replot)!r}")
         return args
+    if args.smoke:
+        vars(args).update(SMOKE)
+        if args.out.resolve() == (HERE / "results").resolve():
+            args.out = smoke_dir("vocab_sweep")
     import torch
 
     if args.device == "auto":
@@ -279,14 +288,14 @@ def run_case(spec: dict) -> dict:
     """Measure one (implementation, V). ``spec`` is JSON-able (it crosses a process boundary)."""
     import torch
 
-    from sweep_impls import Case, Config, grad_bytes, kept_count
+    from _sweep_impls import Case, Config, grad_bytes, kept_count
 
     device = torch.device(spec["device"])
     cfg = Config(tokens=spec["tokens"], d_student=spec["d_student"], d_teacher=spec["d_teacher"],
                  vocab=spec["vocab"], dtype=getattr(torch, spec["dtype"]), top_k=spec["top_k"],
                  keep_ratio=spec["keep_ratio"], liger_compiled=spec["liger_compiled"],
                  chunk_rows=spec.get("chunk_rows"), chunk_vocab=spec.get("chunk_vocab"))
-    from sweep_impls import make_inputs
+    from _sweep_impls import make_inputs
 
     inputs = make_inputs(cfg, device, seed=spec.get("seed", 0))
     case = Case(spec["impl"], cfg, inputs)
@@ -525,60 +534,82 @@ def replot(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker is not None:
-        return worker_main(args.worker)
-    if args.replot is not None:
-        return replot(args.replot)
+def run_metadata(args, device) -> dict:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from sweep_impls import Config, agreement, available, flops
-
-    t_start = time.perf_counter()
-    device = torch.device(args.device)
-    meta = {"threads": torch.get_num_threads(), **metadata(device),
-            "host": platform.node(), "loadavg_start": _loadavg(), "memory_method": "cuda-allocator-peak" if device.type == "cuda" else "rss-hwm",
+    return {"threads": torch.get_num_threads(), **metadata(device), "host": platform.node(),
+            "loadavg_start": _loadavg(),
+            "memory_method": "cuda-allocator-peak" if device.type == "cuda" else "rss-hwm",
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}}
-    print(f"vocab_sweep: {meta['device']}, torch {meta['torch']}, N={args.tokens}, D_s={args.d_student}, "
-          f"D_t={args.d_teacher}, {args.dtype}, K={args.top_k}, keep_ratio={args.keep_ratio}, "
-          f"V={','.join(map(str, args.vocab))}", flush=True)
+
+
+def runnable(requested: list[str], device) -> tuple[list[str], dict]:
+    """(the implementations that can run here, {implementation: why not} for the others)."""
+    from _sweep_impls import available
 
     impls, skipped = [], {}
-    for impl in args.impls:
+    for impl in requested:
         ok, reason = available(impl, device)
         if ok:
             impls.append(impl)
         else:
             skipped[impl] = reason
             print(f"  skipping {impl}: {reason}", flush=True)
-    meta["skipped"] = skipped
-    if not impls:
-        print("vocab_sweep: nothing to run", file=sys.stderr)
-        return 2
+    return impls, skipped
+
+
+def check_agreement(impls: list[str], device, args) -> dict:
+    """Each implementation (but gemm) against taopd_kernels.reference at a small size, printed as it goes."""
+    from _sweep_impls import agreement
 
     agree = {}
-    if not args.no_check:
-        for impl in impls:
-            if impl == "gemm":
-                continue
-            try:
-                # liger eager: the check is of the math, and a compile here would only cost time
-                agree[impl] = agreement(impl, device, top_k=args.top_k, keep_ratio=args.keep_ratio,
-                                        liger_compiled=False)
-            except Exception as exc:
-                agree[impl] = {"impl": impl, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            a = agree[impl]
-            if "error" in a:
-                print(f"  agreement {impl}: FAILED to run: {a['error']}", flush=True)
-            else:
-                print(f"  agreement {impl}: loss {a['loss']:.6g} vs reference {a['reference']:.6g} "
-                      f"(rel err {a['rel_err']:.1e}, dW rel err {a['grad_w_rel_err']:.1e}) "
-                      f"{'ok' if a['ok'] else 'MISMATCH'}", flush=True)
-    meta["agreement"] = agree
+    for impl in impls:
+        if impl == "gemm":
+            continue
+        try:
+            # liger eager: the check is of the math, and a compile here would only cost time
+            agree[impl] = agreement(impl, device, top_k=args.top_k, keep_ratio=args.keep_ratio,
+                                    liger_compiled=False)
+        except Exception as exc:
+            agree[impl] = {"impl": impl, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        a = agree[impl]
+        if "error" in a:
+            print(f"  agreement {impl}: FAILED to run: {a['error']}", flush=True)
+        else:
+            print(f"  agreement {impl}: loss {a['loss']:.6g} vs reference {a['reference']:.6g} "
+                  f"(rel err {a['rel_err']:.1e}, dW rel err {a['grad_w_rel_err']:.1e}) "
+                  f"{'ok' if a['ok'] else 'MISMATCH'}", flush=True)
+    return agree
+
+
+def measure_row(impl: str, vocab: int, args, agree: dict, threads: int) -> tuple[dict, str | None]:
+    """One (implementation, V) measured (in its own process with --isolate process): (the result row, the
+    traceback of its error or None)."""
+    import torch
+
+    from _sweep_impls import Config, flops
+
+    spec = {"impl": impl, "vocab": vocab, "tokens": args.tokens, "d_student": args.d_student,
+            "d_teacher": args.d_teacher, "dtype": args.dtype, "top_k": args.top_k,
+            "keep_ratio": args.keep_ratio, "repeats": args.repeats, "warmup": args.warmup,
+            "device": args.device, "liger_compiled": args.liger_compiled == "on",
+            "chunk_rows": args.chunk_rows, "chunk_vocab": args.chunk_vocab, "threads": threads}
+    result = run_isolated(spec) if args.isolate == "process" else run_inline(spec)
+    cfg = Config(tokens=args.tokens, d_student=args.d_student, d_teacher=args.d_teacher, vocab=vocab,
+                 dtype=getattr(torch, args.dtype), top_k=args.top_k, keep_ratio=args.keep_ratio)
+    f_fwd, f_fb = flops(impl, cfg)
+    row = {"impl": impl, "vocab": vocab, "tokens": args.tokens, "d_student": args.d_student,
+           "d_teacher": args.d_teacher, "dtype": args.dtype, "top_k": args.top_k,
+           "keep_ratio": args.keep_ratio, "fwd_ms": None, "fwd_bwd_ms": None, "peak_extra_mb": None,
+           "repeats": args.repeats, "flops_fwd": f_fwd, "flops_fwd_bwd": f_fb,
+           "agree": agree.get(impl, {}).get("ok") if impl in agree else None}
+    row.update({k: val for k, val in result.items() if k != "traceback"})
+    return row, result.get("traceback")
+
+
+def sweep(args, impls: list[str], agree: dict, meta: dict) -> list[dict]:
+    """Every (implementation, V), the results rewritten after each (a killed run keeps its rows)."""
+    import torch
 
     jobs = [(impl, v) for v in args.vocab for impl in impls]
     try:
@@ -591,33 +622,22 @@ def main(argv=None) -> int:
     for impl, v in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{impl} V={v:,}")
-        spec = {"impl": impl, "vocab": v, "tokens": args.tokens, "d_student": args.d_student,
-                "d_teacher": args.d_teacher, "dtype": args.dtype, "top_k": args.top_k,
-                "keep_ratio": args.keep_ratio, "repeats": args.repeats, "warmup": args.warmup,
-                "device": args.device, "liger_compiled": args.liger_compiled == "on",
-                "chunk_rows": args.chunk_rows, "chunk_vocab": args.chunk_vocab,
-                "threads": torch.get_num_threads()}
-        result = run_isolated(spec) if args.isolate == "process" else run_inline(spec)
-        cfg = Config(tokens=args.tokens, d_student=args.d_student, d_teacher=args.d_teacher, vocab=v,
-                     dtype=getattr(torch, args.dtype), top_k=args.top_k, keep_ratio=args.keep_ratio)
-        f_fwd, f_fb = flops(impl, cfg)
-        row = {"impl": impl, "vocab": v, "tokens": args.tokens, "d_student": args.d_student,
-               "d_teacher": args.d_teacher, "dtype": args.dtype, "top_k": args.top_k,
-               "keep_ratio": args.keep_ratio, "fwd_ms": None, "fwd_bwd_ms": None, "peak_extra_mb": None,
-               "repeats": args.repeats, "flops_fwd": f_fwd, "flops_fwd_bwd": f_fb,
-               "agree": agree.get(impl, {}).get("ok") if impl in agree else None}
-        row.update({k: val for k, val in result.items() if k != "traceback"})
-        if result.get("error"):
-            msg = f"  {impl} V={v:,}: {result['error']}"
+        row, trace = measure_row(impl, v, args, agree, torch.get_num_threads())
+        if row.get("error"):
+            msg = f"  {impl} V={v:,}: {row['error']}"
             (bar.write if hasattr(bar, "write") else print)(msg)
-            if result.get("traceback"):
-                print(result["traceback"], file=sys.stderr)
+            if trace:
+                print(trace, file=sys.stderr)
         rows.append(row)
         add_derived(rows)
-        write_results(meta, rows, args.out, args.name)  # after every case: a killed run keeps its rows
+        write_results(meta, rows, args.out, args.name)
     if hasattr(bar, "close"):
         bar.close()
+    return rows
 
+
+def finish(args, meta: dict, rows: list[dict], t_start: float) -> dict:
+    """The final JSON, CSV, table and plot; prints the table and the paths written."""
     meta["loadavg_end"] = _loadavg()
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     meta["cpu_s"] = round(_cpu_seconds(), 1)
@@ -631,8 +651,34 @@ def main(argv=None) -> int:
     print()
     print("\n".join(table_lines(rows)))
     print()
-    for kind, path in paths.items():
+    for path in paths.values():
         print(f"wrote {path}")
+    return paths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        return worker_main(args.worker)
+    if args.replot is not None:
+        return replot(args.replot)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    meta = run_metadata(args, device)
+    print(f"vocab_sweep: {meta['device']}, torch {meta['torch']}, N={args.tokens}, D_s={args.d_student}, "
+          f"D_t={args.d_teacher}, {args.dtype}, K={args.top_k}, keep_ratio={args.keep_ratio}, "
+          f"V={','.join(map(str, args.vocab))}", flush=True)
+    impls, meta["skipped"] = runnable(args.impls, device)
+    if not impls:
+        print("vocab_sweep: nothing to run", file=sys.stderr)
+        return 2
+    agree = meta["agreement"] = {} if args.no_check else check_agreement(impls, device, args)
+    rows = sweep(args, impls, agree, meta)
+    paths = finish(args, meta, rows, t_start)
     bad = [impl for impl, a in agree.items() if not a.get("ok")]
     if bad:
         print(f"vocab_sweep: the loss of {', '.join(bad)} does not agree with taopd_kernels.reference "

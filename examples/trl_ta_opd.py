@@ -5,9 +5,12 @@ the teachable positions (taopd_kernels.integrations.trl.TAOPDTrainer).
     python examples/trl_ta_opd.py --student Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-4B --keep-ratio 0.05
     # a self-contained smoke run on tiny random models (no downloads, CPU, seconds):
     python examples/trl_ta_opd.py --tiny
+    # the smoke test (tests/test_scripts_smoke.py): --tiny, one step, outputs in a temporary folder
+    python examples/trl_ta_opd.py --smoke
 """
 
 import argparse
+import tempfile
 
 import datasets
 import torch
@@ -48,7 +51,10 @@ def main(argv=None):
     p.add_argument("--strategy", default="teachability"), p.add_argument("--keep-ratio", type=float, default=0.05)
     p.add_argument("--top-k", type=int, default=16), p.add_argument("--estimator", default="full")
     p.add_argument("--max-steps", type=int, default=2), p.add_argument("--output-dir", default="ta_opd_out")
+    p.add_argument("--smoke", action="store_true", help="a CPU smoke run: --tiny, one step, a temporary folder")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.tiny, a.max_steps, a.output_dir = True, 1, tempfile.mkdtemp(prefix="trl_ta_opd-smoke-")
     common = dict(output_dir=a.output_dir, max_steps=a.max_steps, logging_steps=1, report_to="none",
                   taopd_strategy=a.strategy, taopd_keep_ratio=a.keep_ratio, taopd_top_k=a.top_k,
                   taopd_estimator=a.estimator, save_strategy="no")

@@ -2,7 +2,7 @@
 shared metadata, and the throughput scripts (bench/throughput.py, bench/throughput_fsdp.py).
 
 The scripts are loaded from their files (bench/ is not a package); their sibling imports (``_meta``,
-``sweep_impls``) resolve through ``sys.modules``, where ``helpers.load_bench`` registers each module it loads.
+``_sweep_impls``) resolve through ``sys.modules``, where ``helpers.load_bench`` registers each module it loads.
 """
 
 import csv
@@ -18,7 +18,7 @@ from helpers import BENCH, load_bench
 
 
 _meta = load_bench("_meta")
-sweep_impls = load_bench("sweep_impls")
+sweep_impls = load_bench("_sweep_impls")
 vocab_sweep = load_bench("vocab_sweep")
 
 TINY = ["--tokens", "64", "--d-student", "32", "--d-teacher", "48", "--repeats", "1", "--warmup", "0",
