@@ -36,6 +36,7 @@ from .options import (
     check_selection_options,
     check_tensor,
     default_vocab_size,
+    with_option_docs,
 )
 from .selection import default_sequence_ids, score_and_select
 from .stats import RowStats, TeachabilityStats, scatter_rows
@@ -206,8 +207,7 @@ class _BackwardPlan:
     normalizer: object  # float, or a device scalar the caller passed
     estimator: str
     opts: HeadOptions
-    lse_s: torch.Tensor
-    expected_gap: torch.Tensor
+    lse_s: torch.Tensor  # the statistics' log-sum-exps, compared with the backward's when ``verify_lse``
     sampled_ids: Optional[torch.Tensor]
     sampled_weight: Optional[torch.Tensor]
     num_student: int
@@ -221,7 +221,6 @@ class _BackwardPlan:
         scale = grad_output.float() / (self.normalizer * self.opts.temperature)
         row_coef = scale.expand(i.numel()) if self.row_weight is None else scale * pick(self.row_weight).float()
         return dict(vocab_size=self.opts.vocab_size, temperature=self.opts.temperature, estimator=self.estimator,
-                    lse_s=pick(self.lse_s), expected_gap=None if self.estimator == "sampled" else pick(self.expected_gap),
                     row_coef=row_coef.contiguous(), sampled_ids=pick(self.sampled_ids),
                     sampled_weight=pick(self.sampled_weight), chunk_rows=self.opts.chunk_rows,
                     chunk_vocab=self.opts.chunk_vocab)
@@ -346,42 +345,63 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
                          sampled_ids=pos.sampled_ids is not None, inputs=head.signature())
     reused = stats is not None
     if stats is None:
-        (pos.num_valid,) = checks.read(pos.valid.sum())  # host sync 1: before any heavy work
-        pos.valid_idx = _first_true(pos.valid, pos.num_valid)
-        with torch.no_grad():
-            rows = head.row_stats(impl, pos, opts)
-        stats = scatter_rows(rows, pos.valid, pos.valid_idx, pos.leading, opts.top_k)
-        lse_s, lse_t = stats.lse_student.reshape(-1), stats.lse_teacher.reshape(-1)
-        # No finite logit in the used vocabulary for a model: not a valid position (docs/math.md, Conventions).
-        empty_row = pos.valid & ((lse_s == -math.inf) | (lse_t == -math.inf))
-        overflow = pos.valid & ~empty_row & ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
-        checks.add(overflow.any(), lambda: ValueError(
-            "the logits are NaN or overflow float32 (log-sum-exp not finite) at some valid positions: the "
-            "hidden states or weights are too large for float32 logits, or hold NaN"))
-        stats.valid, stats.dropped = (pos.valid & ~empty_row).view(pos.leading), empty_row.view(pos.leading)
+        stats = _fresh_stats(head, impl, pos, opts, checks)
         stats.backend, stats.computed_from = name, computed_from
-        if pos.sampled_ids is not None:
-            stats.sampled_ids = torch.where(pos.valid, pos.sampled_ids, -1).view(pos.leading)
     else:
         _check_reuse(stats, computed_from, pos, checks, opts.estimator)
         stats = dataclasses.replace(stats)  # the caller's object is never changed
-    valid = stats.valid.reshape(-1)
-
-    if keep_mask is not None:
-        # The kept set was chosen elsewhere (e.g. globally across ranks): stats.score stays as given.
-        kept = check_position_tensor("keep_mask", keep_mask, pos.leading, device, kind="mask",
-                                     checks=checks).reshape(-1) & valid
-        stats.kept = kept.view(pos.leading)
-    elif select.strategy is not None:
-        score, kept = score_and_select(
-            select.strategy, entropy=stats.entropy_student.reshape(-1), disagreement=stats.disagreement.reshape(-1),
-            teacher_mass=stats.teacher_mass.reshape(-1), valid=valid, keep_ratio=select.keep_ratio,
-            sequence_ids=pos.sequence_ids, min_per_sequence=select.min_per_sequence, seed=select.seed)
-        stats.score, stats.kept = score.view(pos.leading), kept.view(pos.leading)
+    kept = _kept(stats, pos, select, keep_mask, checks)
     if not want_loss:
         checks.read()  # host sync 2: the checks on the statistics
         return None, stats
+    return _loss(head, impl, stats, kept, pos, opts, checks, normalizer=normalizer, row_weight=row_weight,
+                 verify_lse=reused), stats
 
+
+def _fresh_stats(head, impl, pos: _Positions, opts: HeadOptions, checks: DeferredChecks) -> TeachabilityStats:
+    """The backend's statistics of the valid positions, placed at the caller's positions."""
+    (pos.num_valid,) = checks.read(pos.valid.sum())  # host sync 1: before any heavy work
+    pos.valid_idx = _first_true(pos.valid, pos.num_valid)
+    with torch.no_grad():
+        rows = head.row_stats(impl, pos, opts)
+    stats = scatter_rows(rows, pos.valid, pos.valid_idx, pos.leading, opts.top_k)
+    lse_s, lse_t = stats.lse_student.reshape(-1), stats.lse_teacher.reshape(-1)
+    # No finite logit in the used vocabulary for a model: not a valid position (docs/math.md, Conventions).
+    empty_row = pos.valid & ((lse_s == -math.inf) | (lse_t == -math.inf))
+    overflow = pos.valid & ~empty_row & ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
+    checks.add(overflow.any(), lambda: ValueError(
+        "the logits are NaN or overflow float32 (log-sum-exp not finite) at some valid positions: the "
+        "hidden states or weights are too large for float32 logits, or hold NaN"))
+    stats.valid, stats.dropped = (pos.valid & ~empty_row).view(pos.leading), empty_row.view(pos.leading)
+    if pos.sampled_ids is not None:
+        stats.sampled_ids = torch.where(pos.valid, pos.sampled_ids, -1).view(pos.leading)
+    return stats
+
+
+def _kept(stats: TeachabilityStats, pos: _Positions, select: SelectionOptions, keep_mask,
+          checks: DeferredChecks) -> Optional[torch.Tensor]:
+    """The kept mask [N], also set as ``stats.kept`` (and ``stats.score`` when selected here); None for
+    statistics only (no ``keep_mask``, strategy None)."""
+    valid = stats.valid.reshape(-1)
+    if keep_mask is not None:
+        # The kept set was chosen elsewhere (e.g. globally across ranks): stats.score stays as given.
+        kept = check_position_tensor("keep_mask", keep_mask, pos.leading, valid.device, kind="mask",
+                                     checks=checks).reshape(-1) & valid
+        stats.kept = kept.view(pos.leading)
+        return kept
+    if select.strategy is None:
+        return None
+    score, kept = score_and_select(
+        select.strategy, entropy=stats.entropy_student.reshape(-1), disagreement=stats.disagreement.reshape(-1),
+        teacher_mass=stats.teacher_mass.reshape(-1), valid=valid, keep_ratio=select.keep_ratio,
+        sequence_ids=pos.sequence_ids, min_per_sequence=select.min_per_sequence, seed=select.seed)
+    stats.score, stats.kept = score.view(pos.leading), kept.view(pos.leading)
+    return kept
+
+
+def _loss(head, impl, stats: TeachabilityStats, kept: torch.Tensor, pos: _Positions, opts: HeadOptions,
+          checks: DeferredChecks, *, normalizer, row_weight, verify_lse: bool) -> torch.Tensor:
+    """The loss over the kept positions (host sync 2: the kept count), wired to the kept-row backward."""
     weight = _row_weight(row_weight, pos, checks)
     per_row = estimators.per_position_loss(stats, opts.estimator).reshape(-1)
     if weight is not None:
@@ -392,18 +412,16 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     norm = _normalizer(normalizer, checks)
     (num_kept,) = checks.read(kept.sum())  # host sync 2
     norm = float(num_kept) if norm is None else norm
-    kept_idx = _first_true(kept, num_kept)
     loss_value = torch.where(kept, per_row.double(), 0.0).sum() / norm if num_kept else \
-        torch.zeros((), dtype=torch.float64, device=device)
+        torch.zeros((), dtype=torch.float64, device=kept.device)
     sampled_weight = None
     if opts.estimator == "sampled":
         sampled_weight = estimators.sampled_weight(stats.logp_student_sampled, stats.logp_teacher_sampled).reshape(-1)
-    plan = _BackwardPlan(head=head, backend=impl, kept_idx=kept_idx, normalizer=norm, estimator=opts.estimator,
-                         opts=opts, lse_s=stats.lse_student.reshape(-1), expected_gap=stats.expected_gap.reshape(-1),
+    plan = _BackwardPlan(head=head, backend=impl, kept_idx=_first_true(kept, num_kept), normalizer=norm,
+                         estimator=opts.estimator, opts=opts, lse_s=stats.lse_student.reshape(-1),
                          sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight,
-                         num_student=len(head.student), row_weight=weight, verify_lse=reused)
-    loss = _TeachabilityKLFunction.apply(loss_value.float(), plan, *head.student, *head.teacher)
-    return loss, stats
+                         num_student=len(head.student), row_weight=weight, verify_lse=verify_lse)
+    return _TeachabilityKLFunction.apply(loss_value.float(), plan, *head.student, *head.teacher)
 
 
 def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -443,6 +461,7 @@ def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher
 # ---------------------------------------------------------------------------- public entry points
 
 
+@with_option_docs
 def teachability_stats(
     student_hidden, student_weight, teacher_hidden, teacher_weight, *,
     student_bias=None, teacher_bias=None, valid_mask=None, sequence_ids=None, sampled_ids=None,
@@ -467,6 +486,7 @@ def teachability_stats(
     return stats
 
 
+@with_option_docs
 def select_positions(
     stats: TeachabilityStats,
     *,
@@ -495,33 +515,19 @@ def select_positions(
                             sequence_ids=seq, min_per_sequence=select.min_per_sequence, seed=select.seed)
 
 
+@with_option_docs
 def fused_teachability_kl(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    *,
-    student_bias: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
-    valid_mask: Optional[torch.Tensor] = None,
-    sequence_ids: Optional[torch.Tensor] = None,
-    sampled_ids: Optional[torch.Tensor] = None,
-    top_k: int = DEFAULTS.top_k,
-    keep_ratio: float = DEFAULTS.keep_ratio,
-    strategy: str = DEFAULTS.strategy,
-    estimator: str = DEFAULTS.estimator,
-    temperature: float = DEFAULTS.temperature,
-    vocab_size: Optional[int] = DEFAULTS.vocab_size,
-    min_per_sequence: int = DEFAULTS.min_per_sequence,
-    seed: int = DEFAULTS.seed,
-    keep_mask: Optional[torch.Tensor] = None,
-    normalizer: Optional[float] = None,
-    stats: Optional[TeachabilityStats] = None,
-    row_weight: Optional[torch.Tensor] = None,
-    backend: str = DEFAULTS.backend,
-    chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
-    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
-    check_finite: bool = DEFAULTS.check_finite,
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor, *, student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None, valid_mask: Optional[torch.Tensor] = None,
+    sequence_ids: Optional[torch.Tensor] = None, sampled_ids: Optional[torch.Tensor] = None,
+    top_k: int = DEFAULTS.top_k, keep_ratio: float = DEFAULTS.keep_ratio, strategy: str = DEFAULTS.strategy,
+    estimator: str = DEFAULTS.estimator, temperature: float = DEFAULTS.temperature,
+    vocab_size: Optional[int] = DEFAULTS.vocab_size, min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed, keep_mask: Optional[torch.Tensor] = None, normalizer: Optional[float] = None,
+    stats: Optional[TeachabilityStats] = None, row_weight: Optional[torch.Tensor] = None,
+    backend: str = DEFAULTS.backend, chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
+    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab, check_finite: bool = DEFAULTS.check_finite,
 ):
     """TA-OPD loss head from final hidden states and lm_head weights, never holding [N, V] logits.
 
@@ -534,23 +540,13 @@ def fused_teachability_kl(
         sequence_ids: int [...]; which sequence each position belongs to, for ``min_per_sequence``.
             Default for [B, T, D] inputs: the batch index; for [N, D]: one sequence.
         sampled_ids: int [...]; the sampled token y_t (needed by estimator "sampled"; gives logp(y)).
-        top_k: K of both top-K sets. keep_ratio: rho, the kept fraction of valid positions.
-        strategy: one of ``STRATEGIES`` (docs/math.md, Scores and selection). estimator: "full" or
-            "sampled" (Loss and gradients).
-        temperature: tau, dividing both logit rows. vocab_size: columns that exist (default min(V_s, V_t)).
-        min_per_sequence: kept positions every sequence gets at least. seed: for strategy "random".
         keep_mask: bool [...]; use this kept set instead of selecting (e.g. a global selection); then no
             local score is computed and ``stats.score`` is left as given (None for fresh statistics).
         normalizer: divide by this instead of the local kept count (global count, accumulation).
         stats: statistics already computed for these inputs (``teachability_stats``); skips the forward.
         row_weight: float [...]; per-position weights w_t of the loss, sum_t m_t w_t l_t / normalizer
             (detached; e.g. the upstream gradient of a per-position loss, or importance weights).
-        backend: "auto" (the one that chooses: triton, cuda, torch on CUDA; torch elsewhere), or "torch",
-            "triton", "cuda" (that backend, or an error saying why it cannot run).
-        chunk_rows, chunk_vocab: tile sizes. torch backend: positions and vocabulary columns per tile;
-            triton backend: chunk_vocab is the forward's vocabulary split and the backward's column
-            chunk, chunk_rows the backward's row chunk. Default: the backend's own choice.
-        check_finite: reject NaN/inf hidden states and weights (one extra read of each).
+        The options (top_k, keep_ratio, strategy, ...): below, from ``LossHeadOptions``.
 
     Returns:
         (loss, stats): a float32 scalar with autograd to the student's hidden, weight and bias; and a
@@ -567,25 +563,15 @@ def fused_teachability_kl(
                 select=select, keep_mask=keep_mask, normalizer=normalizer, stats=stats, row_weight=row_weight)
 
 
+@with_option_docs
 def teachability_kl_from_logits(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    valid_mask: Optional[torch.Tensor] = None,
-    sequence_ids: Optional[torch.Tensor] = None,
-    sampled_ids: Optional[torch.Tensor] = None,
-    top_k: int = DEFAULTS.top_k,
-    keep_ratio: float = DEFAULTS.keep_ratio,
-    strategy: str = DEFAULTS.strategy,
-    estimator: str = DEFAULTS.estimator,
-    temperature: float = DEFAULTS.temperature,
-    vocab_size: Optional[int] = DEFAULTS.vocab_size,
-    min_per_sequence: int = DEFAULTS.min_per_sequence,
-    seed: int = DEFAULTS.seed,
-    keep_mask: Optional[torch.Tensor] = None,
-    normalizer: Optional[float] = None,
-    backend: str = DEFAULTS.backend,
-    chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, valid_mask: Optional[torch.Tensor] = None,
+    sequence_ids: Optional[torch.Tensor] = None, sampled_ids: Optional[torch.Tensor] = None,
+    top_k: int = DEFAULTS.top_k, keep_ratio: float = DEFAULTS.keep_ratio, strategy: str = DEFAULTS.strategy,
+    estimator: str = DEFAULTS.estimator, temperature: float = DEFAULTS.temperature,
+    vocab_size: Optional[int] = DEFAULTS.vocab_size, min_per_sequence: int = DEFAULTS.min_per_sequence,
+    seed: int = DEFAULTS.seed, keep_mask: Optional[torch.Tensor] = None, normalizer: Optional[float] = None,
+    backend: str = DEFAULTS.backend, chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
     chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
 ):
     """The same loss and statistics for callers that already hold logits [..., V_s] and [..., V_t].

@@ -36,8 +36,8 @@ class _PositionStats:
     topk_ids_teacher: torch.Tensor
     teacher_mass: torch.Tensor  # C: sum of p_t over the student's top-K ids
     disagreement: torch.Tensor  # D: forward KL of the renormalised p_t, p_s on the union of top-K
-    # E_ps[(z_s - z_t) / tau]: the backward's cancellation-free full-estimator gradient needs it
-    # (p_s * (g - E_ps[g]) instead of p_s * (log p_s - log p_t - KL_rev)).
+    # E_ps[(z_s - z_t) / tau], the E_ps[g] of the full estimator's gradient p_s * (g - E_ps[g])
+    # (docs/math.md, Loss and gradients); the kept-row backward recomputes it from its own logits.
     expected_gap: torch.Tensor
 
 

@@ -13,6 +13,7 @@ import torch
 
 from taopd_kernels import fused_teachability_kl, teachability_kl_from_logits, teachability_stats
 from taopd_kernels import backends
+from taopd_kernels.backends import autotune
 from taopd_kernels.backends import cuda as cuda_backend
 from taopd_kernels.backends import pytorch as torch_backend
 
@@ -138,8 +139,8 @@ def fake_gpu(fake_cuda_extension, monkeypatch, tmp_path):
     from taopd_kernels.backends import triton as triton_backend
 
     monkeypatch.setattr(triton_backend, "is_available", lambda device: (True, ""))
-    monkeypatch.setattr(backends, "_device_key", lambda device: "Fake H200|torch=x|triton=y|taopd=z")
-    monkeypatch.setattr(backends, "_CHOICES", {})
+    monkeypatch.setattr(autotune, "_device_key", lambda device: "Fake H200|torch=x|triton=y|taopd=z")
+    monkeypatch.setattr(autotune, "_CHOICES", {})
     monkeypatch.setenv("TAOPD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TAOPD_BACKEND", raising=False)
     monkeypatch.delenv("TAOPD_AUTO_MEASURE", raising=False)
@@ -150,7 +151,7 @@ def fake_gpu(fake_cuda_extension, monkeypatch, tmp_path):
         timed.append(name)
         return ms[name]
 
-    monkeypatch.setattr(backends, "_time_backend", fake_time)
+    monkeypatch.setattr(autotune, "_time_backend", fake_time)
     return dict(timed=timed, ms=ms, path=tmp_path / "auto_backend.json", triton=triton_backend)
 
 
@@ -163,7 +164,7 @@ def test_auto_measures_once_and_takes_the_fastest(fake_gpu):
     assert [p.name for p in fake_gpu["path"].parent.iterdir() if p.suffix == ".tmp"] == []  # replaced, not left
     # Same process: from memory. A new process (memory cleared): from the file. Neither measures again.
     assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
-    backends._CHOICES.clear()
+    autotune._CHOICES.clear()
     assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
     assert fake_gpu["timed"] == ["triton", "cuda", "torch"]
     # Another shape class is measured on its own, and added to the same file.
@@ -196,7 +197,7 @@ def test_unusable_candidates_are_never_measured(fake_gpu, monkeypatch):
     assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "cuda"
     assert fake_gpu["timed"] == ["cuda", "torch"]
     monkeypatch.setattr(fake_gpu["triton"], "is_available", lambda device: (True, ""))
-    backends._CHOICES.clear()
+    autotune._CHOICES.clear()
     assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"
     assert fake_gpu["timed"] == ["cuda", "torch", "triton", "cuda", "torch"]
 
@@ -220,7 +221,7 @@ def test_failed_measurement_keeps_the_fixed_order(fake_gpu, monkeypatch):
         fake_gpu["timed"].append(name)
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(backends, "_time_backend", broken)
+    monkeypatch.setattr(autotune, "_time_backend", broken)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"
     assert backends.resolve("auto", CUDA, top_k=16, shape=SHAPE)[0] == "triton"  # not retried each call
@@ -241,7 +242,7 @@ def test_time_backend_runs_a_forward_and_kept_backward(name):
         ran.append(device)
         return 1.5
 
-    assert backends._time_backend(name, shape, torch.device("cpu"), timer=timer) == 1.5 and len(ran) == 1
+    assert autotune._time_backend(name, shape, torch.device("cpu"), timer=timer) == 1.5 and len(ran) == 1
 
 
 def test_shape_class_buckets_and_api_passes_it(monkeypatch):
@@ -263,3 +264,29 @@ def test_shape_class_buckets_and_api_passes_it(monkeypatch):
     teachability_kl_from_logits(torch.randn(6, 50), torch.randn(6, 50), top_k=4)
     assert seen[0] == backends.ShapeClass(rows=16, vocab=512, d_s=16, d_t=24, dtypes=("float32",) * 4, top_k=4)
     assert seen[1] is None
+
+
+def test_kept_row_gradients_take_exactly_what_the_api_passes():
+    """The backend contract has nothing dead in it: the API passes each kept-row backward exactly the
+    keyword arguments it declares (the module docstring's list), in every backend."""
+    import inspect
+
+    from taopd_kernels import api
+    from taopd_kernels.backends import triton as triton_backend
+
+    plan = api._BackwardPlan(head=None, backend=None, kept_idx=torch.tensor([0]), normalizer=1.0, estimator="full",
+                             opts=api.check_head_options(top_k=1, estimator="full", temperature=1.0, vocab_size=None,
+                                                         max_vocab=4, backend="torch"),
+                             lse_s=torch.zeros(1), sampled_ids=None, sampled_weight=None, num_student=3)
+    passed = set(plan.row_args(torch.ones(())))
+    for mod in (torch_backend, triton_backend, cuda_backend):
+        hidden = inspect.signature(mod.backward_kept).parameters
+        assert {n for n, p in hidden.items() if p.kind == p.KEYWORD_ONLY} == passed | {"need_bias_grad"}, mod
+        if hasattr(mod, "logits_grad_kept"):
+            logits = inspect.signature(mod.logits_grad_kept).parameters
+            assert {n for n, p in logits.items() if p.kind == p.KEYWORD_ONLY} == passed, mod
+    doc = backends.__doc__
+    for name in passed | {"need_bias_grad"}:
+        assert name in doc, name
+    for dead in ("lse_s", "lse_t", "kl_rev", "expected_gap"):
+        assert dead not in doc and dead not in passed, dead

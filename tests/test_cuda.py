@@ -20,6 +20,7 @@ import torch
 
 import taopd_kernels as tk
 from taopd_kernels import backends
+from taopd_kernels.estimators import sampled_weight
 from taopd_kernels.backends import cuda as cuda_backend
 from taopd_kernels.backends import pytorch as torch_backend
 from taopd_kernels.reference import reference_row_stats, reference_teachability_kl
@@ -297,9 +298,8 @@ def _grad_case(dtype, estimator, vocab_size=3001, width=3005, rows=9, temperatur
     stats = torch_backend.logits_forward_stats(zs, zt, vocab_size=vocab_size, top_k=4, temperature=temperature,
                                                sampled_ids=y)
     coef = torch.linspace(0.1, 1.0, rows, device="cuda")
-    kw = dict(vocab_size=vocab_size, temperature=temperature, estimator=estimator, lse_s=stats.lse_student,
-              expected_gap=stats.expected_gap, row_coef=coef, sampled_ids=y,
-              sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled)
+    kw = dict(vocab_size=vocab_size, temperature=temperature, estimator=estimator, row_coef=coef, sampled_ids=y,
+              sampled_weight=sampled_weight(stats.logp_student_sampled, stats.logp_teacher_sampled))
     return zs, zt, kw
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from taopd_kernels import fused_teachability_kl, teachability_stats
+from taopd_kernels.estimators import sampled_weight
 from taopd_kernels.backends import pytorch as torch_backend
 from taopd_kernels.reference import reference_row_stats, reference_teachability_kl
 
@@ -215,9 +216,8 @@ def _backward_inputs(estimator, *, bias, v_s=300, v_t=None, vocab_size=None, n=2
     stats = torch_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab, top_k=4,
                                         temperature=tau, sampled_ids=y)
     coef = (torch.rand(n, generator=g) + 0.5).to(DEVICE)
-    kw = dict(vocab_size=vocab, temperature=tau, estimator=estimator, lse_s=stats.lse_student,
-              expected_gap=stats.expected_gap, row_coef=coef, sampled_ids=y,
-              sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled,
+    kw = dict(vocab_size=vocab, temperature=tau, estimator=estimator, row_coef=coef, sampled_ids=y,
+              sampled_weight=sampled_weight(stats.logp_student_sampled, stats.logp_teacher_sampled),
               need_bias_grad=bias)
     return (h_s, w_s, b_s, h_t, w_t, b_t), kw
 
@@ -459,10 +459,9 @@ def test_gpu_backward_real_size_matches_torch_and_bounded_workspace(estimator):
     y = torch.randint(0, v, (n_kept,), device="cuda")
     stats = triton_backend.forward_stats(h_s, w_s, b_s, h_t, w_t, None, vocab_size=v, top_k=16, temperature=1.0,
                                          sampled_ids=y)
-    kw = dict(vocab_size=v, temperature=1.0, estimator=estimator, lse_s=stats.lse_student,
-              expected_gap=stats.expected_gap, row_coef=torch.full((n_kept,), 1.0 / n_kept,
-                                                                                     device="cuda"),
-              sampled_ids=y, sampled_weight=stats.logp_student_sampled - stats.logp_teacher_sampled,
+    kw = dict(vocab_size=v, temperature=1.0, estimator=estimator,
+              row_coef=torch.full((n_kept,), 1.0 / n_kept, device="cuda"),
+              sampled_ids=y, sampled_weight=sampled_weight(stats.logp_student_sampled, stats.logp_teacher_sampled),
               need_bias_grad=True)
     triton_backend.backward_kept(h_s, w_s, b_s, h_t, w_t, None, **kw)  # warm-up: autotune, compile
     torch.cuda.synchronize()

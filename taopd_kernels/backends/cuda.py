@@ -214,12 +214,11 @@ def _logit_grad(zs, zt, *, vocab_size: int, temperature: float, estimator: str, 
 
 
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
-                     lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
+                     row_coef, sampled_ids=None, sampled_weight=None,
                      chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
     """d loss / d student logits for the rows given, float32 [R, V_s] (zero beyond vocab_size).
 
-    ``zt`` may be None for estimator "sampled". ``lse_s``/``expected_gap`` of the forward are the
-    interface's; the kernel's softmax comes from these logits (``_logit_grad``).
+    ``zt`` may be None for estimator "sampled". The kernel's softmax comes from these logits (``_logit_grad``).
     """
     return _logit_grad(zs, zt, vocab_size=vocab_size, temperature=temperature, estimator=estimator,
                        row_coef=row_coef, sampled_ids=sampled_ids, sampled_weight=sampled_weight,
@@ -310,7 +309,7 @@ def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, 
 
 
 def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
+                  row_coef, sampled_ids=None, sampled_weight=None,
                   need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
                   chunk_vocab: Optional[int] = None):
     """(dh float32 [R, D_s], dW float32 [V_s, D_s], db float32 [V_s] | None) for the kept rows given.
@@ -339,4 +338,4 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 accumulate_head_grads(g[:, v0:v1], hs32, w_s, v0, v1, d_h[sl], d_w, d_b)
             del g
-    return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else lse_s[:0].float())
+    return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else h_s.new_zeros(0, dtype=torch.float32))

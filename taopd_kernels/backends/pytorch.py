@@ -301,7 +301,6 @@ def _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, finite, estimator, ro
 def backward_kept(
     h_s, w_s, b_s, h_t, w_t, b_t, *,
     vocab_size: int, temperature: float, estimator: str,
-    lse_s: torch.Tensor, expected_gap: Optional[torch.Tensor],
     row_coef: torch.Tensor,
     sampled_ids: Optional[torch.Tensor] = None, sampled_weight: Optional[torch.Tensor] = None,
     need_bias_grad: bool = False,
@@ -310,9 +309,8 @@ def backward_kept(
     """Gradients of the loss w.r.t. the student's hidden rows (the kept ones given here), W_s and b_s.
 
     ``row_coef`` = grad_output * m_t / sum(m) / tau per row. Returns float32 (dh [R, D_s],
-    dW [V_s, D_s], db [V_s] or None); rows of W beyond ``vocab_size`` get zero. ``lse_s`` and
-    ``expected_gap`` of the forward are part of the backend interface; this backend recomputes both
-    for the kept rows from its own tiles (see ``_row_grad_kwargs``).
+    dW [V_s, D_s], db [V_s] or None) as ``KeptGrads``, with the kept rows' log-sum-exps recomputed from
+    the very tiles the gradient is formed from (``_row_grad_kwargs``).
     """
     chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
     d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
@@ -329,11 +327,11 @@ def backward_kept(
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 zs, zt = tile_fn(v0, v1)
                 accumulate_head_grads(logit_grad_tile(zs, zt, v0, **per_row), hs, w_s, v0, v1, d_h[sl], d_w, d_b)
-    return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else lse_s[:0].float())
+    return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else h_s.new_zeros(0, dtype=torch.float32))
 
 
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
-                     lse_s, expected_gap, row_coef, sampled_ids=None, sampled_weight=None,
+                     row_coef, sampled_ids=None, sampled_weight=None,
                      chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
     """d loss / d student logits for the kept rows given, float32 [R, V_s] (zero beyond vocab_size)."""
     chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)

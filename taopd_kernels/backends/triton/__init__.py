@@ -63,7 +63,6 @@ def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, top_k: int, 
 
 
 def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
-                  lse_s: torch.Tensor, expected_gap: Optional[torch.Tensor],
                   row_coef: torch.Tensor, sampled_ids: Optional[torch.Tensor] = None,
                   sampled_weight: Optional[torch.Tensor] = None, need_bias_grad: bool = False,
                   chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None):
@@ -77,8 +76,7 @@ def backward_kept(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     with torch.no_grad():
         # The kept rows' softmax (maximum, log S0, E_ps[z_s - z_t]) is recomputed by the backward kernel's
         # own first pass, from the very logits its gradient pass forms: p_s then sums to 1 and p_s * (g - E[g])
-        # to 0 on them, as in the PyTorch backend. ``lse_s`` and ``expected_gap`` of the forward are the
-        # interface's; these supersede them.
+        # to 0 on them, as in the PyTorch backend.
         d_h, d_w, d_b, lse = kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, vocab_size=vocab_size,
                                            temperature=temperature, estimator=estimator, row_coef=row_coef,
                                            sampled_ids=sampled_ids, sampled_weight=sampled_weight,
