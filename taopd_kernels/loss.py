@@ -38,7 +38,7 @@ import torch
 from .api import fused_teachability_kl, teachability_stats
 from .estimators import per_position_loss
 from .hf import next_token_shift
-from .options import DEFAULTS, default_vocab_size
+from .options import DEFAULTS, default_vocab_size, with_option_docs
 from .selection import select_parts
 from .stats import TeachabilityStats
 
@@ -135,32 +135,18 @@ class _PerRowLoss(torch.autograd.Function):
 # ------------------------------------------------------------------------------- functional
 
 
+@with_option_docs
 def teachability_kl_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: Optional[torch.Tensor] = None,
-    *,
-    student_bias: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
-    shift_labels: bool = False,
-    num_items_in_batch=None,
-    keep_mask: Optional[torch.Tensor] = None,
-    stats: Optional[TeachabilityStats] = None,
-    strategy: str = DEFAULTS.strategy,
-    keep_ratio: float = DEFAULTS.keep_ratio,
-    top_k: int = DEFAULTS.top_k,
-    estimator: str = DEFAULTS.estimator,
-    temperature: float = DEFAULTS.temperature,
-    vocab_size: Optional[int] = DEFAULTS.vocab_size,
-    min_per_sequence: int = DEFAULTS.min_per_sequence,
-    ignore_index: int = DEFAULTS.ignore_index,
-    reduction: str = DEFAULTS.reduction,
-    seed: int = DEFAULTS.seed,
-    backend: str = DEFAULTS.backend,
-    chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
-    chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+    student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+    shift_labels: bool = False, num_items_in_batch=None, keep_mask: Optional[torch.Tensor] = None,
+    stats: Optional[TeachabilityStats] = None, strategy: str = DEFAULTS.strategy,
+    keep_ratio: float = DEFAULTS.keep_ratio, top_k: int = DEFAULTS.top_k, estimator: str = DEFAULTS.estimator,
+    temperature: float = DEFAULTS.temperature, vocab_size: Optional[int] = DEFAULTS.vocab_size,
+    min_per_sequence: int = DEFAULTS.min_per_sequence, ignore_index: int = DEFAULTS.ignore_index,
+    reduction: str = DEFAULTS.reduction, seed: int = DEFAULTS.seed, backend: str = DEFAULTS.backend,
+    chunk_rows: Optional[int] = DEFAULTS.chunk_rows, chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
     check_finite: bool = DEFAULTS.check_finite,
 ):
     """Functional twin of ``TeachabilityKLLoss``: returns ``(loss, stats)``.
@@ -192,19 +178,26 @@ def teachability_kl_loss(
                   strategy=strategy, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
                   min_per_sequence=min_per_sequence, seed=seed, backend=backend, chunk_rows=chunk_rows,
                   chunk_vocab=chunk_vocab)
-    if reduction != "none":
-        normalizer = 1.0 if reduction == "sum" else (
-            None if num_items_in_batch is None else _normalizer_from(num_items_in_batch))
-        return fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias, keep_mask=keep_mask,
-                                     normalizer=normalizer, stats=stats, check_finite=check_finite, **common)
+    if reduction == "none":
+        return _per_position_losses((student_hidden, student_weight, student_bias), keep_mask, stats,
+                                    check_finite, common)
+    normalizer = 1.0 if reduction == "sum" else (
+        None if num_items_in_batch is None else _normalizer_from(num_items_in_batch))
+    return fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias, keep_mask=keep_mask,
+                                 normalizer=normalizer, stats=stats, check_finite=check_finite, **common)
 
-    # reduction="none": statistics and selection once (no autograd), per-row values from the statistics.
+
+def _per_position_losses(student: tuple, keep_mask, stats, check_finite: bool, common: dict):
+    """reduction="none": statistics and selection once (no autograd), the per-position values m_t l_t from
+    the statistics, and their gradient through one weighted kept-row backward (``_PerRowLoss``)."""
+    student_hidden, student_weight, student_bias = student
     with torch.no_grad():
         _, stats = fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias,
                                          keep_mask=keep_mask, normalizer=1.0, stats=stats,
                                          check_finite=check_finite, **common)
     kept = stats.kept.bool()
-    values = torch.where(kept, per_position_loss(stats, estimator), torch.zeros((), device=kept.device)).float()
+    per_position = per_position_loss(stats, common["estimator"])
+    values = torch.where(kept, per_position, torch.zeros((), device=kept.device)).float()
     frozen = stats
 
     def run_rows(leaves, weight):

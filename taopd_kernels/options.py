@@ -69,6 +69,18 @@ class LossHeadOptions:
 DEFAULTS = LossHeadOptions()
 
 
+def with_option_docs(fn):
+    """Decorator: append the documentation of the options ``fn`` takes (each one's default and meaning, from
+    ``LossHeadOptions``) to its docstring, so that ``help(fn)`` shows them and the source holds them once."""
+    import inspect
+
+    taken = inspect.signature(fn).parameters
+    lines = [f"    {f.name} (default {f.default!r}): {f.metadata['doc']}." for f in fields(LossHeadOptions)
+             if f.name in taken]
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nOptions (``LossHeadOptions``):\n" + "\n".join(lines)
+    return fn
+
+
 def default_vocab_size(v_student: int, v_teacher: int) -> int:
     """The vocabulary the loss head uses when ``vocab_size`` is None: the columns both models have."""
     return min(int(v_student), int(v_teacher))
