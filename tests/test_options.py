@@ -120,3 +120,14 @@ def test_the_default_vocabulary_rule_is_written_once():
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
     assert not found, "\n".join(found)
     assert "default_vocab_size" in inspect.getsource(options)
+
+
+def test_entry_points_show_each_option_they_take_in_their_help():
+    """``with_option_docs``: the docstring lists each option the function takes, with its default and meaning."""
+    for fn in (taopd_kernels.fused_teachability_kl, taopd_kernels.teachability_stats,
+               taopd_kernels.teachability_kl_from_logits, taopd_kernels.select_positions,
+               taopd_kernels.teachability_kl_loss):
+        taken = OPTION_NAMES & set(inspect.signature(fn).parameters)
+        for name in taken:
+            line = f"{name} (default {getattr(DEFAULTS, name)!r}): {LossHeadOptions.doc(name)}"
+            assert line in fn.__doc__, (fn.__name__, name)
