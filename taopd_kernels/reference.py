@@ -237,3 +237,16 @@ def reference_sparse_loss(student_logits, sampled_ids, teacher_logprob_sampled, 
     kept = kept.reshape(-1).bool()
     norm = float(kept.sum()) if normalizer is None else normalizer
     return torch.where(kept, per_row, torch.zeros_like(lp_y)).sum() / max(norm, 1.0)
+
+
+def reference_topk_forward_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, *,
+                              log_prob_min_clamp: Optional[float] = None):
+    """float64 top-K forward KL as verl 0.9.1's ``forward_kl_topk`` defines it (the per-token loss the verl
+    plugin masks; docs/integrations.md): sum_k p_t,k (l_t,k - log p_s(id_k)) over the teacher's returned
+    entries, each log-prob clamped below at ``log_prob_min_clamp`` when given, then clamped at 0 below.
+    Rows [N, V], [N, K_t]; returns [N] with autograd to ``student_logits``."""
+    logp_s = torch.log_softmax(student_logits.double(), -1).gather(-1, teacher_topk_ids.long())
+    logp_t = teacher_topk_logprobs.double()
+    if log_prob_min_clamp is not None:
+        logp_s, logp_t = logp_s.clamp_min(log_prob_min_clamp), logp_t.clamp_min(log_prob_min_clamp)
+    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).clamp_min(0.0)
