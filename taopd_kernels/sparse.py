@@ -106,9 +106,10 @@ class SparseTeachabilityStats:
 # ---------------------------------------------------------------------------- argument checks
 
 
-def _pair(ids_name, ids, lp_name, lp, leading, device, checks, *, min_entries=1, ranked=True):
+def _pair(ids_name, ids, lp_name, lp, leading, device, checks, valid, *, min_entries=1, ranked=True):
     """A (ids [..., k], log-probs [..., k]) pair of one engine answer, flattened to [N, k]; ids < 0 are
-    empty slots. In a returned top-k (``ranked``) an id appears once per position."""
+    empty slots. In a returned top-k (``ranked``) an id appears once per position. Values are checked at
+    the ``valid`` positions only (engines fill the others with dummies, e.g. verl's last row)."""
     if ids is None or lp is None:
         if ids is not None or lp is not None:
             raise ValueError(f"{ids_name} and {lp_name} come together: got only "
@@ -127,16 +128,16 @@ def _pair(ids_name, ids, lp_name, lp, leading, device, checks, *, min_entries=1,
         raise ValueError(f"{ids_name} holds {ids.shape[-1]} entries per position; top_k={min_entries} needs at "
                          f"least that many (K_t >= K)")
     check_same_device(**{ids_name: ids, lp_name: lp, "inputs": torch.empty(0, device=device)})
-    checks.add((torch.isnan(lp) | (lp > _LOGPROB_SLACK)).any(), lambda: ValueError(
-        f"{lp_name} must hold log-probabilities (<= 0, -inf allowed); found NaN or a value > 0"))
     n = math.prod(leading)
-    ids = ids.reshape(n, -1).long()
-    if not ranked:
-        return ids, lp.reshape(n, -1).float().clamp(max=0.0)
-    ordered = ids.sort(1).values
-    checks.add(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(), lambda: ValueError(
-        f"{ids_name} holds an id twice at one position"))
-    return ids, lp.reshape(n, -1).float().clamp(max=0.0)
+    ids, lp = ids.reshape(n, -1).long(), lp.reshape(n, -1)
+    checks.add((valid[:, None] & (torch.isnan(lp) | (lp > _LOGPROB_SLACK))).any(), lambda: ValueError(
+        f"{lp_name} must hold log-probabilities (<= 0, -inf allowed) at valid positions; found NaN or a value > 0"))
+    if ranked:
+        ordered = ids.sort(1).values
+        twice = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        checks.add((valid[:, None] & twice).any(), lambda: ValueError(
+            f"{ids_name} holds an id twice at one valid position"))
+    return ids, lp.float().clamp(max=0.0)
 
 
 def _position(name, x, leading, device, *, floating=False):
@@ -200,24 +201,25 @@ def _check_inputs(a: dict, top_k: int, checks: DeferredChecks) -> _Inputs:
         raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
     valid = check_position_tensor("valid_mask", a["valid_mask"], leading, device, kind="mask", checks=checks)
     n = math.prod(leading)
+    valid = torch.ones(n, dtype=torch.bool, device=device) if valid is None else valid.reshape(n)
     seq = check_position_tensor("sequence_ids", a["sequence_ids"], leading, device, kind="ids")
     seq = default_sequence_ids(leading, device) if seq is None else seq
     inputs = _Inputs(
         leading=leading, device=device,
         teacher=_pair("teacher_topk_ids", t_ids, "teacher_topk_logprobs", t_lp, leading, device, checks,
-                      min_entries=top_k),
+                      valid, min_entries=top_k),
         scored=_pair("teacher_scored_ids", a["teacher_scored_ids"], "teacher_scored_logprobs",
-                     a["teacher_scored_logprobs"], leading, device, checks, ranked=False),
+                     a["teacher_scored_logprobs"], leading, device, checks, valid, ranked=False),
         student_logits=zs,
         student_topk=_pair("student_topk_ids", a["student_topk_ids"], "student_topk_logprobs",
-                           a["student_topk_logprobs"], leading, device, checks, min_entries=top_k),
+                           a["student_topk_logprobs"], leading, device, checks, valid, min_entries=top_k),
         sampled_ids=_position("sampled_ids", a["sampled_ids"], leading, device),
         teacher_logprob_sampled=_position("teacher_logprob_sampled", a["teacher_logprob_sampled"], leading,
                                           device, floating=True),
         student_logprob_sampled=_position("student_logprob_sampled", a["student_logprob_sampled"], leading,
                                           device, floating=True),
         vocab_size=vocab_size,
-        valid=torch.ones(n, dtype=torch.bool, device=device) if valid is None else valid.reshape(n),
+        valid=valid,
         sequence_ids=None if seq is None else seq.reshape(n))
     _check_sampled(inputs, checks)
     return inputs

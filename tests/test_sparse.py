@@ -329,6 +329,18 @@ def test_bad_arguments_are_named(change, match):
         teachability_from_topk(**kwargs)
 
 
+def test_dummy_entries_at_positions_that_are_not_valid_are_ignored():
+    """Engines fill rows that predict nothing with dummies (verl: ids 0, log-probs 0.0 after each sequence)."""
+    kwargs, zs = _loss_inputs()
+    valid = kwargs["valid_mask"]
+    ids, lps = kwargs["teacher_topk_ids"].clone(), kwargs["teacher_topk_logprobs"].clone()
+    ids[~valid], lps[~valid] = 0, 0.0
+    _, a = teachability_from_topk(student_logits=zs, **kwargs)
+    _, b = teachability_from_topk(student_logits=zs, **{**kwargs, "teacher_topk_ids": ids,
+                                                         "teacher_topk_logprobs": lps})
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.teacher_mass.nan_to_num(-1), b.teacher_mass.nan_to_num(-1))
+
+
 def test_summary_reports_kept_fraction_and_means():
     kwargs, zs = _loss_inputs()
     _, stats = teachability_from_topk(student_logits=zs, keep_ratio=0.25, **kwargs)

@@ -90,12 +90,14 @@ def micro_batch(seed=0, teacher_id_shift=0):
     teacher_logits = torch.randn(total, VOCAB, generator=g) * 2
     lp = torch.log_softmax(teacher_logits, -1)
     top = lp.topk(K_T, -1)
-    ids = (top.indices + teacher_id_shift).int()
+    ids, values = (top.indices + teacher_id_shift).int(), top.values.clone()
+    last_rows = torch.tensor(seq_lens).cumsum(0) - 1
+    ids[last_rows], values[last_rows] = 0, 0.0  # verl's dummy row after each sequence (extract_prompt_logprobs)
     n_valid = int(response_mask.sum())
     data = TensorDict({
         "input_ids": _nested(tokens, seq_lens), "prompts": _nested(prompts, list(PROMPTS)),
         "responses": _nested(responses, list(RESPONSES)), "response_mask": _nested(response_mask, list(RESPONSES)),
-        "teacher_ids": _nested(ids, seq_lens), "teacher_logprobs": _nested(top.values, seq_lens),
+        "teacher_ids": _nested(ids, seq_lens), "teacher_logprobs": _nested(values, seq_lens),
         "advantages": _nested(torch.zeros(sum(RESPONSES)), list(RESPONSES)),
     }, batch_size=[len(seq_lens)])
     for key, value in (("dp_size", 1), ("batch_num_tokens", n_valid), ("global_batch_size", len(seq_lens))):
