@@ -20,7 +20,6 @@ and held-out KL against step, mean and min-max over seeds). Per-run driver outpu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -37,6 +36,7 @@ from .. import run as driver
 from ..config import _flatten, _matches, cli_exit_code, Config, ConfigError, load_config, to_dict
 from ..hooks import Hooks
 from .bank import KLBank
+from .common import parser, save_figure
 
 DEFAULT_STRATEGIES = ("all", "teachability", "random", "entropy", "divergence", "tip", "incompatible")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -283,15 +283,11 @@ def plot_compare(result: dict, path: Path) -> None:
     a2.set_ylabel("held-out reverse KL (fixed theta_0 bank)")
     a2.set_title("held-out KL_rev: mean over seeds, band = min..max")
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="a YAML file or a bundled config name (train/configs/)")
+    ap = parser(__doc__)
     ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
     ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated run seeds")
     ap.add_argument("--steps", type=int, default=None, help="OPD steps per run (default: optim.steps)")

@@ -34,7 +34,6 @@ with their CIs for every K).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -49,6 +48,7 @@ from taopd_kernels import batch_normalize, teachability_stats
 from .. import head, run
 from ..config import DTYPES, cli_exit_code, Config, ConfigError, load_config
 from .bank import Bank, build_bank, hidden_rows
+from .common import parser, save_figure
 
 SPLIT = ["H_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
 BASELINE = ["H_norm", "D_norm", "HxD", "pos_norm", "Ht_norm"]
@@ -414,15 +414,11 @@ def plot_diagnostic(result: dict, table: dict, path: Path, k: int) -> None:
     a2.set_ylabel("standardised beta (95% prompt-cluster bootstrap CI)")
     a2.set_title("G ~ ~H + D_learn + D_incompat + position + ~H_t")
     a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="a YAML file or a bundled config name (train/configs/)")
+    ap = parser(__doc__)
     ap.add_argument("--contexts", type=int, default=256, help="bank size (contexts sampled by theta_0)")
     ap.add_argument("--checkpoint", default=None, help="a trained student (HF dir or driver checkpoint); "
                                                         "otherwise plain OPD for --train-steps from theta_0")
