@@ -1,6 +1,8 @@
 """The built-in ``lookup`` task (train/lookup_task.py): vocabulary, format, splits, per-slot checking, the
 SFT streams of the prepared teacher and student."""
 
+import json
+import math
 import random
 from collections import Counter
 
@@ -128,3 +130,70 @@ def test_bad_arguments_name_themselves():
         LookupTask(keys_per_group=1)
     with pytest.raises(ValueError, match="brief_share"):
         LookupTask(brief_share=1.0)
+
+
+def test_slot_accuracy_is_the_headline_with_classes_beside_it(task):
+    exs = task.validation_examples()[:20]
+    pairs = [(ex.answer, ex) for ex in exs]
+    items = exs[0].answer.split()
+    items[0] = items[1]  # one rule slot wrong in one response
+    pairs[0] = (" ".join(items), exs[0])
+    acc = task.slot_accuracy(pairs)
+    assert acc["accuracy"] == pytest.approx(1 - 1 / 180) and acc["accuracy/rule"] == pytest.approx(1 - 1 / 120)
+    assert acc["exact_match"] == pytest.approx(19 / 20)
+    assert all(acc[f"accuracy/{g}"] == 1.0 for g in GROUPS if f"accuracy/{g}" in acc)
+
+
+def test_class_metrics_count_kept_positions_per_class():
+    import torch
+
+    from taopd_train.metrics import class_metrics
+
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    valid = torch.tensor([1, 1, 1, 1, 1, 0]).bool()
+    kept = torch.tensor([1, 0, 1, 1, 0, 1]).bool()  # the last one is not valid: not counted
+    c = torch.tensor([0.5, 0.1, 0.9, 0.7, 0.3, float("nan")])
+    m = class_metrics(["a", "b", "c"], classes, valid, kept, c)
+    assert m["kept_mix/a"] == pytest.approx(1 / 3) and m["kept_mix/b"] == pytest.approx(2 / 3) and m["kept_mix/c"] == 0
+    assert m["kept_rate/a"] == 0.5 and m["kept_rate/b"] == 1.0 and m["kept_rate/c"] == 0.0
+    assert m["C/a"] == pytest.approx(0.3) and m["C_kept/b"] == pytest.approx(0.8) and m["C/c"] == pytest.approx(0.3)
+    assert math.isnan(m["C_kept/c"])
+
+
+def test_the_driver_labels_each_loss_position_with_the_class_of_the_token_it_predicts(task):
+    import torch
+
+    from taopd_train import run
+    from taopd_train.rollout import Rollout
+
+    tok = task.tokenizer
+    exs = task.validation_examples()[:2]
+    seqs = [tok.prompt_ids(ex.prompt) + tok.encode(ex.answer) + [tok.eos_id] for ex in exs]
+    ids = torch.tensor(seqs)
+    resp = torch.zeros_like(ids)
+    resp[:, 11:] = 1
+    ro = Rollout(ids, torch.ones_like(ids), resp, prompt_len=11)
+    valid = resp[:, 1:].reshape(-1).bool()
+    kept = torch.zeros_like(valid)
+    kept[11 - 1 + 3] = True  # row 0: the position that predicts response token 3, the first lookup
+    stats = type("S", (), {"valid": valid, "kept": kept, "teacher_mass": torch.ones(valid.shape)})()
+    m = run._class_metrics(task, exs, ro, stats)
+    first = task.position_classes(exs[0])[3]
+    assert m[f"kept_mix/{first}"] == 1.0 and m["kept_rate/rule"] == 0.0
+    assert m["kept_rate/other"] != m["kept_rate/other"]  # no position past the layout: NaN
+
+
+def test_the_lookup_config_has_shipped_weights_that_met_their_early_stop():
+    from safetensors import safe_open
+
+    from taopd_train import prepare as P
+    from taopd_train.config import load_config
+
+    cfg = load_config("lookup", [])
+    for role in ("teacher", "student"):
+        path = P.shipped_path(cfg, role)
+        assert path.is_file(), f"{path.name}: regenerate with python -m taopd_train.prepare --config lookup --export"
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+        assert info["compact_accuracy"] >= getattr(cfg.sft, f"{role}_target"), (role, info["compact_accuracy"])
+        assert info["steps"] < getattr(cfg.sft, f"{role}_steps")

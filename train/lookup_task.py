@@ -93,6 +93,7 @@ class LookupTask:
 
     name = "lookup"
     max_response_tokens = len(LAYOUT) + 1
+    classes = CLASSES  # what ``position_classes`` names (the driver logs what it kept by class)
 
     def __init__(self, num_eval: int = 512, seed: int = 0, list_words: int = 192, keys_per_group: int = 48,
                  brief_share: float = 1 / 3, tokenizer=None):

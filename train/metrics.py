@@ -16,6 +16,33 @@ from typing import Dict, Optional
 import torch
 
 
+def class_metrics(names, classes: torch.Tensor, valid: torch.Tensor, kept: torch.Tensor, teacher_mass: torch.Tensor,
+                  all_reduce=None) -> Dict[str, float]:
+    """Which kinds of position a step trained on. ``classes``: [N] indices into ``names`` (the task says
+    what each position is, e.g. lookup's rule / key group / separator), aligned with the flat ``valid``,
+    ``kept`` and ``teacher_mass`` (C). Per class: ``kept_mix/<name>``, its share of the kept positions;
+    ``kept_rate/<name>``, the fraction of its valid positions kept; ``C/<name>`` and ``C_kept/<name>``, its
+    mean C over valid and over kept positions (NaN where none). Sums over ranks (``all_reduce``), one read."""
+    valid = valid.reshape(-1).bool()
+    kept = kept.reshape(-1).bool() & valid
+    c = torch.nan_to_num(teacher_mass.reshape(-1).double())
+    weights = torch.stack([valid.double(), kept.double(), c * valid, c * kept])  # [4, N]
+    sums = torch.zeros(4, len(names), dtype=torch.float64, device=weights.device)
+    sums.scatter_add_(1, classes.reshape(1, -1).long().expand(4, -1).to(weights.device), weights)
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    n_valid, n_kept, c_valid, c_kept = sums.tolist()
+    total_kept = sum(n_kept)
+    nan = float("nan")
+    out = {}
+    for i, name in enumerate(names):
+        out[f"kept_mix/{name}"] = n_kept[i] / total_kept if total_kept else nan
+        out[f"kept_rate/{name}"] = n_kept[i] / n_valid[i] if n_valid[i] else nan
+        out[f"C/{name}"] = c_valid[i] / n_valid[i] if n_valid[i] else nan
+        out[f"C_kept/{name}"] = c_kept[i] / n_kept[i] if n_kept[i] else nan
+    return out
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2 ** 20

@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ DISTRACTORS = 64
 
 
 def task_token_ids(task, tokenizer) -> List[int]:
+    if hasattr(task, "token_ids"):  # a task that lists its own tokens (lookup: hundreds of words)
+        return task.token_ids(tokenizer)
     ids = {tokenizer.eos_id}
     if task.name == "long_arithmetic":  # every character is one token (checked on held-out and train samples)
         for ch in task.alphabet():
@@ -70,7 +72,8 @@ def sft_batch(examples, tokenizer, device, id_map: Dict[int, int] = None):
             raise ValueError(f"unscored characters need one token per character: {ex.target!r}")
         seqs.append(p + r)
         starts.append(len(p))
-        skips.append({len(p) + c for c in ex.unscored})
+        # unscored: characters (one token each); unscored_tokens: response tokens (lookup's corrupted words)
+        skips.append({len(p) + c for c in ex.unscored} | {len(p) + i for i in getattr(ex, "unscored_tokens", ())})
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -124,19 +127,42 @@ def _adamw(params, lr, device):
 
 
 @torch.no_grad()
-def compact_accuracy(model, task, tokenizer, id_map, device) -> float:
+def compact_accuracy(model, task, tokenizer, id_map, device, score: Optional[Callable] = None) -> float:
     """Greedy accuracy on the task's validation pairs (never trained on, and not the held-out set the
-    driver reports: the early stop that reads this number must not choose the models on the held-out set)."""
+    driver reports: the early stop that reads this number must not choose the models on the held-out set).
+    ``score``: a phase's own measure of the (response, example) pairs (``SFTPhase``) instead of ``task.check``."""
     inv = {v: k for k, v in id_map.items()}
     examples = task.validation_examples()
     prompts = [[id_map[t] for t in tokenizer.prompt_ids(ex.prompt)] for ex in examples]
     ro = generate(model, prompts, max_new_tokens=getattr(task, "max_response_tokens", 6), eos_ids=[id_map[tokenizer.eos_id]], pad_id=id_map[tokenizer.eos_id],
                   greedy=True)
-    correct = 0
-    for ex, resp in zip(examples, ro.response_ids):
-        text = tokenizer.decode([inv[t] for t in resp if inv[t] != tokenizer.eos_id])
-        correct += task.check(text, ex.answer)
-    return correct / len(examples)
+    texts = [tokenizer.decode([inv[t] for t in resp if inv[t] != tokenizer.eos_id]) for resp in ro.response_ids]
+    if score is not None:
+        return score(list(zip(texts, examples)))
+    return sum(task.check(text, ex.answer) for text, ex in zip(texts, examples)) / len(examples)
+
+
+class SFTPhase(NamedTuple):
+    """One phase of a compact SFT: its examples, and its early stop (``score`` of the greedy validation
+    (response, example) pairs reaching ``target``; None: the fraction ``task.check`` accepts)."""
+
+    name: str
+    example: Callable
+    score: Optional[Callable]
+    target: float
+
+
+def sft_phases(task, role: str, rng: random.Random, target: float, noise: float) -> List[SFTPhase]:
+    """The compact SFT of ``role`` as phases run in order: the task's own (``task.sft_phases``: role-specific
+    example streams and early stops, as lookup's student needs), else one phase of training examples
+    (corrupted ones, ``task.corrupted_example``, with probability ``noise``) until accuracy ``target``."""
+    if hasattr(task, "sft_phases"):
+        return [SFTPhase(*p) for p in task.sft_phases(role, rng, target, noise)]
+
+    def example():
+        return task.corrupted_example(rng) if noise and rng.random() < noise else task.train_example(rng)
+
+    return [SFTPhase("sft", example, None, target)]
 
 
 def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, log=print, tag="model",
@@ -159,26 +185,24 @@ def compact_sft(arch, steps: int, task, tokenizer, sft, *, seed: int, device, lo
     model = Qwen3ForCausalLM(compact_cfg).to(device)
     opt = _adamw(model.parameters(), sft.lr, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
-    rng = random.Random(seed)
+    phases = sft_phases(task, tag, random.Random(seed), target, noise)
     t0 = time.time()
     loss = float("nan")
     acc_compact, done = 0.0, 0
-
-    def example():
-        return task.corrupted_example(rng) if noise and rng.random() < noise else task.train_example(rng)
-
-    for i in range(steps):
-        batch = sft_batch([example() for _ in range(sft.batch_size)], tokenizer, device, id_map)
-        loss = _ce_step(model, opt, sched, batch, logit_offset=offset)
-        done = i + 1
-        if done % sft.eval_every == 0 or done == steps:
-            acc_compact = compact_accuracy(model, task, tokenizer, id_map, device)
-            if done % 250 == 0 or acc_compact >= target or done == steps:
-                log(f"[prepare] {tag}: compact SFT step {done}/{steps} loss {loss:.4f} "
-                    f"validation accuracy {acc_compact:.3f} "
-                    f"({time.time() - t0:.0f}s)")
-            if acc_compact >= target:  # early stop: the teacher is good enough / the student weak enough
-                break
+    for phase in phases:  # one budget of ``steps`` for all phases
+        name = f" ({phase.name})" if len(phases) > 1 else ""
+        while done < steps:
+            batch = sft_batch([phase.example() for _ in range(sft.batch_size)], tokenizer, device, id_map)
+            loss = _ce_step(model, opt, sched, batch, logit_offset=offset)
+            done += 1
+            if done % sft.eval_every == 0 or done == steps:
+                acc_compact = compact_accuracy(model, task, tokenizer, id_map, device, phase.score)
+                if done % 250 == 0 or acc_compact >= phase.target or done == steps:
+                    log(f"[prepare] {tag}: compact SFT{name} step {done}/{steps} loss {loss:.4f} "
+                        f"validation accuracy {acc_compact:.3f} "
+                        f"({time.time() - t0:.0f}s)")
+                if acc_compact >= phase.target:  # early stop: the teacher is good enough / the student weak enough
+                    break
     log(f"[prepare] {tag}: compact-model validation accuracy {acc_compact:.3f}")
     del opt
     return model, {"compact_accuracy": acc_compact, "compact_loss": loss, "steps": done, "sft_seconds": time.time() - t0,
@@ -221,7 +245,8 @@ def train_builtin(arch, steps: int, task, tokenizer, sft, *, seed: int, device, 
         if vocab != task_token_ids(task, tokenizer):
             raise ValueError(f"{shipped}: its vocabulary is not this task's tokens")
         id_map = {t: i for i, t in enumerate(vocab)}
-        acc = compact_accuracy(model, task, tokenizer, id_map, device)
+        final = sft_phases(task, tag, random.Random(0), target, noise)[-1]  # what the record's accuracy measured
+        acc = compact_accuracy(model, task, tokenizer, id_map, device, final.score)
         log(f"[prepare] {tag}: shipped compact weights {shipped.name} (validation accuracy {acc:.3f}, "
             f"recorded {info['compact_accuracy']:.3f} after {info['steps']} SFT steps)")
         info = dict(info, compact_accuracy_measured=acc, source="shipped")
@@ -305,9 +330,9 @@ def prep_seed(cfg) -> int:
 
 
 def _noise(cfg, role: str) -> list:
-    """The corrupted-context share of this role's SFT as a key part: [sft.teacher_noise] for the long
-    task's teacher (the only task with ``corrupted_example``), else []."""
-    return [cfg.sft.teacher_noise] if role == "teacher" and cfg.data.source == "long_arithmetic" else []
+    """The corrupted-context share of this role's SFT as a key part: [sft.teacher_noise] for the teacher
+    of a task with corrupted contexts (long_arithmetic, lookup), else []."""
+    return [cfg.sft.teacher_noise] if role == "teacher" and cfg.data.source in ("long_arithmetic", "lookup") else []
 
 
 def _data_key(cfg) -> list:
@@ -316,8 +341,9 @@ def _data_key(cfg) -> list:
     from .task import build_task
 
     d = cfg.data
-    return ([d.source, d.max_operand, list(build_task(d, cfg.seed).split)]
-            + ([d.digits, d.chain] if d.source == "long_arithmetic" else []))
+    task = build_task(d, cfg.seed)
+    return ([d.source, d.max_operand, list(task.split)]
+            + ([d.digits, d.chain] if d.source == "long_arithmetic" else []) + list(getattr(task, "prep_key", ())))
 
 
 def cache_key(cfg, role: str) -> str:

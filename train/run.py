@@ -50,7 +50,7 @@ from . import checkpoint, head, parallel
 from .checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
 from .config import DTYPES, Config, ConfigError, load_config, student_dtypes, student_precision, to_dict
 from .hooks import HeadClock, Hooks
-from .metrics import Logger, _SilentLogger, peak_memory_mb, plot_curves
+from .metrics import Logger, _SilentLogger, class_metrics, peak_memory_mb, plot_curves
 from .models import load_model, load_tokenizer
 from .precision import changed_fraction, report_precision
 from .resume import apply_optim_config, check_resume_config
@@ -403,6 +403,7 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
         engine.sync_weights(models.student)
     dt = time.perf_counter() - t0
     s = allstats.summary(all_reduce=parallel.all_reduce_sum)
+    by_class = _class_metrics(models.task, examples[mine.start:mine.stop], ro, allstats)
     resp_len = torch.tensor(resp_total / len(examples))
     extra = {}
     if skipped:
@@ -423,8 +424,27 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
         "entropy/all": s["entropy_student/all"], "entropy/kept": s["entropy_student/kept"],
         "response_length": float(resp_len.mean()), "lr": lr, "grad_norm": gnorm,
         "tokens_per_s": tokens / dt, "step_time_s": dt, "rollout_time_s": t_roll - t0, "peak_mem_mb": peak_memory_mb(),
+        **by_class,
         "loss_head_s": clock.seconds(),
     }
+
+
+def _class_metrics(task, examples, ro: Rollout, allstats: TeachabilityStats) -> Dict[str, float]:
+    """What the step kept, per position class, for a task that says what each response position is
+    (``task.position_classes``, from the names ``task.classes``; e.g. lookup's rule / key group / separator):
+    metrics.class_metrics. The loss
+    position t predicts token t + 1, so response token j is scored at t = prompt_len + j - 1; positions
+    past the task's layout are "other"."""
+    if not hasattr(task, "position_classes"):
+        return {}
+    names = list(task.classes) + ["other"]
+    classes = torch.full((ro.input_ids.shape[0], ro.input_ids.shape[1] - 1), len(names) - 1, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        for j, name in enumerate(task.position_classes(ex)[:classes.shape[1] - ro.prompt_len + 1]):
+            classes[b, ro.prompt_len + j - 1] = names.index(name)
+    kept = allstats.kept if allstats.kept is not None else allstats.valid
+    return class_metrics(names, classes, allstats.valid, kept, allstats.teacher_mass,
+                         all_reduce=parallel.all_reduce_sum)
 
 
 def _step_totals(loss, ro: Rollout, allstats: TeachabilityStats) -> List[float]:
@@ -452,7 +472,7 @@ def _step_totals(loss, ro: Rollout, allstats: TeachabilityStats) -> List[float]:
 def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) -> Dict[str, object]:
     """Greedy decoding on the held-out prompts; the task's answer check. Returns accuracy and a few samples."""
     examples = models.task.eval_examples()[:limit]
-    correct, samples, nonfinite = 0, [], 0
+    correct, samples, nonfinite, pairs = 0, [], 0, []
     for s in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[s:s + cfg.eval.batch_size]
         with student_compute(models) if model is models.student else contextlib.nullcontext():
@@ -465,9 +485,12 @@ def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) ->
             text = models.tokenizer.decode(resp)
             ok = models.task.check(text, ex.answer)
             correct += ok
+            pairs.append((text, ex))
             if len(samples) < 4:
                 samples.append({"prompt": ex.prompt[-200:], "response": text[-200:], "answer": ex.answer, "ok": ok})
     out = {"accuracy": correct / max(1, len(examples)), "n": len(examples), "samples": samples}
+    if hasattr(models.task, "slot_accuracy"):  # answer slots by class (lookup): the headline is the slot fraction
+        out.update(models.task.slot_accuracy(pairs))
     if nonfinite:
         out["nonfinite_sequences"] = nonfinite  # the model's logits were NaN/inf: its answers mean nothing
     return out

@@ -355,7 +355,7 @@ def math_equal(pred: Optional[str], ref: Optional[str]) -> bool:
     return math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
 
 
-BUILTIN_TASKS = ("arithmetic", "long_arithmetic")  # generated in code; the built-in models can be prepared on them
+BUILTIN_TASKS = ("arithmetic", "long_arithmetic", "lookup")  # generated in code; the built-in models can be prepared on them
 
 
 def build_task(data_cfg, seed: int):
@@ -363,6 +363,10 @@ def build_task(data_cfg, seed: int):
         return ArithmeticTask(max_operand=data_cfg.max_operand, num_eval=data_cfg.eval_size, seed=seed)
     if data_cfg.source == "long_arithmetic":
         return LongArithmeticTask(digits=data_cfg.digits, chain=data_cfg.chain, num_eval=data_cfg.eval_size, seed=seed)
+    if data_cfg.source == "lookup":
+        from .lookup_task import LookupTask  # imports this module
+
+        return LookupTask(num_eval=data_cfg.eval_size, seed=seed)
     return PromptDataset(data_cfg.source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
                          split=data_cfg.split, eval_source=data_cfg.eval_source, eval_split=data_cfg.eval_split,
                          num_eval=data_cfg.eval_size, seed=seed)
