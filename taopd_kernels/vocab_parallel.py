@@ -23,112 +23,19 @@ Network per position (K = top_k; every rank contributes this much and receives i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .backends._tiles import (
-    KeptGrads,
-    _OnlineSoftmax,
-    accumulate_head_grads,
-    head_grad_buffers,
-    keys_to_ids,
-    keys_to_values,
-    row_chunks,
-    safe_weighted,
-    union_disagreement,
-    vocab_tiles,
-)
+from .backends._tiles import KeptGrads, PartialRowState, safe_weighted
 from .stats import RowStats
 
 HIDDEN_GRAD = ("reduce", "partial")
-EMPTY_KEY = torch.iinfo(torch.int64).min  # a candidate slot with no id (a shard narrower than K)
 
 
-# ---------------------------------------------------------------------------- the per-shard partial state
-
-
-@dataclass
-class PartialRowState:
-    """Per-row partial statistics of one vocabulary range (float32 [R]; keys int64 [R, K], logits [R, K]).
-
-    Per model: ``max_*`` the largest scaled logit (-inf: none in the range), ``s0_*`` = sum e^(z - max),
-    ``q_*`` = sum e^(z - max) (z - other) (docs/math.md, Per-position statistics), and the student's ``s1_s``
-    = sum e^(z_s - max_s)(z_s - max_s). ``keys_*``: the range's top-K as ordered keys (value descending, global
-    id ascending; ``EMPTY_KEY`` in unused slots), ``other_*``: the other model's logit at those ids.
-    ``zs_y``, ``zt_y``: the logits at the sampled token, NaN where it lies outside the range.
-    """
-
-    max_s: torch.Tensor
-    s0_s: torch.Tensor
-    s1_s: torch.Tensor
-    q_s: torch.Tensor
-    max_t: torch.Tensor
-    s0_t: torch.Tensor
-    q_t: torch.Tensor
-    keys_s: torch.Tensor
-    other_s: torch.Tensor
-    keys_t: torch.Tensor
-    other_t: torch.Tensor
-    zs_y: Optional[torch.Tensor] = None
-    zt_y: Optional[torch.Tensor] = None
-
-    @property
-    def scalar_names(self) -> tuple:
-        names = ("max_s", "s0_s", "s1_s", "q_s", "max_t", "s0_t", "q_t")
-        return names + (("zs_y", "zt_y") if self.zs_y is not None else ())
-
-    @classmethod
-    def concat(cls, parts: List["PartialRowState"]) -> "PartialRowState":
-        """The rows of ``parts`` (row chunks) in order."""
-        return cls(**{f.name: None if getattr(parts[0], f.name) is None
-                      else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
-
-    def pack(self) -> torch.Tensor:
-        """Everything in one int32 [R, 4 * (7 + 6 K) / 4 (+2)] tensor (float bits and key halves), for one
-        collective."""
-        scalars = torch.stack([getattr(self, n).float() for n in self.scalar_names], 1)
-        floats = torch.cat([scalars, self.other_s.float(), self.other_t.float()], 1)
-        keys = torch.cat([self.keys_s, self.keys_t], 1).contiguous()
-        return torch.cat([floats.view(torch.int32), keys.view(torch.int32)], 1)
-
-    def unpack(self, packed: torch.Tensor) -> "PartialRowState":
-        """A state of this one's layout from another rank's ``pack()``."""
-        n, k = len(self.scalar_names), self.keys_s.shape[1]
-        floats = packed[:, :n + 2 * k].contiguous().view(torch.float32)
-        keys = packed[:, n + 2 * k:].contiguous().view(torch.int64)
-        values = dict(zip(self.scalar_names, floats[:, :n].unbind(1)))
-        return PartialRowState(**values, other_s=floats[:, n:n + k], other_t=floats[:, n + k:],
-                               keys_s=keys[:, :k], keys_t=keys[:, k:])
-
-    def finish(self) -> RowStats:
-        """RowStats from the state of the whole used vocabulary (docs/math.md, Per-position statistics)."""
-        log_s0_s, log_s0_t = self.s0_s.log(), self.s0_t.log()
-        ids_s, ids_t = keys_to_ids(self.keys_s), keys_to_ids(self.keys_t)
-        zs_at_s, zt_at_s = keys_to_values(self.keys_s), self.other_s
-        zt_at_t, zs_at_t = keys_to_values(self.keys_t), self.other_t
-        # Cancellation-free: differences of logits near the row maxima are formed before the (large) maxima
-        # meet the (small) log S0, so nothing of size |z| is subtracted from another number of size |z|.
-        gap_s = self.q_s / self.s0_s  # E_ps[z_s - z_t]
-        max_gap = self.max_s - self.max_t
-        out = RowStats(
-            lse_student=self.max_s + log_s0_s,
-            lse_teacher=self.max_t + log_s0_t,
-            entropy_student=log_s0_s - self.s1_s / self.s0_s,
-            kl_reverse=(gap_s - max_gap) - (log_s0_s - log_s0_t),
-            kl_forward=(self.q_t / self.s0_t + max_gap) - (log_s0_t - log_s0_s),  # E_pt[z_t - z_s] + ...
-            topk_ids_student=ids_s,
-            topk_ids_teacher=ids_t,
-            teacher_mass=((zt_at_s - self.max_t[:, None]) - log_s0_t[:, None]).exp().sum(1),
-            disagreement=union_disagreement(ids_s, zs_at_s, zt_at_s, ids_t, zs_at_t, zt_at_t),
-            expected_gap=gap_s,
-        )
-        if self.zs_y is not None:
-            out.logp_student_sampled = (self.zs_y - self.max_s) - log_s0_s
-            out.logp_teacher_sampled = (self.zt_y - self.max_t) - log_s0_t
-        return out
+# ---------------------------------------------------------------------------- the merge
 
 
 def merge_softmax(maxima: Sequence[torch.Tensor], sums: Sequence[Sequence[torch.Tensor]],
@@ -176,16 +83,6 @@ def merge_states(parts: Sequence[PartialRowState]) -> PartialRowState:
     return out
 
 
-def pad_keys(keys: torch.Tensor, other: torch.Tensor, k: int):
-    """Widen [R, k'] candidates (k' <= k: a range narrower than K) to [R, k] with empty slots."""
-    missing = k - keys.shape[1]
-    if missing <= 0:
-        return keys, other
-    rows = keys.shape[0]
-    return (torch.cat([keys, keys.new_full((rows, missing), EMPTY_KEY)], 1),
-            torch.cat([other, other.new_zeros(rows, missing)], 1))
-
-
 # ---------------------------------------------------------------------------- collectives
 
 
@@ -206,7 +103,9 @@ class VocabParallel:
 
     ``hidden_grad``: "reduce" sums the hidden states' gradient over the group here (each rank returns the
     full dh); "partial" returns this rank's part G_r @ W_r, for a caller whose own layer sums it (Megatron's
-    ColumnParallelLinear all-reduces its input gradient): choose one, or dh is counted tp times or once.
+    ColumnParallelLinear all-reduces its input gradient). Pick the one that matches the caller: a second
+    reduction counts dh tp times, none leaves only this rank's part. The hidden states must be the same on
+    every rank of the group (not checked: that would cost a collective of them).
     """
 
     group: object = None
@@ -232,6 +131,9 @@ class ShardLayout:
 
     @classmethod
     def gather(cls, option: VocabParallel, rows_s: int, rows_t: int, device) -> "ShardLayout":
+        if not isinstance(option, VocabParallel):
+            raise TypeError(f"vocab_parallel must be a taopd_kernels.vocab_parallel.VocabParallel or None, got "
+                            f"{type(option).__name__}")
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("vocab_parallel needs an initialised torch.distributed process group")
         local = torch.tensor([rows_s, rows_t], dtype=torch.long, device=device)
@@ -356,8 +258,6 @@ class ShardedBackend:
     global ids; this object merges over the group. ``vocab_size`` in the calls is the global one."""
 
     def __init__(self, name: str, impl, layout: ShardLayout, vocab_size: int):
-        if name == "torch" and not hasattr(impl, "forward_partial"):  # staging, until pytorch.py has it
-            impl = TORCH_STAGING
         missing = [fn for fn in ("forward_partial", "logits_forward_partial") if not hasattr(impl, fn)]
         if missing:
             raise ValueError(f"vocab_parallel: the {name} backend has no per-shard partial state "
@@ -391,119 +291,3 @@ class ShardedBackend:
     def logits_grad_kept(self, zs, zt, **kw):
         return self.impl.logits_grad_kept(zs, zt, softmax_reduce=self.layout.reduce_softmax, **self._local(kw))
 
-
-# ---------------------------------------------------------------------------- staging: the torch backend's
-# per-shard pieces, until backends/pytorch.py exposes them (forward_partial, softmax_reduce).
-
-from .backends import pytorch as _pt  # noqa: E402
-
-
-def _stream_partial(tile_fn, rows, cols, top_k, chunk_vocab, device, id_offset, sampled_ids, finite):
-    soft_s, soft_t = _OnlineSoftmax(rows, device), _OnlineSoftmax(rows, device)
-    top_s, top_t = _pt._RunningTopK(rows, top_k, device), _pt._RunningTopK(rows, top_k, device)
-    zs_y = zt_y = None
-    if sampled_ids is not None:
-        y = sampled_ids.long()
-        zs_y = torch.full((rows,), float("nan"), device=device)
-        zt_y = torch.full((rows,), float("nan"), device=device)
-    for v0, v1 in vocab_tiles(cols, chunk_vocab):
-        zs, zt = tile_fn(v0, v1)
-        gap = zs - zt
-        soft_s.update(zs, gap, finite)
-        soft_t.update(zt, gap.neg_(), finite)
-        top_s.update(zs, zt, v0 + id_offset)
-        top_t.update(zt, zs, v0 + id_offset)
-        if sampled_ids is not None:
-            here = (y >= v0) & (y < v1)
-            col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
-            zs_y = torch.where(here, zs.gather(1, col).squeeze(1), zs_y)
-            zt_y = torch.where(here, zt.gather(1, col).squeeze(1), zt_y)
-    keys_s, other_s = pad_keys(top_s.keys, top_s.other, top_k)
-    keys_t, other_t = pad_keys(top_t.keys, top_t.other, top_k)
-    return PartialRowState(soft_s.m, soft_s.s0, soft_s.s1, soft_s.q, soft_t.m, soft_t.s0, soft_t.q,
-                           keys_s, other_s, keys_t, other_t, zs_y, zt_y)
-
-
-class _TorchStaging:
-    @staticmethod
-    def _partial(tile_fns, rows, *, vocab_size, top_k, sampled_ids, chunk_rows, chunk_vocab, finite, device,
-                 id_offset):
-        chunk_rows, chunk_vocab = _pt._chunk_sizes(rows, chunk_rows, chunk_vocab)
-        parts = []
-        with torch.no_grad():
-            for sl in row_chunks(rows, chunk_rows):
-                y = None if sampled_ids is None else sampled_ids[sl]
-                parts.append(_stream_partial(tile_fns(sl), sl.stop - sl.start, vocab_size, top_k, chunk_vocab,
-                                             device, id_offset, y, finite))
-        if not parts:
-            parts.append(_stream_partial(None, 0, 0, top_k, 1, device, id_offset, sampled_ids, finite))
-        return PartialRowState.concat(parts)
-
-    def forward_partial(self, h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size, top_k, temperature, id_offset=0,
-                        sampled_ids=None, chunk_rows=None, chunk_vocab=None):
-        finite = b_s is None and b_t is None
-        return self._partial(lambda sl: _pt.hidden_tile_fn(h_s[sl], w_s, b_s, h_t[sl], w_t, b_t, temperature),
-                             h_s.shape[0], vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids,
-                             chunk_rows=chunk_rows, chunk_vocab=chunk_vocab, finite=finite, device=h_s.device,
-                             id_offset=id_offset)
-
-    def logits_forward_partial(self, zs, zt, *, vocab_size, top_k, temperature, id_offset=0, sampled_ids=None,
-                               chunk_rows=None, chunk_vocab=None):
-        return self._partial(lambda sl: _pt.logits_tile_fn(zs[sl, :vocab_size], zt[sl, :vocab_size], temperature),
-                             zs.shape[0], vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids,
-                             chunk_rows=chunk_rows, chunk_vocab=chunk_vocab, finite=False, device=zs.device,
-                             id_offset=id_offset)
-
-    @staticmethod
-    def _row_kwargs(tile_fn, sl, vocab_size, chunk_vocab, finite, estimator, row_coef, sampled_ids,
-                    sampled_weight, softmax_reduce):
-        soft = _OnlineSoftmax(sl.stop - sl.start, row_coef.device)
-        for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
-            zs, zt = tile_fn(v0, v1)
-            soft.update(zs, zs - zt if zt is not None else zs, finite)
-        m, s0, q = soft.m, soft.s0, soft.q
-        if softmax_reduce is not None:
-            m, s0, q = softmax_reduce(m, s0, q)
-        pick = lambda x: None if x is None else x[sl]  # noqa: E731
-        return dict(estimator=estimator, row_max=m, log_s0=s0.log(),
-                    expected_gap=q / s0 if estimator == "full" else None,
-                    row_coef=row_coef[sl], sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
-
-    def backward_kept(self, h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size, temperature, estimator, row_coef,
-                      sampled_ids=None, sampled_weight=None, need_bias_grad=False, chunk_rows=None,
-                      chunk_vocab=None, softmax_reduce=None, **_):
-        chunk_rows, chunk_vocab = _pt._chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
-        d_h, d_w, d_b = head_grad_buffers(h_s, w_s, need_bias_grad)
-        need_teacher = estimator == "full"
-        lse = []
-        with torch.no_grad():
-            for sl in row_chunks(h_s.shape[0], chunk_rows):
-                hs = h_s[sl].float()
-                tile_fn = _pt.hidden_tile_fn(hs, w_s, b_s, h_t[sl] if need_teacher else None, w_t, b_t,
-                                             temperature, need_teacher)
-                per_row = self._row_kwargs(tile_fn, sl, vocab_size, chunk_vocab, b_s is None and b_t is None,
-                                           estimator, row_coef, sampled_ids, sampled_weight, softmax_reduce)
-                lse.append(per_row["row_max"] + per_row["log_s0"])
-                for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
-                    zs, zt = tile_fn(v0, v1)
-                    accumulate_head_grads(_pt.logit_grad_tile(zs, zt, v0, **per_row), hs, w_s, v0, v1, d_h[sl],
-                                          d_w, d_b)
-        return KeptGrads(d_h, d_w, d_b, torch.cat(lse) if lse else h_s.new_zeros(0, dtype=torch.float32))
-
-    def logits_grad_kept(self, zs, zt, *, vocab_size, temperature, estimator, row_coef, sampled_ids=None,
-                         sampled_weight=None, chunk_rows=None, chunk_vocab=None, softmax_reduce=None, **_):
-        chunk_rows, chunk_vocab = _pt._chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
-        grad = torch.zeros(zs.shape, dtype=torch.float32, device=zs.device)
-        need_teacher = estimator == "full"
-        with torch.no_grad():
-            for sl in row_chunks(zs.shape[0], chunk_rows):
-                tile_fn = _pt.logits_tile_fn(zs[sl], zt[sl] if need_teacher else None, temperature, need_teacher)
-                per_row = self._row_kwargs(tile_fn, sl, vocab_size, chunk_vocab, False, estimator, row_coef,
-                                           sampled_ids, sampled_weight, softmax_reduce)
-                for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
-                    tile_s, tile_t = tile_fn(v0, v1)
-                    grad[sl, v0:v1] = _pt.logit_grad_tile(tile_s, tile_t, v0, **per_row)
-        return grad
-
-
-TORCH_STAGING = _TorchStaging()

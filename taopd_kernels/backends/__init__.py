@@ -19,6 +19,15 @@ and Loss and gradients):
   chunk_vocab) -> RowStats`` and ``logits_grad_kept(zs, zt, *, vocab_size, temperature, estimator,
   row_coef, sampled_ids, sampled_weight, chunk_rows, chunk_vocab) -> [R, V_s]`` (zero beyond
   vocab_size; ``zt`` None for estimator "sampled").
+- Vocabulary shards (optional; ``vocab_parallel=`` needs them, ``vocab_parallel.ShardedBackend`` calls
+  them): ``forward_partial(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size, top_k, temperature, id_offset,
+  sampled_ids, chunk_rows, chunk_vocab) -> PartialRowState`` (``_tiles.py``) over the first ``vocab_size``
+  rows of the heads given, a column's id being ``id_offset`` + its index (``sampled_ids`` in those columns;
+  a token outside them contributes nothing), and ``logits_forward_partial(zs, zt, ...)`` likewise; then
+  ``forward_stats`` must equal ``forward_partial(..., id_offset=0).finish()``. ``backward_kept`` and
+  ``logits_grad_kept`` take ``softmax_reduce`` (optional, default None): called with each row chunk's
+  (max, S0, Q) of the columns given, between the backend's softmax pass and its gradient pass, it returns
+  the whole vocabulary's, so each rank forms its columns' gradient against the whole row's softmax.
 
 | name | module | runs on |
 | --- | --- | --- |

@@ -1,14 +1,19 @@
 """Pieces every backend shares: ordered top-K keys, the union disagreement from carried logits, the
-row-chunk and vocabulary-tile loops, and the float32 accumulation of a logit-gradient tile into the
-head's gradients. Plain PyTorch on small tensors ([R, K] or one tile at a time)."""
+row-chunk and vocabulary-tile loops, the float32 accumulation of a logit-gradient tile into the
+head's gradients, and the per-row partial state of a vocabulary range (``PartialRowState``) with the one
+place that finishes it into the statistics. Plain PyTorch on small tensors ([R, K] or one tile at a time)."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from ..stats import RowStats
+
 _LOW_MASK = (1 << 32) - 1
+EMPTY_KEY = torch.iinfo(torch.int64).min  # a candidate slot with no id (a vocabulary range narrower than K)
 
 
 def ordered_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -146,3 +151,94 @@ def accumulate_head_grads(g, hs32, w_s, v0: int, v1: int, d_h_rows, d_w, d_b) ->
     d_w[v0:v1] += g.T @ hs32
     if d_b is not None:
         d_b[v0:v1] += g.sum(0)
+
+
+def pad_keys(keys: torch.Tensor, other: torch.Tensor, k: int):
+    """Widen [R, k'] candidates (k' <= k: a range narrower than K) to [R, k] with empty slots."""
+    missing = k - keys.shape[1]
+    if missing <= 0:
+        return keys, other
+    rows = keys.shape[0]
+    return (torch.cat([keys, keys.new_full((rows, missing), EMPTY_KEY)], 1),
+            torch.cat([other, other.new_zeros(rows, missing)], 1))
+
+
+@dataclass
+class PartialRowState:
+    """Per-row partial statistics of one vocabulary range (float32 [R]; keys int64 [R, K], logits [R, K]).
+
+    Per model: ``max_*`` the largest scaled logit (-inf: none in the range), ``s0_*`` = sum e^(z - max),
+    ``q_*`` = sum e^(z - max) (z - other) (docs/math.md, Per-position statistics), and the student's ``s1_s``
+    = sum e^(z_s - max_s)(z_s - max_s). ``keys_*``: the range's top-K as ordered keys (value descending, global
+    id ascending; ``EMPTY_KEY`` in unused slots), ``other_*``: the other model's logit at those ids.
+    ``zs_y``, ``zt_y``: the logits at the sampled token, NaN where it lies outside the range.
+    """
+
+    max_s: torch.Tensor
+    s0_s: torch.Tensor
+    s1_s: torch.Tensor
+    q_s: torch.Tensor
+    max_t: torch.Tensor
+    s0_t: torch.Tensor
+    q_t: torch.Tensor
+    keys_s: torch.Tensor
+    other_s: torch.Tensor
+    keys_t: torch.Tensor
+    other_t: torch.Tensor
+    zs_y: Optional[torch.Tensor] = None
+    zt_y: Optional[torch.Tensor] = None
+
+    @property
+    def scalar_names(self) -> tuple:
+        names = ("max_s", "s0_s", "s1_s", "q_s", "max_t", "s0_t", "q_t")
+        return names + (("zs_y", "zt_y") if self.zs_y is not None else ())
+
+    @classmethod
+    def concat(cls, parts: List["PartialRowState"]) -> "PartialRowState":
+        """The rows of ``parts`` (row chunks) in order."""
+        return cls(**{f.name: None if getattr(parts[0], f.name) is None
+                      else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def pack(self) -> torch.Tensor:
+        """Everything in one int32 [R, 7 + 6K] tensor (+2 columns with the sampled logits): float bits and
+        key halves, for one collective."""
+        scalars = torch.stack([getattr(self, n).float() for n in self.scalar_names], 1)
+        floats = torch.cat([scalars, self.other_s.float(), self.other_t.float()], 1)
+        keys = torch.cat([self.keys_s, self.keys_t], 1).contiguous()
+        return torch.cat([floats.view(torch.int32), keys.view(torch.int32)], 1)
+
+    def unpack(self, packed: torch.Tensor) -> "PartialRowState":
+        """A state of this one's layout from another rank's ``pack()``."""
+        n, k = len(self.scalar_names), self.keys_s.shape[1]
+        floats = packed[:, :n + 2 * k].contiguous().view(torch.float32)
+        keys = packed[:, n + 2 * k:].contiguous().view(torch.int64)
+        values = dict(zip(self.scalar_names, floats[:, :n].unbind(1)))
+        return PartialRowState(**values, other_s=floats[:, n:n + k], other_t=floats[:, n + k:],
+                               keys_s=keys[:, :k], keys_t=keys[:, k:])
+
+    def finish(self) -> RowStats:
+        """RowStats from the state of the whole used vocabulary (docs/math.md, Per-position statistics)."""
+        log_s0_s, log_s0_t = self.s0_s.log(), self.s0_t.log()
+        ids_s, ids_t = keys_to_ids(self.keys_s), keys_to_ids(self.keys_t)
+        zs_at_s, zt_at_s = keys_to_values(self.keys_s), self.other_s
+        zt_at_t, zs_at_t = keys_to_values(self.keys_t), self.other_t
+        # Cancellation-free: differences of logits near the row maxima are formed before the (large) maxima
+        # meet the (small) log S0, so nothing of size |z| is subtracted from another number of size |z|.
+        gap_s = self.q_s / self.s0_s  # E_ps[z_s - z_t]
+        max_gap = self.max_s - self.max_t
+        out = RowStats(
+            lse_student=self.max_s + log_s0_s,
+            lse_teacher=self.max_t + log_s0_t,
+            entropy_student=log_s0_s - self.s1_s / self.s0_s,
+            kl_reverse=(gap_s - max_gap) - (log_s0_s - log_s0_t),
+            kl_forward=(self.q_t / self.s0_t + max_gap) - (log_s0_t - log_s0_s),  # E_pt[z_t - z_s] + ...
+            topk_ids_student=ids_s,
+            topk_ids_teacher=ids_t,
+            teacher_mass=((zt_at_s - self.max_t[:, None]) - log_s0_t[:, None]).exp().sum(1),
+            disagreement=union_disagreement(ids_s, zs_at_s, zt_at_s, ids_t, zs_at_t, zt_at_t),
+            expected_gap=gap_s,
+        )
+        if self.zs_y is not None:
+            out.logp_student_sampled = (self.zs_y - self.max_s) - log_s0_s
+            out.logp_teacher_sampled = (self.zt_y - self.max_t) - log_s0_t
+        return out

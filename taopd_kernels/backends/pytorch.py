@@ -14,7 +14,9 @@ max-rescaling. With reference points m (running maxima):
 
 Top-K is kept per row as int64 keys (order-preserving float bits << 32 | (2^32 - 1 - id)): every key
 is distinct, so ``torch.topk`` on keys is exact and sends ties to the lower id. Each model's top-K
-entry carries the other model's logit, so C and D need no second pass.
+entry carries the other model's logit, so C and D need no second pass. The accumulators of a vocabulary
+range are a ``PartialRowState`` (``forward_partial``, ids from ``id_offset``: a vocabulary shard), finished
+into RowStats in one place (``PartialRowState.finish``).
 
 Backward. Only kept rows are recomputed, tile by tile; the logit gradient of docs/math.md, Loss and gradients is formed
 per tile and reduced straight into dh (float32 [R, D]), dW (float32 [V_s, D], cast once by the
@@ -30,15 +32,15 @@ import torch
 from ..stats import RowStats
 from ._tiles import (
     KeptGrads,
+    PartialRowState,
     _OnlineSoftmax,
     accumulate_head_grads,
     head_grad_buffers,
     keys_to_ids,
-    keys_to_values,
     ordered_keys,
+    pad_keys,
     row_chunks,
     safe_weighted,
-    union_disagreement,
     vocab_tiles,
 )
 
@@ -101,14 +103,9 @@ class _RunningTopK:
         self.keys, sel = torch.topk(all_keys, k_keep, dim=1)
         self.other = all_other.gather(1, sel)
 
-    def ids(self) -> torch.Tensor:
-        return keys_to_ids(self.keys)
-
-    def values(self) -> torch.Tensor:
-        return keys_to_values(self.keys)
 
 
-def stream_row_stats(
+def stream_partial_state(
     tile_fn: TileFn,
     rows: int,
     vocab_size: int,
@@ -117,13 +114,16 @@ def stream_row_stats(
     device,
     sampled_ids: Optional[torch.Tensor] = None,
     finite: bool = False,
-) -> RowStats:
-    """Fold the tiles ``tile_fn(v0, v1) -> (z_s, z_t)`` (scaled float32 [R, v1-v0]) into RowStats.
+    id_offset: int = 0,
+) -> PartialRowState:
+    """Fold the tiles ``tile_fn(v0, v1) -> (z_s, z_t)`` (scaled float32 [R, v1-v0]) of columns [0, vocab_size)
+    into the per-row partial state; a column's id is ``id_offset`` + its index (a vocabulary shard's ids).
 
     ``finite=True`` promises that no logit is -inf (skips the masking that -inf needs).
     """
     soft_s, soft_t = _OnlineSoftmax(rows, device), _OnlineSoftmax(rows, device)
     top_s, top_t = _RunningTopK(rows, top_k, device), _RunningTopK(rows, top_k, device)
+    zs_y = zt_y = None
     if sampled_ids is not None:
         y = sampled_ids.long()
         zs_y = torch.full((rows,), float("nan"), device=device)
@@ -133,38 +133,17 @@ def stream_row_stats(
         gap = zs - zt
         soft_s.update(zs, gap, finite)
         soft_t.update(zt, gap.neg_(), finite)
-        top_s.update(zs, zt, v0)
-        top_t.update(zt, zs, v0)
+        top_s.update(zs, zt, v0 + id_offset)
+        top_t.update(zt, zs, v0 + id_offset)
         if sampled_ids is not None:
             here = (y >= v0) & (y < v1)
             col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
             zs_y = torch.where(here, zs.gather(1, col).squeeze(1), zs_y)
             zt_y = torch.where(here, zt.gather(1, col).squeeze(1), zt_y)
-    lse_s, lse_t = soft_s.lse(), soft_t.lse()
-    ids_s, ids_t = top_s.ids(), top_t.ids()
-    zs_at_s, zt_at_s = top_s.values(), top_s.other
-    zt_at_t, zs_at_t = top_t.values(), top_t.other
-    # Cancellation-free: differences of logits near the row maxima are formed before the (large) maxima
-    # meet the (small) log S0, so nothing of size |z| is subtracted from another number of size |z|.
-    log_s0_s, log_s0_t = soft_s.s0.log(), soft_t.s0.log()
-    gap_s = soft_s.expected_gap()  # E_ps[z_s - z_t]
-    max_gap = soft_s.m - soft_t.m
-    out = RowStats(
-        lse_student=lse_s,
-        lse_teacher=lse_t,
-        entropy_student=soft_s.entropy(),
-        kl_reverse=(gap_s - max_gap) - (log_s0_s - log_s0_t),
-        kl_forward=(soft_t.expected_gap() + max_gap) - (log_s0_t - log_s0_s),  # E_pt[z_t - z_s] + ...
-        topk_ids_student=ids_s,
-        topk_ids_teacher=ids_t,
-        teacher_mass=((zt_at_s - soft_t.m[:, None]) - log_s0_t[:, None]).exp().sum(1),
-        disagreement=union_disagreement(ids_s, zs_at_s, zt_at_s, ids_t, zs_at_t, zt_at_t),
-        expected_gap=gap_s,
-    )
-    if sampled_ids is not None:
-        out.logp_student_sampled = (zs_y - soft_s.m) - log_s0_s
-        out.logp_teacher_sampled = (zt_y - soft_t.m) - log_s0_t
-    return out
+    keys_s, other_s = pad_keys(top_s.keys, top_s.other, top_k)
+    keys_t, other_t = pad_keys(top_t.keys, top_t.other, top_k)
+    return PartialRowState(soft_s.m, soft_s.s0, soft_s.s1, soft_s.q, soft_t.m, soft_t.s0, soft_t.q,
+                           keys_s, other_s, keys_t, other_t, zs_y, zt_y)
 
 
 def logit_grad_tile(
@@ -241,60 +220,77 @@ def _chunk_sizes(rows: int, chunk_rows: Optional[int], chunk_vocab: Optional[int
 
 
 def _forward(tile_fns, rows: int, *, vocab_size: int, top_k: int, sampled_ids, chunk_rows: int,
-             chunk_vocab: int, finite, device) -> RowStats:
-    """RowStats over row chunks: ``tile_fns(rows_slice)`` gives the chunk's TileFn, ``finite(rows_slice)``
-    whether the chunk's logits hold no -inf."""
+             chunk_vocab: int, finite: bool, device, id_offset: int) -> PartialRowState:
+    """The partial state over row chunks: ``tile_fns(rows_slice)`` gives the chunk's TileFn; ``finite``:
+    the logits hold no -inf."""
     parts = []
     with torch.no_grad():
         for sl in row_chunks(rows, chunk_rows):
             y = None if sampled_ids is None else sampled_ids[sl]
-            parts.append(stream_row_stats(tile_fns(sl), sl.stop - sl.start, vocab_size, top_k, chunk_vocab,
-                                          device, y, finite=finite(sl)))
-    return RowStats.concat(parts, device, top_k, sampled_ids is not None)
+            parts.append(stream_partial_state(tile_fns(sl), sl.stop - sl.start, vocab_size, top_k, chunk_vocab,
+                                              device, y, finite=finite, id_offset=id_offset))
+        if not parts:  # no rows: empty [0] / [0, K] tensors
+            parts.append(stream_partial_state(None, 0, 0, top_k, 1, device, sampled_ids, id_offset=id_offset))
+    return PartialRowState.concat(parts)
 
 
-def forward_stats(
+def forward_partial(
     h_s, w_s, b_s, h_t, w_t, b_t, *,
-    vocab_size: int, top_k: int, temperature: float,
+    vocab_size: int, top_k: int, temperature: float, id_offset: int = 0,
     sampled_ids: Optional[torch.Tensor] = None,
     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
-) -> RowStats:
-    """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (the API passes only valid rows)."""
+) -> PartialRowState:
+    """The partial state of every row of h_s [R, D_s], h_t [R, D_t] over the first ``vocab_size`` rows of the
+    heads given (a vocabulary shard whose first id is ``id_offset``; ``sampled_ids`` in the shard's columns)."""
     chunk_rows, chunk_vocab = _chunk_sizes(h_s.shape[0], chunk_rows, chunk_vocab)
     # Hidden states and weights are finite (checked by the API); only a bias can hold -inf, so with a
     # bias the tiles take the -inf-safe sums (deciding it from the values would cost a host sync).
-    finite = b_s is None and b_t is None
     return _forward(lambda sl: hidden_tile_fn(h_s[sl], w_s, b_s, h_t[sl], w_t, b_t, temperature), h_s.shape[0],
                     vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids, chunk_rows=chunk_rows,
-                    chunk_vocab=chunk_vocab, finite=lambda sl: finite, device=h_s.device)
+                    chunk_vocab=chunk_vocab, finite=b_s is None and b_t is None, device=h_s.device,
+                    id_offset=id_offset)
 
 
-def logits_forward_stats(zs, zt, *, vocab_size: int, top_k: int, temperature: float,
-                         sampled_ids: Optional[torch.Tensor] = None,
-                         chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> RowStats:
-    """RowStats for every row of logits zs [R, V_s], zt [R, V_t]; only the first ``vocab_size`` columns."""
+def forward_stats(h_s, w_s, b_s, h_t, w_t, b_t, **options) -> RowStats:
+    """RowStats for every row of h_s [R, D_s], h_t [R, D_t] (the API passes only valid rows)."""
+    return forward_partial(h_s, w_s, b_s, h_t, w_t, b_t, **options).finish()
+
+
+def logits_forward_partial(zs, zt, *, vocab_size: int, top_k: int, temperature: float, id_offset: int = 0,
+                           sampled_ids: Optional[torch.Tensor] = None,
+                           chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> PartialRowState:
+    """The partial state of every row of logits zs [R, V_s], zt [R, V_t] over their first ``vocab_size``
+    columns (a vocabulary shard whose first id is ``id_offset``)."""
     chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
-
     # Logits may hold -inf (masked tokens): the tiles take the -inf-safe sums.
     return _forward(lambda sl: logits_tile_fn(zs[sl, :vocab_size], zt[sl, :vocab_size], temperature), zs.shape[0],
                     vocab_size=vocab_size, top_k=top_k, sampled_ids=sampled_ids, chunk_rows=chunk_rows,
-                    chunk_vocab=chunk_vocab, finite=lambda sl: False, device=zs.device)
+                    chunk_vocab=chunk_vocab, finite=False, device=zs.device, id_offset=id_offset)
+
+
+def logits_forward_stats(zs, zt, **options) -> RowStats:
+    """RowStats for every row of logits zs [R, V_s], zt [R, V_t]; only the first ``vocab_size`` columns."""
+    return logits_forward_partial(zs, zt, **options).finish()
 
 
 def _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, finite, estimator, row_coef, sampled_ids,
-                     sampled_weight) -> dict:
+                     sampled_weight, softmax_reduce=None) -> dict:
     """Per-row inputs of ``logit_grad_tile`` for one row chunk. The chunk's log-sum-exp and E_ps[z_s - z_t]
     are recomputed from the very tiles the gradient is formed from (a first pass over the kept rows), so
     that p_s sums to 1 and p_s * (g - E[g]) sums to 0 on these logits: the forward's values come from
     tiles of other shapes, whose float32 rounding differs by ~eps * |z|, which would bias the gradient.
-    The softmax is passed as (row maximum, log S0), not lse (see ``logit_grad_tile``)."""
+    The softmax is passed as (row maximum, log S0), not lse (see ``logit_grad_tile``). ``softmax_reduce``
+    (a vocabulary shard): (max, S0, Q) of these columns -> of the whole vocabulary, over the group."""
     soft = _OnlineSoftmax(sl.stop - sl.start, row_coef.device)
     for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
         zs, zt = tile_fn(v0, v1)
         soft.update(zs, zs - zt if zt is not None else zs, finite)
+    row_max, s0, q = soft.m, soft.s0, soft.q
+    if softmax_reduce is not None:
+        row_max, s0, q = softmax_reduce(row_max, s0, q)
     pick = lambda x: None if x is None else x[sl]  # noqa: E731
-    return dict(estimator=estimator, row_max=soft.m, log_s0=soft.s0.log(),
-                expected_gap=soft.expected_gap() if estimator == "full" else None,
+    return dict(estimator=estimator, row_max=row_max, log_s0=s0.log(),
+                expected_gap=q / s0 if estimator == "full" else None,
                 row_coef=row_coef[sl], sampled_ids=pick(sampled_ids), sampled_weight=pick(sampled_weight))
 
 
@@ -305,6 +301,7 @@ def backward_kept(
     sampled_ids: Optional[torch.Tensor] = None, sampled_weight: Optional[torch.Tensor] = None,
     need_bias_grad: bool = False,
     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
+    softmax_reduce: Optional[Callable] = None,
 ):
     """Gradients of the loss w.r.t. the student's hidden rows (the kept ones given here), W_s and b_s.
 
@@ -322,7 +319,7 @@ def backward_kept(
             tile_fn = hidden_tile_fn(hs, w_s, b_s, h_t[sl] if need_teacher else None, w_t, b_t,
                                      temperature, need_teacher)
             per_row = _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, b_s is None and b_t is None, estimator,
-                                       row_coef, sampled_ids, sampled_weight)
+                                       row_coef, sampled_ids, sampled_weight, softmax_reduce)
             lse.append(per_row["row_max"] + per_row["log_s0"])
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 zs, zt = tile_fn(v0, v1)
@@ -332,7 +329,8 @@ def backward_kept(
 
 def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: str,
                      row_coef, sampled_ids=None, sampled_weight=None,
-                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+                     chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
+                     softmax_reduce: Optional[Callable] = None) -> torch.Tensor:
     """d loss / d student logits for the kept rows given, float32 [R, V_s] (zero beyond vocab_size)."""
     chunk_rows, chunk_vocab = _chunk_sizes(zs.shape[0], chunk_rows, chunk_vocab)
     grad = torch.zeros(zs.shape, dtype=torch.float32, device=zs.device)
@@ -341,7 +339,7 @@ def logits_grad_kept(zs, zt, *, vocab_size: int, temperature: float, estimator: 
         for sl in row_chunks(zs.shape[0], chunk_rows):
             tile_fn = logits_tile_fn(zs[sl], zt[sl] if need_teacher else None, temperature, need_teacher)
             per_row = _row_grad_kwargs(tile_fn, sl, vocab_size, chunk_vocab, False, estimator, row_coef, sampled_ids,
-                                       sampled_weight)
+                                       sampled_weight, softmax_reduce)
             for v0, v1 in vocab_tiles(vocab_size, chunk_vocab):
                 tile_s, tile_t = tile_fn(v0, v1)
                 grad[sl, v0:v1] = logit_grad_tile(tile_s, tile_t, v0, **per_row)
