@@ -40,6 +40,7 @@ from .options import (
 )
 from .selection import default_sequence_ids, score_and_select
 from .stats import RowStats, TeachabilityStats, scatter_rows
+from .vocab_parallel import ShardedBackend, ShardLayout, VocabParallel, local_shards
 
 
 @dataclass
@@ -102,6 +103,7 @@ class _HiddenHead:
         self.h_t = h_t.reshape(-1, h_t.shape[-1])
         self.w_t, self.b_t = w_t, b_t
         self.max_vocab = default_vocab_size(w_s.shape[0], w_t.shape[0])
+        self.vocab_rows = (w_s.shape[0], w_t.shape[0])
 
     @property
     def student(self) -> tuple:
@@ -162,6 +164,7 @@ class _LogitsHead:
         self.zs = zs.reshape(-1, zs.shape[-1])
         self.zt = zt.reshape(-1, zt.shape[-1])
         self.max_vocab = default_vocab_size(zs.shape[-1], zt.shape[-1])
+        self.vocab_rows = (zs.shape[-1], zt.shape[-1])
 
     @property
     def student(self) -> tuple:
@@ -327,7 +330,7 @@ def _row_weight(row_weight, pos: "_Positions", checks: DeferredChecks) -> Option
 
 def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select: SelectionOptions,
          checks: DeferredChecks, keep_mask=None, normalizer=None, stats=None, row_weight=None,
-         want_loss: bool = True):
+         want_loss: bool = True, vocab_parallel: Optional[VocabParallel] = None):
     """(loss or None, TeachabilityStats) for one call of any entry point.
 
     Host syncs: one to learn how many positions are valid (with every input check read at the same
@@ -335,14 +338,18 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     the backward. A call that reuses statistics skips the first and reads one in the backward instead:
     whether the backward's recomputed log-sum-exps match the statistics' (``_check_reused_lse``).
     """
-    opts = check_head_options(max_vocab=head.max_vocab, **head_opts)
     device = head.student[0].device
+    layout = None if vocab_parallel is None else ShardLayout.gather(vocab_parallel, *head.vocab_rows, device)
+    opts = check_head_options(max_vocab=head.max_vocab if layout is None else layout.max_vocab, **head_opts)
     pos = _positions(head.leading, device, valid_mask, sequence_ids, sampled_ids, opts.vocab_size, opts.estimator,
                      checks)
     name, impl = backends.resolve(opts.backend, device, path=head.path, top_k=opts.top_k,
                                   shape=head.shape_class(opts))
+    if layout is not None:  # this rank's shard, merged over the group (taopd_kernels/vocab_parallel.py)
+        impl = ShardedBackend(name, impl, layout, opts.vocab_size)
     computed_from = dict(temperature=opts.temperature, vocab_size=opts.vocab_size, top_k=opts.top_k,
-                         sampled_ids=pos.sampled_ids is not None, inputs=head.signature())
+                         sampled_ids=pos.sampled_ids is not None, inputs=head.signature(),
+                         vocab_shards=None if layout is None else (layout.rows_s, layout.rows_t, layout.rank))
     reused = stats is not None
     if stats is None:
         stats = _fresh_stats(head, impl, pos, opts, checks)
@@ -469,7 +476,7 @@ def teachability_stats(
     temperature: float = DEFAULTS.temperature, vocab_size: Optional[int] = DEFAULTS.vocab_size,
     min_per_sequence: int = DEFAULTS.min_per_sequence, seed: int = DEFAULTS.seed, backend: str = DEFAULTS.backend,
     chunk_rows: Optional[int] = DEFAULTS.chunk_rows, chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
-    check_finite: bool = DEFAULTS.check_finite,
+    check_finite: bool = DEFAULTS.check_finite, vocab_parallel: Optional[VocabParallel] = None,
 ) -> TeachabilityStats:
     """Forward statistics (docs/math.md, Per-position statistics) and the selection (Scores and
     selection), with no loss and no autograd. ``strategy=None``: statistics only (``score`` and ``kept``
@@ -477,12 +484,14 @@ def teachability_stats(
     select = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                                      seed=seed, allow_none=True)
     checks = DeferredChecks()
+    vocab_parallel, (student_weight, teacher_weight, student_bias, teacher_bias) = local_shards(
+        vocab_parallel, student_weight, teacher_weight, student_bias, teacher_bias)
     head = _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                 student_bias, teacher_bias, check_finite, checks)
     _, stats = _run(head, checks=checks, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
                     head_opts=dict(top_k=top_k, estimator="full", temperature=temperature, vocab_size=vocab_size,
                                    backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),
-                    select=select, want_loss=False)
+                    select=select, want_loss=False, vocab_parallel=vocab_parallel)
     return stats
 
 
@@ -528,6 +537,7 @@ def fused_teachability_kl(
     stats: Optional[TeachabilityStats] = None, row_weight: Optional[torch.Tensor] = None,
     backend: str = DEFAULTS.backend, chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
     chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab, check_finite: bool = DEFAULTS.check_finite,
+    vocab_parallel: Optional[VocabParallel] = None,
 ):
     """TA-OPD loss head from final hidden states and lm_head weights, never holding [N, V] logits.
 
@@ -546,6 +556,10 @@ def fused_teachability_kl(
         stats: statistics already computed for these inputs (``teachability_stats``); skips the forward.
         row_weight: float [...]; per-position weights w_t of the loss, sum_t m_t w_t l_t / normalizer
             (detached; e.g. the upstream gradient of a per-position loss, or importance weights).
+        vocab_parallel: ``VocabParallel(group, hidden_grad)``: the weights (and biases) are this rank's
+            vocabulary shard of heads sharded over ``group``, contiguous in rank order; the statistics,
+            selection and loss are the whole heads' on every rank, the weight gradients this shard's rows
+            (docs/distributed.md, Vocabulary-parallel lm_head). DTensor weights sharded on dim 0 turn it on.
         The options (top_k, keep_ratio, strategy, ...): below, from ``LossHeadOptions``.
 
     Returns:
@@ -555,12 +569,15 @@ def fused_teachability_kl(
     select = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                                      seed=seed)
     checks = DeferredChecks()
+    vocab_parallel, (student_weight, teacher_weight, student_bias, teacher_bias) = local_shards(
+        vocab_parallel, student_weight, teacher_weight, student_bias, teacher_bias)
     head = _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                 student_bias, teacher_bias, check_finite, checks)
     return _run(head, checks=checks, valid_mask=valid_mask, sequence_ids=sequence_ids, sampled_ids=sampled_ids,
                 head_opts=dict(top_k=top_k, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
                                backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),
-                select=select, keep_mask=keep_mask, normalizer=normalizer, stats=stats, row_weight=row_weight)
+                select=select, keep_mask=keep_mask, normalizer=normalizer, stats=stats, row_weight=row_weight,
+                vocab_parallel=vocab_parallel)
 
 
 @with_option_docs
@@ -573,12 +590,14 @@ def teachability_kl_from_logits(
     seed: int = DEFAULTS.seed, keep_mask: Optional[torch.Tensor] = None, normalizer: Optional[float] = None,
     backend: str = DEFAULTS.backend, chunk_rows: Optional[int] = DEFAULTS.chunk_rows,
     chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
+    vocab_parallel: Optional[VocabParallel] = None,
 ):
     """The same loss and statistics for callers that already hold logits [..., V_s] and [..., V_t].
 
     Only the first ``vocab_size`` columns are used (default min(V_s, V_t)); -inf logits are allowed
     (masked tokens), NaN and +inf are not. The gradient w.r.t. ``student_logits`` is zero outside the
-    kept rows and beyond ``vocab_size``. Options as in ``fused_teachability_kl``.
+    kept rows and beyond ``vocab_size``. Options as in ``fused_teachability_kl``; with ``vocab_parallel`` the
+    logits are this rank's columns of the whole rows (plain tensors).
     """
     select = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                                      seed=seed)
@@ -595,4 +614,4 @@ def teachability_kl_from_logits(
                 sampled_ids=sampled_ids,
                 head_opts=dict(top_k=top_k, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
                                backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab),
-                select=select, keep_mask=keep_mask, normalizer=normalizer)
+                select=select, keep_mask=keep_mask, normalizer=normalizer, vocab_parallel=vocab_parallel)
