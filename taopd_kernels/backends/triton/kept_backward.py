@@ -158,6 +158,99 @@ def _block_m() -> int:
     return INTERPRETER_BLOCKS["BLOCK_M"] if interpreting() else BLOCK_M_GPU
 
 
+class _ChunkLauncher:
+    """The kernel's launch for one row chunk [r0, r1): what does not change between the two passes and
+    the vocabulary chunks (inputs, strides, flags, the partials buffer) is bound once here."""
+
+    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, *, full: bool, coef, sampled_ids, need_bias_grad: bool,
+                 temperature: float, vocab_size: int, width: int, part):
+        self.device, self.full, self.coef = h_s.device, full, coef
+        self.vocab_size, self.width, self.part = vocab_size, width, part
+        self.n_slots = triton.cdiv(width, MIN_BLOCK_V)
+        dtype_s, prec_s = dot_config(h_s, w_s)
+        dtype_t, prec_t = dot_config(h_t, w_t) if full else (dtype_s, prec_s)
+        self.nbytes = operand_bytes(h_s, w_s, *((h_t, w_t) if full else ()))
+        self.y = sampled_ids.to(device=self.device, dtype=torch.int32).contiguous() if not full else None
+        self.b_s = b_s.contiguous() if b_s is not None else None
+        self.b_t = b_t.contiguous() if (b_t is not None and full) else None
+        self.h_s, self.w_s = h_s, w_s
+        self.h_t, self.w_t = (h_t, w_t) if full else (h_s, w_s)  # the sampled estimator reads no teacher
+        self.flags = dict(D_S=h_s.shape[1], D_T=self.h_t.shape[1], FULL=full, NEED_DB=need_bias_grad,
+                          HAS_BS=self.b_s is not None, HAS_BT=self.b_t is not None,
+                          DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t)
+        self.inv_tau = 1.0 / float(temperature)
+        self.rows = (0, 0)
+
+    def select_rows(self, r0: int, r1: int):
+        """Start row chunk [r0, r1); returns its partials view [3, n_slots, rows] (contiguous: the kernel
+        indexes it so)."""
+        self.rows = (r0, r1)
+        return self.part[: 3 * self.n_slots * (r1 - r0)].view(3, self.n_slots, r1 - r0)
+
+    def __call__(self, v0: int, softmax: bool, row_max, log_s0, gap, g, db_buf, slots) -> None:
+        (r0, r1), n = self.rows, min(v0 + self.width, self.vocab_size) - v0
+        h_s, w_s, h_t, w_t, coef = self.h_s, self.w_s, self.h_t, self.w_t, self.coef
+        args = (h_s[r0:r1], w_s, self.b_s if self.b_s is not None else w_s,
+                h_t[r0:r1], w_t, self.b_t if self.b_t is not None else w_t,
+                row_max, log_s0, gap, coef[r0:r1], self.y[r0:r1] if self.y is not None else coef, g, db_buf,
+                slots, r1 - r0, v0, n, self.n_slots,
+                h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
+                h_t.stride(0), h_t.stride(1), w_t.stride(0), w_t.stride(1),
+                g.stride(0), self.inv_tau, rows_bucket(r1 - r0))
+        _launch(args, dict(self.flags, SOFTMAX=softmax), r1 - r0, n, self.device, self.nbytes)
+
+
+def _softmax_pass(launch: _ChunkLauncher, slots, g0):
+    """First pass over the chunk's rows: (max, S0, Q) per row from the very tiles the gradient pass will
+    recompute, merged vocabulary chunk by chunk in float64. Returns float32 (row max, log S0, E_ps[gap])."""
+    run = None
+    coef = launch.coef
+    for v0 in range(0, launch.vocab_size, launch.width):
+        slots[0].fill_(-torch.inf)
+        slots[1:].zero_()
+        launch(v0, True, coef, coef, coef, g0, coef, slots)
+        p = slots.double()
+        if run is not None:
+            p = torch.cat([run[:, None], p], 1)
+        m, log_s0, _, gap = _merge_softmax(p[0], p[1], None, p[2])
+        run = torch.stack([m, log_s0.exp(), gap * log_s0.exp()])
+    return run[0].float().contiguous(), run[1].log().float().contiguous(), (run[2] / run[1]).float().contiguous()
+
+
+def _gradient_pass(launch: _ChunkLauncher, slots, softmax, workspace, db_part, h_scaled, grads, mm_dtype) -> None:
+    """Second pass: each vocabulary chunk's logit gradient G into the workspace, reduced by cuBLAS into
+    dh (rows of the chunk), dW (columns of the chunk) and db."""
+    (r0, r1), n_rows = launch.rows, launch.rows[1] - launch.rows[0]
+    d_h, d_w, d_b = grads
+    db_rows = triton.cdiv(n_rows, _block_m())
+    for v0 in range(0, launch.vocab_size, launch.width):
+        v1 = min(v0 + launch.width, launch.vocab_size)
+        n = v1 - v0
+        g = workspace[: n_rows * n].view(n_rows, n)
+        db_buf = db_part[: db_rows * n] if d_b is not None else launch.coef
+        launch(v0, False, *softmax, g, db_buf, slots)
+        w_chunk = launch.w_s[v0:v1]
+        if w_chunk.dtype != mm_dtype:
+            w_chunk = w_chunk.to(mm_dtype)
+        d_h[r0:r1] += mm_float32(g, w_chunk)
+        dw_chunk = mm_float32(g.t(), h_scaled[r0:r1])
+        if r0 == 0:
+            d_w[v0:v1].copy_(dw_chunk)
+        else:
+            d_w[v0:v1] += dw_chunk
+        if d_b is not None:
+            d_b[v0:v1] += db_buf.view(db_rows, n).sum(0)
+
+
+def _chunk_sizes(rows: int, d_s: int, elem: int, w_elem: int, vocab_size: int, chunk_rows, chunk_vocab):
+    """(row chunk, vocabulary chunk width) that keep the logit-gradient workspace within WORKSPACE_BYTES."""
+    row_chunk = chunk_rows or max(1, WORKSPACE_BYTES // (256 * elem))
+    if chunk_vocab is None:
+        per_col = min(rows, row_chunk) * elem + d_s * max(elem, w_elem) + 4 * triton.cdiv(min(rows, row_chunk), _block_m())
+        chunk_vocab = max(256, WORKSPACE_BYTES // per_col // 256 * 256)
+    return row_chunk, min(chunk_vocab, vocab_size)
+
+
 def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature: float, estimator: str,
                   row_coef, sampled_ids=None, sampled_weight=None,
                   need_bias_grad: bool = False, chunk_rows: Optional[int] = None,
@@ -184,85 +277,21 @@ def kept_backward(h_s, w_s, b_s, h_t, w_t, b_t, *, vocab_size: int, temperature:
     mm_dtype = torch.bfloat16 if h_s.dtype == w_s.dtype == torch.bfloat16 else torch.float32
     elem = torch.tensor([], dtype=mm_dtype).element_size()
     h_scaled = (h_s.float() * coef[:, None]).to(mm_dtype)  # c * h, for dW = G^T @ (c h)
-
-    row_chunk = chunk_rows or max(1, WORKSPACE_BYTES // (256 * elem))
-    if chunk_vocab is None:
-        per_col = min(rows, row_chunk) * elem + d_s * max(elem, w_s.element_size()) \
-            + 4 * triton.cdiv(min(rows, row_chunk), _block_m())
-        chunk_vocab = max(256, WORKSPACE_BYTES // per_col // 256 * 256)
-    width = min(chunk_vocab, vocab_size)
-    workspace = torch.empty(min(rows, row_chunk) * width, dtype=mm_dtype, device=device)
-    db_part = None
-    if need_bias_grad:
-        db_part = torch.empty(triton.cdiv(min(rows, row_chunk), _block_m()) * width, dtype=torch.float32,
-                              device=device)
-
-    dtype_s, prec_s = dot_config(h_s, w_s)
-    dtype_t, prec_t = dot_config(h_t, w_t) if full else (dtype_s, prec_s)
-    nbytes = operand_bytes(h_s, w_s, *((h_t, w_t) if full else ()))
-    y = sampled_ids.to(device=device, dtype=torch.int32).contiguous() if not full else None
-    n_slots = triton.cdiv(width, MIN_BLOCK_V)
-    part = torch.empty(3 * n_slots * min(rows, row_chunk), dtype=torch.float32, device=device)
+    row_chunk, width = _chunk_sizes(rows, d_s, elem, w_s.element_size(), vocab_size, chunk_rows, chunk_vocab)
+    chunk = min(rows, row_chunk)
+    workspace = torch.empty(chunk * width, dtype=mm_dtype, device=device)
+    db_part = torch.empty(triton.cdiv(chunk, _block_m()) * width, dtype=torch.float32, device=device) \
+        if need_bias_grad else None
+    part = torch.empty(3 * triton.cdiv(width, MIN_BLOCK_V) * chunk, dtype=torch.float32, device=device)
+    launch = _ChunkLauncher(h_s, w_s, b_s, h_t, w_t, b_t, full=full, coef=coef, sampled_ids=sampled_ids,
+                            need_bias_grad=need_bias_grad, temperature=temperature, vocab_size=vocab_size,
+                            width=width, part=part)
     lse = torch.empty(rows, dtype=torch.float32, device=device)
-    b_s_c = b_s.contiguous() if b_s is not None else None
-    b_t_c = b_t.contiguous() if (b_t is not None and full) else None
-    h_t_any = h_t if full else h_s
-    w_t_any = w_t if full else w_s
-
-    flags = dict(D_S=d_s, D_T=h_t_any.shape[1], FULL=full, NEED_DB=need_bias_grad,
-                 HAS_BS=b_s_c is not None, HAS_BT=b_t_c is not None,
-                 DTYPE_S=dtype_s, DTYPE_T=dtype_t, PREC_S=prec_s, PREC_T=prec_t)
     for r0 in range(0, rows, row_chunk):
         r1 = min(r0 + row_chunk, rows)
-        n_rows = r1 - r0
-        db_rows = triton.cdiv(n_rows, _block_m())
-        slots = part[: 3 * n_slots * n_rows].view(3, n_slots, n_rows)  # contiguous: the kernel indexes it so
-
-        def launch(v0, softmax, row_max, log_s0, gap, g, db_buf):
-            n = min(v0 + width, vocab_size) - v0
-            args = (h_s[r0:r1], w_s, b_s_c if b_s_c is not None else w_s,
-                    h_t_any[r0:r1], w_t_any, b_t_c if b_t_c is not None else w_t_any,
-                    row_max, log_s0, gap, coef[r0:r1], y[r0:r1] if y is not None else coef, g, db_buf, slots,
-                    n_rows, v0, n, n_slots,
-                    h_s.stride(0), h_s.stride(1), w_s.stride(0), w_s.stride(1),
-                    h_t_any.stride(0), h_t_any.stride(1), w_t_any.stride(0), w_t_any.stride(1),
-                    g.stride(0), 1.0 / float(temperature), rows_bucket(n_rows))
-            _launch(args, dict(flags, SOFTMAX=softmax), n_rows, n, device, nbytes)
-
-        # First pass: (max, S0, Q) per row from the same tiles, merged chunk by chunk in float64.
-        run = None
-        g0 = workspace[:n_rows].view(n_rows, 1)  # not written by this pass
-        for v0 in range(0, vocab_size, width):
-            slots[0].fill_(-torch.inf)
-            slots[1:].zero_()
-            launch(v0, True, coef, coef, coef, g0, coef)
-            p = slots.double()
-            if run is not None:
-                p = torch.cat([run[:, None], p], 1)
-            m, log_s0, _, gap = _merge_softmax(p[0], p[1], None, p[2])
-            run = torch.stack([m, log_s0.exp(), gap * log_s0.exp()])
-        row_max = run[0].float().contiguous()
-        log_s0 = run[1].log().float().contiguous()
-        gap = (run[2] / run[1]).float().contiguous()
-        lse[r0:r1] = row_max + log_s0
-
-        for v0 in range(0, vocab_size, width):
-            v1 = min(v0 + width, vocab_size)
-            n = v1 - v0
-            g = workspace[: n_rows * n].view(n_rows, n)
-            db_buf = db_part[: db_rows * n] if need_bias_grad else coef
-            launch(v0, False, row_max, log_s0, gap, g, db_buf)
-
-            w_chunk = w_s[v0:v1]
-            if w_chunk.dtype != mm_dtype:
-                w_chunk = w_chunk.to(mm_dtype)
-            d_h[r0:r1] += mm_float32(g, w_chunk)
-            dw_chunk = mm_float32(g.t(), h_scaled[r0:r1])
-            if r0 == 0:
-                d_w[v0:v1].copy_(dw_chunk)
-            else:
-                d_w[v0:v1] += dw_chunk
-            if need_bias_grad:
-                d_b[v0:v1] += db_buf.view(db_rows, n).sum(0)
+        slots = launch.select_rows(r0, r1)
+        softmax = _softmax_pass(launch, slots, workspace[: r1 - r0].view(r1 - r0, 1))  # g0: not written
+        lse[r0:r1] = softmax[0] + softmax[1]
+        _gradient_pass(launch, slots, softmax, workspace, db_part, h_scaled, (d_h, d_w, d_b), mm_dtype)
     d_h.mul_(coef[:, None])
     return d_h, d_w, d_b, lse
