@@ -99,13 +99,11 @@ def _logits(h, w, b, vocab):
     return z if b is None else z + b[:vocab]
 
 
-def _teacher_mass_float64(h, w, b, vocab, ids_s, chunk=128) -> torch.Tensor:
-    """C = sum of p_t over the student's top-K, from float64 logits (the ground truth the bounds are checked
-    against), for the valid rows ``h`` [R, D]."""
-    out = []
-    for r0 in range(0, h.shape[0], chunk):
-        z = _logits(h[r0:r0 + chunk].double(), w.double(), None if b is None else b.double(), vocab)
-        out.append((z.gather(1, ids_s[r0:r0 + chunk]) - torch.logsumexp(z, 1, keepdim=True)).exp().sum(1))
+def _teacher_mass_float64(zt, ids_s, chunk=256) -> torch.Tensor:
+    """C = sum of p_t over the student's top-K in float64, from the float32 teacher logits ``zt`` [R, V] that
+    the engine's log-probs were formed from: the ground truth the bounds are checked against."""
+    out = [(z.double().gather(1, i) - torch.logsumexp(z.double(), 1, keepdim=True)).exp().sum(1)
+           for z, i in zip(zt.split(chunk), ids_s.split(chunk))]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -120,8 +118,7 @@ def measure(args) -> dict:
         zs, zt = _logits(h_s, w_s, b_s, vocab), _logits(h_t, w_t, b_t, vocab)
         top = torch.log_softmax(zt, -1).topk(max(args.k_t), -1)  # what the engine returns, K_t = max
         logits_parts.append((mb, zs, top))
-        c64.append(_teacher_mass_float64(h_t[mb.valid], w_t, b_t, vocab,
-                                         exact_parts[-1].topk_ids_student[mb.valid]))
+        c64.append(_teacher_mass_float64(zt[mb.valid], exact_parts[-1].topk_ids_student[mb.valid]))
     exact = TeachabilityStats.concat(exact_parts)
     exact.c_float64 = torch.cat(c64)
     seq = torch.cat([mb.sequence_ids.reshape(-1) for mb, _ in batches])
@@ -183,9 +180,9 @@ def markdown(result: dict, command: str) -> str:
                      f"{r['C_below_lb_max']:.1e} | {r['C_above_ub_max']:.1e} | "
                      f"{r['C_lb_exact_share']:.3f} | {r['D_exact_share']:.3f} |")
     lines += ["", "Spearman: rank correlation over the valid positions (sparse vs exact); Jaccard: overlap of the "
-              "kept sets; C: the exact teacher mass on the student's top-K from float64 logits; max C_lb - C and "
-              "max C - C_ub: the largest bound violations (positive only from the float32 rounding of the "
-              "engine's log-probs, which the bounds take as given); C_lb exact / D exact: share of positions where "
+              "kept sets; C: the exact teacher mass on the student's top-K, in float64 from the float32 teacher "
+              "logits the engine's log-probs come from; max C_lb - C and max C - C_ub: the largest bound "
+              "violations (positive only by the float32 rounding of those log-probs); C_lb exact / D exact: share of positions where "
               "every needed teacher probability was returned (docs/math.md, Sparse teacher signal)."]
     return "\n".join(lines) + "\n"
 
