@@ -20,7 +20,7 @@ from .selection import PartsSelection, batch_normalize, num_to_keep, select_part
 from .sparse import SparseTeachabilityStats, teachability_from_topk
 from .stats import TeachabilityStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "fused_teachability_kl",

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import backends, estimators
+from . import backends, estimators, provenance
 from .options import (
     DEFAULTS,
     DeferredChecks,
@@ -36,6 +36,7 @@ from .options import (
     check_selection_options,
     check_tensor,
     default_vocab_size,
+    warn_vocabularies_differ,
     with_option_docs,
 )
 from .selection import default_sequence_ids, score_and_select
@@ -121,8 +122,12 @@ class _HiddenHead:
                                       top_k=opts.top_k)
 
     def signature(self) -> dict:
-        return _signature(student_hidden=self.h_s, student_weight=self.w_s, student_bias=self.b_s,
-                          teacher_hidden=self.h_t, teacher_weight=self.w_t, teacher_bias=self.b_t)
+        return _signature(**self.named_inputs())
+
+    def named_inputs(self) -> dict:
+        """The inputs by name, as the statistics' fingerprints (``provenance``) and signature know them."""
+        return dict(student_hidden=self.h_s, student_weight=self.w_s, student_bias=self.b_s,
+                    teacher_hidden=self.h_t, teacher_weight=self.w_t, teacher_bias=self.b_t)
 
     def row_stats(self, impl, pos: _Positions, opts: HeadOptions) -> RowStats:
         h_t, w_t, b_t = self.teacher
@@ -180,6 +185,9 @@ class _LogitsHead:
     def signature(self) -> dict:
         return _signature(student_logits=self.zs, teacher_logits=self.zt)
 
+    def named_inputs(self) -> dict:
+        return {}  # the logits path takes no ``stats=``: nothing to fingerprint
+
     def row_stats(self, impl, pos: _Positions, opts: HeadOptions) -> RowStats:
         return impl.logits_forward_stats(pos.rows(self.zs.detach()), pos.rows(self.teacher[0]),
                                          vocab_size=opts.vocab_size, top_k=opts.top_k, temperature=opts.temperature,
@@ -221,7 +229,8 @@ class _BackwardPlan:
         """Per-kept-row inputs of a backend's kept-row gradient, and its options."""
         i = self.kept_idx
         pick = lambda x: None if x is None else x.reshape(-1)[i]  # noqa: E731
-        scale = grad_output.float() / (self.normalizer * self.opts.temperature)
+        # float32 whatever the normaliser (a float64 device scalar would make the backend's GEMMs mix dtypes)
+        scale = (grad_output.float() / (self.normalizer * self.opts.temperature)).float()
         row_coef = scale.expand(i.numel()) if self.row_weight is None else scale * pick(self.row_weight).float()
         return dict(vocab_size=self.opts.vocab_size, temperature=self.opts.temperature, estimator=self.estimator,
                     row_coef=row_coef.contiguous(), sampled_ids=pick(self.sampled_ids),
@@ -285,8 +294,9 @@ def _normalizer(normalizer, checks: DeferredChecks):
     return as_float("normalizer", normalizer, positive=True)
 
 
-def _check_reuse(stats, computed_from: dict, pos: _Positions, checks: DeferredChecks, estimator: str):
-    """Statistics passed back in (``stats=``) must come from this call's options and inputs."""
+def _check_reuse(stats, computed_from: dict, pos: _Positions, checks: DeferredChecks, estimator: str, head):
+    """Statistics passed back in (``stats=``) must come from this call's options and inputs: every input's
+    fingerprint (``provenance``) is compared, in the forward, with the call's deferred checks."""
     if not isinstance(stats, TeachabilityStats):
         raise TypeError(f"stats must be a TeachabilityStats, got {type(stats).__name__}")
     if stats.computed_from is None:
@@ -302,6 +312,10 @@ def _check_reuse(stats, computed_from: dict, pos: _Positions, checks: DeferredCh
                              f"{key}={computed_from[key]!r}; recompute them (teachability_stats) with the same options")
     if estimator == "sampled" and stats.logp_student_sampled is None:
         raise ValueError("stats were computed without sampled_ids, which estimator='sampled' needs")
+    if stats.valid.device != pos.valid.device:
+        raise ValueError(f"stats are on {stats.valid.device} but the inputs are on {pos.valid.device}; "
+                         "move them with stats.to(device)")
+    provenance.check_same_inputs(stats.fingerprints, checks, pos.valid, **head.named_inputs())
     given = stats.valid.reshape(-1) | (stats.dropped.reshape(-1) if stats.dropped is not None else False)
     checks.add((given != pos.valid).any(), lambda: ValueError(
         "stats were computed with a different valid_mask than this call's"))
@@ -313,7 +327,9 @@ def _check_reuse(stats, computed_from: dict, pos: _Positions, checks: DeferredCh
 # ---------------------------------------------------------------------------- the pipeline
 
 
-def _row_weight(row_weight, pos: "_Positions", checks: DeferredChecks) -> Optional[torch.Tensor]:
+def _row_weight(row_weight, pos: "_Positions", kept: torch.Tensor, checks: DeferredChecks) -> Optional[torch.Tensor]:
+    """The detached [N] weights, 0 off the kept rows (there they multiply nothing: a NaN upstream gradient of
+    ``reduction="none"`` at an unkept row is legal); NaN or inf at a kept row is an error."""
     if row_weight is None:
         return None
     if not isinstance(row_weight, torch.Tensor) or not row_weight.is_floating_point():
@@ -324,8 +340,15 @@ def _row_weight(row_weight, pos: "_Positions", checks: DeferredChecks) -> Option
     if row_weight.device != pos.valid.device:
         raise ValueError(f"row_weight is on {row_weight.device} but the inputs are on {pos.valid.device}")
     w = row_weight.detach().reshape(-1)
-    checks.add(~torch.isfinite(w).all(), lambda: ValueError("row_weight contains NaN or inf values"))
-    return w
+    checks.add((kept & ~torch.isfinite(w)).any(), lambda: ValueError(
+        "row_weight (with reduction='none': the upstream gradient) contains NaN or inf at kept positions"))
+    return torch.where(kept, w, 0.0)
+
+
+_COMPILE_SYNCS = (
+    "the taopd_kernels loss head makes two host syncs per call (it reads how many positions are valid, then how "
+    "many are kept, with its input checks), which torch.compile(fullgraph=True) cannot trace: compile the model "
+    "and call the loss head outside the compiled region (or without fullgraph=True: the rest still compiles)")
 
 
 def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select: SelectionOptions,
@@ -339,6 +362,10 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
     whether the backward's recomputed log-sum-exps match the statistics' (``_check_reused_lse``).
     """
     device = head.student[0].device
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=_COMPILE_SYNCS)
+    if head_opts.get("vocab_size") is None and vocab_parallel is None:  # shards: the layout checks the sizes
+        warn_vocabularies_differ(*head.vocab_rows)
     layout = None if vocab_parallel is None else ShardLayout.gather(vocab_parallel, *head.vocab_rows, device)
     opts = check_head_options(max_vocab=head.max_vocab if layout is None else layout.max_vocab, **head_opts)
     pos = _positions(head.leading, device, valid_mask, sequence_ids, sampled_ids, opts.vocab_size, opts.estimator,
@@ -355,7 +382,7 @@ def _run(head, *, valid_mask, sequence_ids, sampled_ids, head_opts: dict, select
         stats = _fresh_stats(head, impl, pos, opts, checks)
         stats.backend, stats.computed_from = name, computed_from
     else:
-        _check_reuse(stats, computed_from, pos, checks, opts.estimator)
+        _check_reuse(stats, computed_from, pos, checks, opts.estimator, head)
         stats = dataclasses.replace(stats)  # the caller's object is never changed
     kept = _kept(stats, pos, select, keep_mask, checks)
     if not want_loss:
@@ -372,6 +399,7 @@ def _fresh_stats(head, impl, pos: _Positions, opts: HeadOptions, checks: Deferre
     with torch.no_grad():
         rows = head.row_stats(impl, pos, opts)
     stats = scatter_rows(rows, pos.valid, pos.valid_idx, pos.leading, opts.top_k)
+    stats.fingerprints = provenance.fingerprints(**head.named_inputs())
     lse_s, lse_t = stats.lse_student.reshape(-1), stats.lse_teacher.reshape(-1)
     # No finite logit in the used vocabulary for a model: not a valid position (docs/math.md, Conventions).
     empty_row = pos.valid & ((lse_s == -math.inf) | (lse_t == -math.inf))
@@ -409,26 +437,41 @@ def _kept(stats: TeachabilityStats, pos: _Positions, select: SelectionOptions, k
 def _loss(head, impl, stats: TeachabilityStats, kept: torch.Tensor, pos: _Positions, opts: HeadOptions,
           checks: DeferredChecks, *, normalizer, row_weight, verify_lse: bool) -> torch.Tensor:
     """The loss over the kept positions (host sync 2: the kept count), wired to the kept-row backward."""
-    weight = _row_weight(row_weight, pos, checks)
+    weight = _row_weight(row_weight, pos, kept, checks)
     per_row = estimators.per_position_loss(stats, opts.estimator).reshape(-1)
+    # Rows the backward differentiates: the kept ones, less those of weight 0 (they drop even an infinite row,
+    # whose gradient would be inf * 0).
+    carried = kept if weight is None else kept & (weight != 0)
     if weight is not None:
-        per_row = torch.where(weight != 0, per_row * weight, 0.0)  # a weight of 0 drops even an infinite row
-    checks.add((kept & ~torch.isfinite(per_row)).any(), lambda: ValueError(
-        "the loss is infinite at kept positions: the teacher gives probability 0 (a -inf logit) to tokens the "
-        "student can emit (reverse KL = inf), or a sampled token has probability 0 under a model"))
+        per_row = torch.where(carried, per_row * weight, 0.0)
+    checks.add((carried & ~torch.isfinite(per_row)).any(), lambda: _infinite_loss_error(stats, carried))
     norm = _normalizer(normalizer, checks)
-    (num_kept,) = checks.read(kept.sum())  # host sync 2
+    num_kept, num_carried = checks.read(kept.sum(), carried.sum())  # host sync 2
     norm = float(num_kept) if norm is None else norm
     loss_value = torch.where(kept, per_row.double(), 0.0).sum() / norm if num_kept else \
         torch.zeros((), dtype=torch.float64, device=kept.device)
     sampled_weight = None
     if opts.estimator == "sampled":
         sampled_weight = estimators.sampled_weight(stats.logp_student_sampled, stats.logp_teacher_sampled).reshape(-1)
-    plan = _BackwardPlan(head=head, backend=impl, kept_idx=_first_true(kept, num_kept), normalizer=norm,
+    plan = _BackwardPlan(head=head, backend=impl, kept_idx=_first_true(carried, num_carried), normalizer=norm,
                          estimator=opts.estimator, opts=opts, lse_s=stats.lse_student.reshape(-1),
                          sampled_ids=pos.sampled_ids, sampled_weight=sampled_weight,
                          num_student=len(head.student), row_weight=weight, verify_lse=verify_lse)
     return _TeachabilityKLFunction.apply(loss_value.float(), plan, *head.student, *head.teacher)
+
+
+def _infinite_loss_error(stats: TeachabilityStats, kept: torch.Tensor) -> ValueError:
+    """Why the loss is infinite at a kept row (read only when it is: the error path)."""
+    lse = torch.stack([stats.lse_student.reshape(-1), stats.lse_teacher.reshape(-1)]).abs()
+    infinite = ~torch.isfinite(stats.kl_reverse.reshape(-1))
+    largest = float(torch.where(kept & infinite, lse.max(0).values, 0.0).max())
+    if largest > 1e30:
+        return ValueError(f"the loss overflows float32 at kept positions: logits of magnitude ~{largest:.3g} (after "
+                          "1/temperature) leave no room for the difference of the two models' logits; the hidden "
+                          "states or weights are far too large (scale them down, or check for a broken layer)")
+    return ValueError("the loss is infinite at kept positions: the teacher gives probability 0 (a -inf logit) to "
+                      "tokens the student can emit (reverse KL = inf), or a sampled token has probability 0 under a "
+                      "model")
 
 
 def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -442,8 +485,10 @@ def _check_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher
                          f"{tuple(student_hidden.shape[:-1])} and {tuple(teacher_hidden.shape[:-1])}")
     for who, h, w in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
         if h.shape[-1] != w.shape[1]:
+            hint = (f"; these look like logits [..., V] (V = {w.shape[0]}): for logits use "
+                    "teachability_kl_from_logits") if h.shape[-1] == w.shape[0] else ""
             raise ValueError(f"{who}_hidden has hidden size {h.shape[-1]} but {who}_weight is "
-                             f"{tuple(w.shape)}; expected [V, {h.shape[-1]}]")
+                             f"{tuple(w.shape)}; expected [V, {h.shape[-1]}]{hint}")
         if h.shape[-1] == 0:
             raise ValueError(f"{who}_hidden has hidden size 0; expected at least 1")
     for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
@@ -563,8 +608,26 @@ def fused_teachability_kl(
         The options (top_k, keep_ratio, strategy, ...): below, from ``LossHeadOptions``.
 
     Returns:
-        (loss, stats): a float32 scalar with autograd to the student's hidden, weight and bias; and a
-        detached ``TeachabilityStats`` (``stats.backend`` names the backend that ran).
+        (loss, stats): ``loss`` is a float32 scalar, the mean over the kept positions of the per-position
+        loss (reverse KL for estimator "full"): ``sum_kept l_t / N_kept``, or ``/ normalizer`` when given,
+        with autograd to the student's hidden, weight and bias; ``stats`` the detached
+        ``TeachabilityStats`` (``stats.kept`` the kept positions, ``stats.backend`` the backend that ran).
+
+    Raises:
+        ValueError / TypeError naming the argument: shapes, dtypes, devices (also the meta device), NaN or inf
+        inputs, options out of range, ``stats`` computed from other inputs or options, an infinite loss at a
+        kept position (a teacher probability of 0 where the student has mass). RuntimeError: a named backend
+        that cannot run here.
+
+    ``backend="auto"`` on CUDA measures the usable backends once per device and shape class and caches the
+    choice in ``$TAOPD_CACHE_DIR`` (default ``~/.cache/taopd``; backends/autotune.py); on the CPU it is torch.
+
+    Example::
+
+        loss, stats = fused_teachability_kl(h_s, lm_head_s.weight, h_t, lm_head_t.weight,
+                                            valid_mask=response_mask, keep_ratio=0.05)
+        loss.backward()
+        print(stats.num_kept, stats.summary()["teacher_mass/kept"])
     """
     select = check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence,
                                      seed=seed)

@@ -3,8 +3,8 @@
     from taopd_kernels import TeachabilityKLLoss, hf
     s = hf.student_head_inputs(student, input_ids, attention_mask)   # with gradients
     t = hf.teacher_head_inputs(teacher, input_ids, attention_mask)   # no_grad, detached
-    loss, stats = TeachabilityKLLoss()(s.hidden, s.weight, t.hidden, t.weight, labels, shift_labels=True,
-                                       student_bias=s.bias, teacher_bias=t.bias)
+    loss = TeachabilityKLLoss()(s.hidden, s.weight, t.hidden, t.weight, labels, shift_labels=True,
+                                student_bias=s.bias, teacher_bias=t.bias)      # HF labels: shift_labels=True
 
 The one-position shift lives in ``next_token_shift`` and only there: the hidden state at position ``t``
 predicts token ``t + 1``.
@@ -114,6 +114,11 @@ def lm_head_params(model) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
         raise TypeError(f"{type(model).__name__} has no get_output_embeddings(); expected a causal LM")
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        raise TypeError(f"{type(model).__name__}'s lm_head weight is 1-D ({tuple(weight.shape)}): a partitioned "
+                        "parameter (DeepSpeed ZeRO-3 / FSDP flat shard). Gather it around the call, e.g. "
+                        "`with deepspeed.zero.GatheredParameters(model.get_output_embeddings().weight):` (FSDP: "
+                        "summon_full_params), or use a framework integration that does")
     if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"{type(model).__name__}'s output head ({type(head).__name__}) has no [V, D] weight; "
                         "the loss head needs a plain linear lm_head")

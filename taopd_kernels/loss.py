@@ -1,8 +1,8 @@
 """The TA-OPD loss head as a ``torch.nn.Module`` and a functional twin, in the shape Liger/TRL users know.
 
     loss_fn = TeachabilityKLLoss(strategy="teachability", keep_ratio=0.05)
-    loss, stats = loss_fn(h_student, lm_head_s.weight, h_teacher, lm_head_t.weight, labels)
-    loss.backward()
+    loss = loss_fn(h_student, lm_head_s.weight, h_teacher, lm_head_t.weight, labels, shift_labels=True)
+    loss.backward()            # return_stats=True: (loss, stats)
 
 Built only on the public entry points of ``taopd_kernels.api`` (``fused_teachability_kl``,
 ``teachability_stats``) and ``selection.select_parts``; docs/math.md is the math contract.
@@ -14,7 +14,9 @@ shapes stay ``[B, T]``). Valid positions are ``labels != ignore_index``; their l
 sampled token (``sampled_ids``) that estimator ``"sampled"`` and ``stats.logp_*_sampled`` use.
 
 Reductions (docs/math.md, Loss and gradients, with ``m`` the kept mask and ``l_t`` the per-row loss):
-    "mean": sum_t m_t l_t / sum_t m_t, or / num_items_in_batch when given;
+    "mean": sum_t m_t l_t / sum_t m_t; with ``normalizer`` (a kept count): sum_t m_t l_t / normalizer; with HF
+            Trainer's ``num_items_in_batch`` (label tokens): sum_t m_t l_t * (N_valid / N_kept) / num_items_in_batch,
+            on the scale of the mean over kept positions (one micro-batch: exactly that mean);
     "sum":  sum_t m_t l_t;
     "none": the per-position tensor m_t l_t (shape of the labels), with gradient; 0 where not kept.
 
@@ -23,14 +25,13 @@ Gradient accumulation (one selection over the whole batch, docs/math.md, Scores 
     stats = [loss_fn.statistics(h_s[i], W_s, h_t[i], W_t, labels[i]) for i in micro]   # no grad
     masks, normalizer = loss_fn.select_across(stats)                                    # one selection
     for i in micro:
-        loss, _ = loss_fn(h_s[i], W_s, h_t[i], W_t, labels[i], keep_mask=masks[i],
-                          num_items_in_batch=normalizer, stats=stats[i])
+        loss = loss_fn(h_s[i], W_s, h_t[i], W_t, labels[i], keep_mask=masks[i],
+                       normalizer=normalizer, stats=stats[i])
         loss.backward()        # sum over micro-batches == one big batch's mean over kept positions
 """
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -38,7 +39,7 @@ import torch
 from .api import fused_teachability_kl, teachability_stats
 from .estimators import per_position_loss
 from .hf import next_token_shift
-from .options import DEFAULTS, default_vocab_size, with_option_docs
+from .options import DEFAULTS, as_float, check_loss_module_options, default_vocab_size, with_option_docs
 from .selection import select_parts
 from .stats import TeachabilityStats
 
@@ -66,9 +67,7 @@ def labels_to_positions(labels: torch.Tensor, leading: tuple, vocab_size: int, *
     if device is not None and labels.device != torch.device(device):
         raise ValueError(f"labels are on {labels.device} but the hidden states are on {device}")
     labels = labels.long()
-    if shift_labels:
-        if labels.dim() < 1 or labels.shape[-1] == 0:
-            raise ValueError("shift_labels=True needs labels with a sequence dimension")
+    if shift_labels and labels.shape[-1] > 0:  # an empty [B, 0] batch has nothing to shift
         _, following = next_token_shift(targets=labels)
         labels = torch.cat([following, labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
     valid = labels != ignore_index
@@ -86,15 +85,31 @@ def _used_vocab(student_weight, teacher_weight, vocab_size):
     return default_vocab_size(student_weight.shape[0], teacher_weight.shape[0])
 
 
-def _normalizer_from(num_items_in_batch) -> float:
-    if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
-        num_items_in_batch = num_items_in_batch.item()
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
-            or not math.isfinite(num_items_in_batch) or num_items_in_batch <= 0:
-        raise ValueError(f"num_items_in_batch must be a finite number > 0, got {num_items_in_batch!r}")
-    return float(num_items_in_batch)
+def _positive_number(name: str, value) -> float:
+    """A count-like divisor: a number > 0 (Python, numpy, or a one-element tensor, read once)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no value); pass a number or a tensor with a value")
+        value = value.reshape(())
+    return as_float(name, value, positive=True)
+
+
+def _labels_argument(labels, shift_labels):
+    """(labels, shift) from ``labels`` and ``shift_labels``: True / False (HF-style unshifted labels or not), or
+    Liger's ``shift_labels=<tensor>`` (labels already shifted, given instead of ``labels``)."""
+    if isinstance(shift_labels, torch.Tensor):
+        if labels is not None:
+            raise TypeError("pass either labels= (with shift_labels=True if they are HF-style unshifted) or "
+                            "shift_labels=<the already shifted labels tensor>, not both")
+        return shift_labels, False
+    if not isinstance(shift_labels, bool):
+        raise TypeError(f"shift_labels must be True, False or an already shifted labels tensor, got "
+                        f"{type(shift_labels).__name__}")
+    if shift_labels and labels is None:
+        raise ValueError("shift_labels=True needs labels")
+    return labels, shift_labels
 
 
 # ------------------------------------------------------------------------- reduction="none"
@@ -140,7 +155,7 @@ def teachability_kl_loss(
     student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
     student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
-    shift_labels: bool = False, num_items_in_batch=None, keep_mask: Optional[torch.Tensor] = None,
+    shift_labels=False, num_items_in_batch=None, normalizer=None, keep_mask: Optional[torch.Tensor] = None,
     stats: Optional[TeachabilityStats] = None, strategy: str = DEFAULTS.strategy,
     keep_ratio: float = DEFAULTS.keep_ratio, top_k: int = DEFAULTS.top_k, estimator: str = DEFAULTS.estimator,
     temperature: float = DEFAULTS.temperature, vocab_size: Optional[int] = DEFAULTS.vocab_size,
@@ -149,30 +164,29 @@ def teachability_kl_loss(
     chunk_rows: Optional[int] = DEFAULTS.chunk_rows, chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
     check_finite: bool = DEFAULTS.check_finite,
 ):
-    """Functional twin of ``TeachabilityKLLoss``: returns ``(loss, stats)``.
+    """Functional twin of ``TeachabilityKLLoss``: returns ``(loss, stats)`` (the module returns ``loss``).
 
     ``loss`` is a float32 scalar ("mean", "sum") or a float32 tensor of the labels' shape ("none"), with
     gradient to the student's hidden states, lm_head weight and bias. ``stats`` is the detached
-    ``TeachabilityStats`` (``stats.kept`` the positions that carry loss). Options as in
-    ``fused_teachability_kl``; ``keep_mask`` / ``stats`` take a selection / statistics made elsewhere
-    (``select_across``). ``num_items_in_batch`` (reduction "mean" only) replaces the local kept count as
-    the divisor, e.g. the global kept count of a gradient-accumulation batch.
+    ``TeachabilityStats`` (``stats.kept`` the positions that carry loss). Arguments as in
+    ``TeachabilityKLLoss.forward``; the divisors of reduction "mean" (``module docstring``):
+    ``num_items_in_batch`` with HF Trainer's meaning (label tokens of the whole accumulated batch), or
+    ``normalizer``, the total kept count of a selection made elsewhere (``select_across``).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError(f"num_items_in_batch is a divisor for reduction='mean'; got reduction={reduction!r}")
-    leading = tuple(student_hidden.shape[:-1]) if isinstance(student_hidden, torch.Tensor) else None
+    if (num_items_in_batch is not None or normalizer is not None) and reduction != "mean":
+        raise ValueError(f"num_items_in_batch / normalizer are divisors for reduction='mean'; got reduction={reduction!r}")
+    if num_items_in_batch is not None and normalizer is not None:
+        raise ValueError("pass num_items_in_batch (HF: label tokens) or normalizer (the kept count), not both")
+    labels, shift = _labels_argument(labels, shift_labels)
     valid_mask = sampled_ids = None
     if labels is not None:
-        if leading is None:
+        if not isinstance(student_hidden, torch.Tensor):
             raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
         valid_mask, sampled_ids = labels_to_positions(
-            labels, leading, _used_vocab(student_weight, teacher_weight, vocab_size),
-            ignore_index=ignore_index, shift_labels=shift_labels, device=student_hidden.device)
-    elif shift_labels:
-        raise ValueError("shift_labels=True needs labels")
-
+            labels, tuple(student_hidden.shape[:-1]), _used_vocab(student_weight, teacher_weight, vocab_size),
+            ignore_index=ignore_index, shift_labels=shift, device=student_hidden.device)
     common = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
                   valid_mask=valid_mask, sampled_ids=sampled_ids, top_k=top_k, keep_ratio=keep_ratio,
                   strategy=strategy, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
@@ -181,10 +195,15 @@ def teachability_kl_loss(
     if reduction == "none":
         return _per_position_losses((student_hidden, student_weight, student_bias), keep_mask, stats,
                                     check_finite, common)
-    normalizer = 1.0 if reduction == "sum" else (
-        None if num_items_in_batch is None else _normalizer_from(num_items_in_batch))
-    return fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias, keep_mask=keep_mask,
-                                 normalizer=normalizer, stats=stats, check_finite=check_finite, **common)
+    items = None if num_items_in_batch is None else _positive_number("num_items_in_batch", num_items_in_batch)
+    divisor = 1.0 if reduction == "sum" or items is not None else (
+        None if normalizer is None else _positive_number("normalizer", normalizer))
+    loss, stats = fused_teachability_kl(student_hidden, student_weight, student_bias=student_bias, keep_mask=keep_mask,
+                                        normalizer=divisor, stats=stats, check_finite=check_finite, **common)
+    if items is not None:  # HF's label-token count: each kept row stands for N_valid / N_kept label tokens
+        kept_count = stats.kept.sum().clamp(min=1).float()
+        loss = loss * (stats.valid.sum().float() / (kept_count * items))
+    return loss, stats
 
 
 def _per_position_losses(student: tuple, keep_mask, stats, check_finite: bool, common: dict):
@@ -227,7 +246,7 @@ def select_across(
     Scores and selection): the quantiles, the global top-n and (for ``[B, T]`` parts, where every row is
     one sequence) the ``min_per_sequence`` top-up are over all positions at once. ``masks[i]`` has the
     shape of ``stats_list[i].valid``; pass it as ``keep_mask`` and the normaliser (the total kept count,
-    at least 1) as ``num_items_in_batch`` (module) or ``normalizer`` (``fused_teachability_kl``), so that
+    at least 1) as ``normalizer`` (module and ``fused_teachability_kl``), so that
     the micro-batch losses sum to the one-batch mean. Statistics from ``teachability_stats(...,
     strategy=None)`` or ``TeachabilityKLLoss.statistics`` (no selection needed). Flat ``[N]`` parts have
     no sequences (no top-up), as for one flat batch. This process's parts only: across processes, use
@@ -248,13 +267,12 @@ def select_across(
 class TeachabilityKLLoss(torch.nn.Module):
     """TA-OPD loss head: reverse KL(student || teacher) on the selected positions, from hidden states.
 
-    Args (constructor): strategy, keep_ratio, top_k, estimator, temperature, vocab_size,
+    Args (constructor, all checked here): strategy, keep_ratio, top_k, estimator, temperature, vocab_size,
         min_per_sequence, ignore_index (-100), reduction ("mean", "sum", "none"); also seed, backend,
         chunk_rows, chunk_vocab, check_finite as in ``fused_teachability_kl``.
 
-    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-    student_bias=None, teacher_bias=None, shift_labels=False, num_items_in_batch=None, keep_mask=None,
-    stats=None)`` returns ``(loss, stats)``; see ``teachability_kl_loss`` and the module docstring.
+    Called like Liger's fused-linear losses, it returns the loss tensor (``return_stats=True``: ``(loss,
+    stats)``); see ``forward``.
     """
 
     def __init__(self, strategy: str = DEFAULTS.strategy, keep_ratio: float = DEFAULTS.keep_ratio,
@@ -265,8 +283,10 @@ class TeachabilityKLLoss(torch.nn.Module):
                  chunk_rows: Optional[int] = DEFAULTS.chunk_rows, chunk_vocab: Optional[int] = DEFAULTS.chunk_vocab,
                  check_finite: bool = DEFAULTS.check_finite):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_loss_module_options(strategy=strategy, keep_ratio=keep_ratio, top_k=top_k, estimator=estimator,
+                                  temperature=temperature, vocab_size=vocab_size, min_per_sequence=min_per_sequence,
+                                  ignore_index=ignore_index, reduction=reduction, seed=seed, backend=backend,
+                                  chunk_rows=chunk_rows, chunk_vocab=chunk_vocab, reductions=REDUCTIONS)
         self.strategy, self.keep_ratio, self.top_k, self.estimator = strategy, keep_ratio, top_k, estimator
         self.temperature, self.vocab_size, self.min_per_sequence = temperature, vocab_size, min_per_sequence
         self.ignore_index, self.reduction, self.seed, self.backend = ignore_index, reduction, seed, backend
@@ -279,27 +299,64 @@ class TeachabilityKLLoss(torch.nn.Module):
                     chunk_rows=self.chunk_rows, chunk_vocab=self.chunk_vocab)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                student_bias=None, teacher_bias=None, shift_labels: bool = False, num_items_in_batch=None,
-                keep_mask=None, stats=None):
-        return teachability_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                    student_bias=student_bias, teacher_bias=teacher_bias, shift_labels=shift_labels,
-                                    num_items_in_batch=num_items_in_batch, keep_mask=keep_mask, stats=stats,
-                                    reduction=self.reduction, check_finite=self.check_finite, **self._options())
+                student_bias=None, teacher_bias=None, shift_labels=False, num_items_in_batch=None, normalizer=None,
+                keep_mask=None, stats=None, return_stats: bool = False):
+        """The TA-OPD loss of one batch (docs/math.md, Loss and gradients).
+
+        Args:
+            student_hidden: final hidden states [B, T, D_s] (or [N, D_s]); receives gradients.
+            student_weight: the student's lm_head weight [V_s, D_s]; receives gradients.
+            teacher_hidden: [B, T, D_t], teacher_weight: [V_t, D_t]; no gradients.
+            labels: int [B, T]: ``labels[..., t]`` is the token position ``t`` predicts, ``ignore_index``
+                where there is no loss. HF / TRL batches hold *unshifted* labels (``labels[:, t + 1]`` is
+                predicted at ``t``): pass ``shift_labels=True`` for those, or every position is off by one
+                without any error. None: every position is valid (no sampled tokens).
+            shift_labels: True / False, or (Liger's keyword) the already shifted labels tensor instead of
+                ``labels``.
+            num_items_in_batch: HF Trainer's count of label tokens in the whole accumulated batch; the
+                mean becomes ``sum_kept l_t * (N_valid / N_kept) / num_items_in_batch`` (each kept row stands
+                for N_valid / N_kept label tokens), so one micro-batch gives exactly the mean over kept
+                positions, and accumulated micro-batches a label-token-weighted average of their means.
+            normalizer: the total kept count of a selection made elsewhere (``select_across``); the mean
+                becomes ``sum_kept l_t / normalizer``, so the micro-batch losses sum to the one-batch mean.
+            keep_mask / stats: a selection / statistics made elsewhere (``select_across``, ``statistics``).
+            return_stats: also return the detached ``TeachabilityStats``.
+
+        Shapes: ``labels``, ``keep_mask`` and the loss of reduction "none" have the hidden states' leading
+        shape; "mean" and "sum" give a 0-d float32 tensor.
+
+        Returns:
+            ``loss`` (``(loss, stats)`` with ``return_stats=True``).
+
+        Raises:
+            ValueError / TypeError naming the argument: shapes, devices, dtypes, labels out of range,
+            options, statistics computed from other inputs or options (``stats=``), both divisors given.
+
+        Example::
+
+            loss_fn = TeachabilityKLLoss(keep_ratio=0.05)
+            loss = loss_fn(h_s, lm_head_s.weight, h_t, lm_head_t.weight, labels, shift_labels=True)
+            loss.backward()
+        """
+        loss, out = teachability_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                         student_bias=student_bias, teacher_bias=teacher_bias,
+                                         shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                                         normalizer=normalizer, keep_mask=keep_mask, stats=stats,
+                                         reduction=self.reduction, check_finite=self.check_finite, **self._options())
+        return (loss, out) if return_stats else loss
 
     @torch.no_grad()
     def statistics(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                   student_bias=None, teacher_bias=None, shift_labels: bool = False) -> TeachabilityStats:
+                   student_bias=None, teacher_bias=None, shift_labels=False) -> TeachabilityStats:
         """The statistics of one micro-batch with this module's options and no selection (``kept`` None),
         for ``select_across``; pass them back to ``forward(stats=...)`` to skip the forward pass there."""
         opts = self._options()
-        leading = tuple(student_hidden.shape[:-1])
+        labels, shift = _labels_argument(labels, shift_labels)
         valid_mask = sampled_ids = None
         if labels is not None:
             valid_mask, sampled_ids = labels_to_positions(
-                labels, leading, _used_vocab(student_weight, teacher_weight, self.vocab_size),
-                ignore_index=self.ignore_index, shift_labels=shift_labels, device=student_hidden.device)
-        elif shift_labels:
-            raise ValueError("shift_labels=True needs labels")
+                labels, tuple(student_hidden.shape[:-1]), _used_vocab(student_weight, teacher_weight, self.vocab_size),
+                ignore_index=self.ignore_index, shift_labels=shift, device=student_hidden.device)
         return teachability_stats(
             student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
             student_bias=None if student_bias is None else student_bias.detach(), teacher_bias=teacher_bias,

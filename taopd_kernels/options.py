@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
@@ -81,9 +82,22 @@ def with_option_docs(fn):
     return fn
 
 
+_WARNED_VOCABS: set = set()  # (V_s, V_t) pairs already warned about, once per process
+
+
 def default_vocab_size(v_student: int, v_teacher: int) -> int:
     """The vocabulary the loss head uses when ``vocab_size`` is None: the columns both models have."""
     return min(int(v_student), int(v_teacher))
+
+
+def warn_vocabularies_differ(v_student: int, v_teacher: int) -> None:
+    """Once per (V_s, V_t) pair: the larger vocabulary is sliced to the smaller (docs/math.md, Setting)."""
+    pair = (int(v_student), int(v_teacher))
+    if pair[0] != pair[1] and pair not in _WARNED_VOCABS:
+        _WARNED_VOCABS.add(pair)
+        warnings.warn(f"the student's vocabulary has {pair[0]} entries and the teacher's {pair[1]}: only the first "
+                      f"{min(pair)} are used (padding rows no tokenizer emits); pass vocab_size= to say so and "
+                      "silence this, or check that the two models share a tokenizer", UserWarning, stacklevel=4)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -139,6 +153,11 @@ def check_finite(checks: DeferredChecks, name: str, x: torch.Tensor, *, allow_ne
 def check_same_device(**tensors) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devices.values()))
+    on_meta = [name for name, dev in devices.items() if dev.type == "meta"]
+    if on_meta:
+        raise ValueError(f"{', '.join(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device (shapes "
+                         "without values): materialise the model's weights (e.g. load the checkpoint, "
+                         "model.to_empty(device=...) then load) before calling the loss head")
     for name, dev in devices.items():
         if dev != first:
             listing = ", ".join(f"{n}: {d}" for n, d in devices.items())
@@ -189,15 +208,23 @@ class SelectionOptions:
     seed: int
 
 
+def check_keep_ratio(keep_ratio) -> float:
+    keep_ratio = as_float("keep_ratio", keep_ratio, finite=False)
+    if not 0.0 < keep_ratio <= 1.0:  # NaN fails too
+        raise ValueError(f"keep_ratio must be a number in (0, 1] (the kept fraction), got {keep_ratio!r}")
+    return keep_ratio
+
+
+def check_seed(seed) -> int:
+    return as_int("seed", seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
+
+
 def check_selection_options(*, strategy, keep_ratio, min_per_sequence, seed, allow_none=False) -> SelectionOptions:
     if not (allow_none and strategy is None) and (not isinstance(strategy, str) or strategy not in STRATEGIES):
         raise ValueError(f"strategy must be one of {STRATEGIES}{' or None' if allow_none else ''}, got {strategy!r}")
-    keep_ratio = as_float("keep_ratio", keep_ratio)
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    keep_ratio = check_keep_ratio(keep_ratio)
     min_per_sequence = as_int("min_per_sequence", min_per_sequence, low=0)
-    seed = as_int("seed", seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
-    return SelectionOptions(strategy, keep_ratio, min_per_sequence, seed)
+    return SelectionOptions(strategy, keep_ratio, min_per_sequence, check_seed(seed))
 
 
 @dataclass(frozen=True)
@@ -232,6 +259,20 @@ def check_head_options(*, top_k, estimator, temperature, vocab_size, max_vocab, 
     chunks = [None if v is None else as_int(name, v, low=1)
               for name, v in (("chunk_rows", chunk_rows), ("chunk_vocab", chunk_vocab))]
     return HeadOptions(top_k, estimator, temperature, vocab_size, backend, *chunks)
+
+
+def check_loss_module_options(*, strategy, keep_ratio, top_k, estimator, temperature, vocab_size, min_per_sequence,
+                               ignore_index, reduction, seed, backend, chunk_rows, chunk_vocab, reductions) -> None:
+    """All of ``TeachabilityKLLoss``'s options, at construction (the vocabulary bound waits for the weights)."""
+    check_selection_options(strategy=strategy, keep_ratio=keep_ratio, min_per_sequence=min_per_sequence, seed=seed)
+    if vocab_size is not None:
+        as_int("vocab_size", vocab_size, low=1)
+    check_head_options(top_k=top_k, estimator=estimator, temperature=temperature, vocab_size=vocab_size,
+                       max_vocab=max(as_int("top_k", top_k, low=1), 1 if vocab_size is None else int(vocab_size)),
+                       backend=backend, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    as_int("ignore_index", ignore_index)
+    if reduction not in reductions:
+        raise ValueError(f"reduction must be one of {reductions}, got {reduction!r}")
 
 
 def check_position_tensor(name: str, x, leading: tuple, device, *, kind: str,

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import distributed
-from .options import DEFAULTS, STRATEGIES, DeferredChecks, check_selection_options
+from .options import DEFAULTS, STRATEGIES, DeferredChecks, as_int, check_keep_ratio, check_seed, check_selection_options
 
 QUANTILE_LOW = 0.05
 QUANTILE_HIGH = 0.95
@@ -87,7 +87,7 @@ def strategy_scores(
         return batch_normalize(x.reshape(-1), flat_valid)
 
     if strategy == "random":
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
         score = torch.rand(flat_valid.numel(), generator=gen, dtype=torch.float64).float().to(valid.device)
     elif strategy == "all":
         score = torch.ones(flat_valid.numel(), dtype=torch.float32, device=valid.device)
@@ -169,6 +169,21 @@ def _descending_order(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return order[torch.sort((~valid[order]).to(torch.int8), stable=True).indices]
 
 
+def _check_select_top(score, valid, keep_ratio, sequence_ids, min_per_sequence) -> None:
+    for name, x in (("score", score), ("valid", valid)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if valid.shape != score.shape:
+        raise ValueError(f"valid must have the shape of score {tuple(score.shape)}, got {tuple(valid.shape)}")
+    if sequence_ids is not None and (not isinstance(sequence_ids, torch.Tensor) or sequence_ids.shape != score.shape):
+        raise ValueError(f"sequence_ids must be a tensor of the shape of score {tuple(score.shape)}, got "
+                         f"{tuple(sequence_ids.shape) if isinstance(sequence_ids, torch.Tensor) else sequence_ids!r}")
+    if valid.device != score.device:
+        raise ValueError(f"valid is on {valid.device} but score is on {score.device}")
+    check_keep_ratio(keep_ratio)
+    as_int("min_per_sequence", min_per_sequence, low=0)
+
+
 def select_top(
     score: torch.Tensor,
     valid: torch.Tensor,
@@ -182,6 +197,7 @@ def select_top(
     ``score``, ``valid`` and ``sequence_ids`` share a shape; returns a bool mask of that shape. Runs on
     the device without a host sync (sorts and gathers only).
     """
+    _check_select_top(score, valid, keep_ratio, sequence_ids, min_per_sequence)
     shape = valid.shape
     s = score.reshape(-1).double()
     v = valid.reshape(-1).bool()
@@ -254,6 +270,25 @@ def _local_sequence_ids(parts, sequence_ids, global_ids: bool, device, checks: D
     return flat
 
 
+# What parts selected together must share: the options behind C and D (``TeachabilityStats.computed_from``).
+_PROVENANCE = ("temperature", "top_k", "vocab_size", "sampled_ids")
+
+
+def _check_same_provenance(parts: Sequence) -> None:
+    """Parts of one selection come from the same options (their scores compare) and one device."""
+    devices = {str(p.valid.device) for p in parts}
+    if len(devices) > 1:
+        raise ValueError(f"the parts are on several devices ({sorted(devices)}); move them to one (stats.to(device))")
+    first = getattr(parts[0], "computed_from", None) or {}
+    for i, part in enumerate(parts[1:], start=1):
+        mine = getattr(part, "computed_from", None) or {}
+        for key in _PROVENANCE:
+            if key in first and key in mine and first[key] != mine[key]:
+                what = "estimator 'sampled' statistics (sampled_ids)" if key == "sampled_ids" else key
+                raise ValueError(f"the parts were computed with different {what}: part 0 has {key}={first[key]!r}, "
+                                 f"part {i} has {key}={mine[key]!r}; compute every part with the same options")
+
+
 def select_parts(parts: Sequence, *, strategy: str = DEFAULTS.strategy, keep_ratio: float = DEFAULTS.keep_ratio,
                  min_per_sequence: int = DEFAULTS.min_per_sequence, seed: int = DEFAULTS.seed, sequence_ids=None,
                  global_sequence_ids: bool = False, group=None, local: bool = False) -> PartsSelection:
@@ -273,6 +308,7 @@ def select_parts(parts: Sequence, *, strategy: str = DEFAULTS.strategy, keep_rat
     parts = list(parts)
     if not parts:
         raise ValueError("select_parts needs at least one part")
+    _check_same_provenance(parts)
     device, checks = parts[0].valid.device, DeferredChecks()
     seq = _local_sequence_ids(parts, sequence_ids, global_sequence_ids, device, checks)
     column = lambda name: torch.cat([getattr(p, name).reshape(-1) for p in parts]).double()  # noqa: E731

@@ -84,6 +84,9 @@ class TeachabilityStats(_PositionStats):
     # What the statistics were computed from: options and the inputs' shapes, dtypes and devices. A call
     # that reuses them (``stats=``) must match, or it is a ValueError naming the difference.
     computed_from: Optional[dict] = None
+    # {input name: float32 fingerprint} of the tensors they were computed from (``provenance``): a call that
+    # reuses them checks its own inputs against these, whichever rows differ.
+    fingerprints: Optional[dict] = None
 
     @property
     def num_valid(self) -> int:
@@ -128,10 +131,15 @@ class TeachabilityStats(_PositionStats):
     def concat(cls, parts: List["TeachabilityStats"]) -> "TeachabilityStats":
         """Flatten each part's positions and concatenate them into one [N] batch (e.g. the micro-batches
         of a rollout batch, for one selection over all of them)."""
+        if not parts:
+            raise ValueError("TeachabilityStats.concat needs at least one TeachabilityStats (got an empty list)")
         kwargs = {}
         lead = parts[0].valid.dim()
         for f in fields(cls):
             values = [getattr(p, f.name) for p in parts]
+            if f.name == "fingerprints":  # of each part's own inputs: the concatenation has no inputs of its own
+                kwargs[f.name] = None
+                continue
             if any(not isinstance(v, torch.Tensor) for v in values):
                 kwargs[f.name] = values[0] if all(v == values[0] for v in values) else None
                 continue
@@ -142,6 +150,8 @@ class TeachabilityStats(_PositionStats):
         kwargs = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, dict) and f.name == "fingerprints":
+                v = {name: x.to(device) for name, x in v.items()}
             kwargs[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
         return TeachabilityStats(**kwargs)
 

@@ -66,7 +66,7 @@ def test_loss_from_hf_models_gradient_reaches_student_only(tie):
     s = hf.student_head_inputs(student, ids, mask)
     t = hf.teacher_head_inputs(teacher, ids, mask)
     loss, stats = TeachabilityKLLoss(keep_ratio=0.3, top_k=4, backend="torch")(
-        s.hidden, s.weight, t.hidden, t.weight, labels, shift_labels=True, student_bias=s.bias, teacher_bias=t.bias)
+        s.hidden, s.weight, t.hidden, t.weight, labels, shift_labels=True, student_bias=s.bias, teacher_bias=t.bias, return_stats=True)
     loss.backward()
     assert torch.isfinite(loss) and stats.num_kept >= 2
     emb = student.get_input_embeddings().weight

@@ -78,7 +78,7 @@ def _reference_rows(inputs, kept, *, estimator="full", sampled_ids=None, tempera
 def test_module_equals_function(reduction):
     inputs, labels = _inputs(), _labels()
     module = TeachabilityKLLoss(keep_ratio=0.2, top_k=4, reduction=reduction, **TILES)
-    loss_m, stats_m = module(*_args(inputs), labels, **_kw(inputs))
+    loss_m, stats_m = module(*_args(inputs), labels, **_kw(inputs), return_stats=True)
     loss_f, stats_f = teachability_kl_loss(*_args(inputs), labels, **_kw(inputs), keep_ratio=0.2, top_k=4,
                                            reduction=reduction, **TILES)
     assert torch.equal(stats_m.kept, stats_f.kept)
@@ -184,9 +184,12 @@ def test_reductions_match_reference(estimator):
         torch.testing.assert_close(a, b, atol=1e-6 * n, rtol=1e-4)
 
     items = 2 * n + 3
-    scaled, _ = teachability_kl_loss(*_args(inputs), labels, **_kw(inputs), num_items_in_batch=torch.tensor(items),
-                                     **opts)
+    scaled, _ = teachability_kl_loss(*_args(inputs), labels, **_kw(inputs), normalizer=torch.tensor(items), **opts)
     torch.testing.assert_close(scaled, ref_mean * n / items, **LOSS_ATOL)
+    # HF Trainer's num_items_in_batch (label tokens): each kept row stands for N_valid / N_kept of them.
+    hf, _ = teachability_kl_loss(*_args(inputs), labels, **_kw(inputs), num_items_in_batch=torch.tensor(items),
+                                 **opts)
+    torch.testing.assert_close(hf, ref_mean * int(valid.sum()) / items, **LOSS_ATOL)
 
     rows, stats_n = teachability_kl_loss(*_args(inputs), labels, **_kw(inputs), reduction="none", **opts)
     assert rows.shape == labels.shape and rows.dtype == torch.float32 and torch.equal(stats_n.kept, kept)
@@ -226,7 +229,7 @@ def test_two_micro_batches_equal_one_batch(strategy):
     """
     inputs, labels = _inputs(b=4, t=12, seed=9), _labels(b=4, t=12, seed=9)
     loss_fn = TeachabilityKLLoss(strategy=strategy, keep_ratio=0.1, top_k=4, min_per_sequence=2, **TILES)
-    big, big_stats = loss_fn(*_args(inputs), labels, **_kw(inputs))
+    big, big_stats = loss_fn(*_args(inputs), labels, **_kw(inputs), return_stats=True)
     big_grads = _grads(big, inputs)
 
     halves = [slice(0, 2), slice(2, 4)]
@@ -241,7 +244,7 @@ def test_two_micro_batches_equal_one_batch(strategy):
     for i in range(2):
         loss, st = loss_fn(parts["student_hidden"][i], inputs["student_weight"], parts["teacher_hidden"][i],
                            inputs["teacher_weight"], labels[halves[i]], **_kw(inputs), keep_mask=masks[i],
-                           num_items_in_batch=normalizer, stats=stats[i])
+                           normalizer=normalizer, stats=stats[i], return_stats=True)
         assert torch.equal(st.kept, masks[i])
         total = total + loss
     torch.testing.assert_close(total, big, atol=1e-6, rtol=1e-6)

@@ -66,7 +66,17 @@ assert set(_MODULES) == set(BACKENDS) - {"auto"}
 _PATHS = {"hidden": ("forward_stats", "backward_kept"), "logits": ("logits_forward_stats", "logits_grad_kept")}
 
 
+_LOADED: dict = {}  # name -> module, imported once (no per-call import: torch.compile traces a dict lookup)
+
+
 def module(name: str) -> ModuleType:
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = _import(name)
+    return mod
+
+
+def _import(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 

@@ -185,7 +185,7 @@ class TAOPDTrainer(DistillationTrainer):
         keep, norm = inputs.get(_KEEP), inputs.get(_NORM)
         loss, stats = self.taopd_loss(s.hidden, s.weight, t.hidden, t.weight, labels.to(s.hidden.device),
                                       student_bias=s.bias, teacher_bias=t.bias, keep_mask=keep,
-                                      num_items_in_batch=norm)
+                                      normalizer=norm, return_stats=True)
         if keep is None:  # eval (or a caller without the global selection): this micro-batch's own selection
             self._log_selection(stats, "train" if self.model.training else "eval")
         return (loss, None) if return_outputs else loss
