@@ -126,9 +126,9 @@ def greedy_validation_accuracy(cfg: Config, model, models, examples) -> Dict[str
     for s in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[s:s + cfg.eval.batch_size]
         with run.student_compute(models) if model is models.student else contextlib.nullcontext():
-            ro = generate(model, run.encode_prompts(cfg, models.tokenizer, chunk), max_new_tokens=cfg.eval.max_new_tokens,
-                          eos_ids=models.tokenizer.eos_ids, pad_id=models.tokenizer.pad_id, greedy=True,
-                          vocab_limit=run.vocab_limit(cfg, models))
+            ro = generate(model, run.encode_prompts(cfg, models.tokenizer, chunk),
+                          max_new_tokens=cfg.eval.max_new_tokens, eos_ids=models.tokenizer.eos_ids,
+                          pad_id=models.tokenizer.pad_id, greedy=True, vocab_limit=run.vocab_limit(cfg, models))
         pairs += [(models.tokenizer.decode(resp), ex) for ex, resp in zip(chunk, ro.response_ids)]
     return models.task.slot_accuracy(pairs)
 
