@@ -327,3 +327,28 @@ def test_wandb_logging_needs_the_package_and_logs_every_scalar(tmp_path, monkeyp
     assert (tmp_path / "wandb_id.txt").read_text() == "run-123"
     Logger(cfg, total=3, initial=1, resumed=True).close()
     assert calls[3][1]["id"] == "run-123" and calls[3][1]["resume"] == "allow"
+
+
+def test_curves_have_integer_step_ticks(tmp_path):
+    """A short run's curves.png shows whole steps on its x axes (issue 24)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train import metrics
+
+    saved = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved["ticks"] = [t for ax in fig.axes for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        metrics.plot_curves({"train": [(1, 2.0), (2, 1.5), (3, 1.2)], "eval": [(1, 0.2), (3, 0.4)]},
+                            tmp_path / "curves.png")
+    finally:
+        plt.Figure.savefig = original
+    assert saved["ticks"] and all(float(t).is_integer() for t in saved["ticks"]), saved["ticks"]

@@ -171,6 +171,7 @@ def plot_curves(history: dict, path: Path, teacher_acc: Optional[float] = None) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     if history["train"]:
@@ -184,6 +185,8 @@ def plot_curves(history: dict, path: Path, teacher_acc: Optional[float] = None) 
         a2.axhline(teacher_acc, color="gray", ls="--", label="teacher")
     a2.set_xlabel("step"), a2.set_ylabel("held-out accuracy"), a2.set_ylim(0, 1.02), a2.legend()
     a2.set_title("evaluation (greedy)")
+    for ax in (a1, a2):  # steps are whole numbers, also on a short run's axis
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
