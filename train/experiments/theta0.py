@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -92,13 +93,17 @@ def position_stats(cfg: Config, models, ro, vocab: int) -> Dict[str, torch.Tenso
             "unused_top_share_teacher": unused[st.topk_ids_teacher.long()].double().mean(-1)}
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """scipy's Spearman rank correlation; NaN where either side is constant (no ranking to compare)."""
+def spearman(x: torch.Tensor, y: torch.Tensor) -> Optional[float]:
+    """scipy's Spearman rank correlation; None (JSON null) where it is undefined: fewer than two
+    positions, or a constant side (no ranking to compare)."""
     from scipy.stats import spearmanr
 
+    if x.numel() < 2:
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(spearmanr(x.numpy(), y.numpy()).statistic)
+        rho = float(spearmanr(x.numpy(), y.numpy()).statistic)
+    return None if math.isnan(rho) else rho
 
 
 def per_class(stats: Dict[str, torch.Tensor], classes: List[str], names: List[str]) -> Dict[str, dict]:
@@ -157,7 +162,7 @@ def theta0(cfg: Config, *, prompts: Optional[int] = None, samples: int = 1, out:
                            for role, model in (("teacher", models.teacher), ("student", models.student))}}
     result["total_s"] = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "theta0.json").write_text(json.dumps(result, indent=1))
+    (out / "theta0.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     log(format_table(result))
     log(f"[theta0] wrote {out / 'theta0.json'} ({result['total_s']:.0f}s)")
     return result
@@ -169,7 +174,8 @@ def format_table(result: dict) -> str:
     short = ["n", "C", "D", "H_s", "T_unused", "unusedTop_s", "unusedTop_t", "rho(1-C)", "rho(D)"]
     lines = [f"{'class':10s}" + "".join(f"{s:>12s}" for s in short)]
     for name, row in result["classes"].items():
-        lines.append(f"{name:10s}{row['n']:12d}" + "".join(f"{row[c]:12.4g}" for c in cols[1:]))
+        cells = (f"{row[c]:12.4g}" if row[c] is not None else f"{'-':>12s}" for c in cols[1:])  # None: undefined rho
+        lines.append(f"{name:10s}{row['n']:12d}" + "".join(cells))
     for role, acc in result["accuracy"].items():
         lines.append(f"greedy validation accuracy, {role}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return "\n".join(lines)
