@@ -61,6 +61,8 @@ def test_compare_writes_every_file_and_resumes(tmp_path, monkeypatch):
     for seed in seeds:
         assert len({tuple(r["kl_curve"][0]) for r in data["runs"] if r["seed"] == seed}) == 1
     assert data["config"]["strategies"] == strategies and data["config"]["steps"] == 1
+    # a task without position classes (arithmetic): no per-class kept metrics to average
+    assert all(r["kept_class_mix"] == {} and r["C_kept_by_class"] == {} for r in data["runs"])
     md = (out / "compare.md").read_text()
     assert all(f"| {s} | 2 |" in md for s in strategies)
     assert (out / "compare.png").stat().st_size > 0
@@ -81,3 +83,15 @@ def test_compare_writes_every_file_and_resumes(tmp_path, monkeypatch):
 def test_main_rejects_unknown_strategies(tmp_path, capsys):
     assert cmp.main(["--strategies", "all,bogus", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_a_run_entry_averages_the_per_class_kept_metrics_over_steps():
+    rec = cmp.RunRecord(None, {})
+    nan = float("nan")
+    rec.on_step_end(1, {"kept_fraction": 0.1, "loss_head_s": 0.0, "kept_mix/rule": 0.75, "kept_mix/wrong": 0.25,
+                        "C_kept/rule": 0.5, "C_kept/wrong": nan, "kept_rate/rule": 0.2, "C/rule": 0.9})
+    rec.on_step_end(2, {"kept_fraction": 0.1, "loss_head_s": 0.0, "kept_mix/rule": 0.25, "kept_mix/wrong": 0.75,
+                        "C_kept/rule": 0.75, "C_kept/wrong": nan, "kept_rate/rule": 0.4, "C/rule": 0.8})
+    assert rec.class_means("kept_mix/") == {"rule": 0.5, "wrong": 0.5}
+    # a step that kept nothing of a class does not count towards its mean C; never kept: None
+    assert rec.class_means("C_kept/") == {"rule": 0.625, "wrong": None}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ DEFAULT_STRATEGIES = ("all", "teachability", "random", "entropy", "divergence", 
 DEFAULT_SEEDS = (0, 1, 2)
 # Driver settings that leave a run's numbers as they are (where files go, what is displayed; compare
 # sets the checkpoint settings itself): a comparison resumes across them. Every other key must match.
+CLASS_METRICS = ("kept_mix/", "C_kept/")  # per-class step metrics (metrics.class_metrics) a run entry averages
 NOT_RUN_DEFINING = ("logging.", "checkpoint.", "sft.cache_dir")
 
 
@@ -50,7 +52,8 @@ NOT_RUN_DEFINING = ("logging.", "checkpoint.", "sft.cache_dir")
 
 class RunRecord(Hooks):
     """The loop's callbacks for one run: per-step kept fraction, the loss head's time (the driver's
-    ``loss_head_s``), and at every student evaluation the held-out KLs on the bank ([step, accuracy,
+    ``loss_head_s``), the per-class kept metrics of a task with position classes (``kept_mix/<class>``,
+    ``C_kept/<class>``), and at every student evaluation the held-out KLs on the bank ([step, accuracy,
     KL_rev, KL_fwd] in ``curve``). Teacher and theta_0 evaluations are the same for every run (greedy
     decoding, same models): they are computed once and kept in ``cache``, shared across runs."""
 
@@ -59,10 +62,24 @@ class RunRecord(Hooks):
         self.kept: List[float] = []
         self.curve: List[list] = []
         self.head_s = 0.0
+        self.by_class: Dict[str, List[float]] = {}
 
     def on_step_end(self, step: int, metrics: dict) -> None:
         self.kept.append(metrics["kept_fraction"])
         self.head_s += metrics["loss_head_s"]
+        for key, value in metrics.items():
+            if key.startswith(CLASS_METRICS):
+                self.by_class.setdefault(key, []).append(value)
+
+    def class_means(self, prefix: str) -> Dict[str, Optional[float]]:
+        """Per class: the mean over steps of ``prefix<class>``, steps where it is undefined (NaN: nothing
+        of the class kept) left out; None where it is never defined."""
+        out = {}
+        for key, values in self.by_class.items():
+            if key.startswith(prefix):
+                defined = [v for v in values if not math.isnan(v)]
+                out[key[len(prefix):]] = float(np.mean(defined)) if defined else None
+        return out
 
     def _key(self, step: int, which: str) -> Optional[str]:
         return "teacher" if which == "teacher" else ("theta_0" if step == 0 and not self.curve else None)
@@ -205,6 +222,7 @@ def one_run(cfg: Config, strategy: str, seed: int, out: Path, kl_bank: KLBank, c
         "teacher_accuracy": summary["teacher_accuracy"], "student_before": summary["student_before"],
         "gap_closed": summary.get("gap_closed"), "steps": summary["steps"],
         "loss_head_s": rec.head_s, "total_s": time.time() - t,
+        "kept_class_mix": rec.class_means("kept_mix/"), "C_kept_by_class": rec.class_means("C_kept/"),
     }
 
 
