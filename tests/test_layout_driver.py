@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train"
 PACKAGES = {"taopd_kernels": ROOT / "taopd_kernels", "taopd_train": TRAIN}
-# python train/compare.py and python train/diagnose.py: entry points into the experiments, nothing else
-ENTRY_POINTS = {"compare.py", "diagnose.py"}
+# python train/compare.py, train/diagnose.py, train/theta0.py: entry points into the experiments, nothing else
+ENTRY_POINTS = {"compare.py", "diagnose.py", "theta0.py"}
 
 
 def _sources(package: str):
