@@ -90,7 +90,7 @@ def implementations(inputs, keep_ratio: float) -> dict:
 
     def ours(module):
         def step():
-            loss, stats = module(h_s, w_s, h_t, w_t)
+            loss, stats = module(h_s, w_s, h_t, w_t, return_stats=True)
             return loss, stats, torch.autograd.grad(loss, [h_s, w_s])
         return step
 
