@@ -115,3 +115,15 @@ def load_bench(name: str):
 def load_example(name: str):
     """examples/<name>.py as a module (its ``main`` is not run)."""
     return _load_file(name, EXAMPLES)
+
+
+def tied_selection_inputs(n_total: int = 19):
+    """Selection inputs with many ties (few distinct values), 4 sequences (of the first 19 positions), some
+    invalid positions: (entropy, disagreement, teacher_mass, valid, sequence_ids)."""
+    g = torch.Generator().manual_seed(5)
+    ent = torch.randint(0, 4, (n_total,), generator=g).float() / 3
+    dis = torch.randint(0, 3, (n_total,), generator=g).float()
+    mass = torch.randint(0, 3, (n_total,), generator=g).float() / 2
+    valid = torch.rand(n_total, generator=g) > 0.2
+    seq = torch.tensor([0] * 5 + [1] * 4 + [2] * 6 + [3] * 4)
+    return ent, dis, mass, valid, seq

@@ -38,6 +38,8 @@ from taopd_train import checkpoint, head, run
 from taopd_train.config import load_config
 from taopd_train.rollout import Rollout
 
+from helpers import tied_selection_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 1000
@@ -170,17 +172,6 @@ def _gather_objects(x, world):
     return out
 
 
-def select_inputs(n_total: int = 19):
-    """Statistics with many ties (few distinct values), 4 sequences, some invalid positions."""
-    g = torch.Generator().manual_seed(5)
-    ent = torch.randint(0, 4, (n_total,), generator=g).float() / 3
-    dis = torch.randint(0, 3, (n_total,), generator=g).float()
-    mass = torch.randint(0, 3, (n_total,), generator=g).float() / 2
-    valid = torch.rand(n_total, generator=g) > 0.2
-    seq = torch.tensor([0] * 5 + [1] * 4 + [2] * 6 + [3] * 4)
-    return ent, dis, mass, valid, seq
-
-
 def generation_prompts(rank: int):
     g = torch.Generator().manual_seed(50 + rank)
     ids = torch.randint(1, VOCAB, (2, 5), generator=g)
@@ -200,7 +191,7 @@ def extra_checks(ctx, student, teacher) -> dict:
     out = {}
     # the driver's selection (select_parts) on uneven ranks: "local": sequence ids renumbered from 0 on each rank (made global
     # by the library); "global": ids shared by the ranks, one sequence split between them.
-    ent, dis, mass, valid, seq = select_inputs()
+    ent, dis, mass, valid, seq = tied_selection_inputs()
     for ids_kind, split in SELECT_SPLITS.items():
         part = slice(0, split) if rank == 0 else slice(split, None)
         ids = seq[part] - seq[part].min() if ids_kind == "local" else seq[part]
@@ -377,7 +368,7 @@ def test_selection_over_ranks_matches_concatenation(tmp_path_factory):
     from taopd_kernels import STRATEGIES, select_top, strategy_scores
 
     _, two = _two_process_run(tmp_path_factory)
-    ent, dis, mass, valid, seq = select_inputs()
+    ent, dis, mass, valid, seq = tied_selection_inputs()
     for strategy in STRATEGIES:
         score = strategy_scores(strategy, entropy=ent, disagreement=dis, teacher_mass=mass, valid=valid, seed=3)
         ref = valid.clone() if strategy == "all" else select_top(

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from taopd_kernels import STRATEGIES, batch_normalize, num_to_keep, select_top, strategy_scores
 
+from helpers import tied_selection_inputs
+
 
 def test_normalize_matches_linear_quantiles_and_clips():
     x = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 100.0])
@@ -148,15 +150,10 @@ def test_selection_properties(n, ratio, min_per, n_seq, seed, quantised):
 # select_parts: one selection over several parts (micro-batches), and over the parts of every process.
 
 def _parts_inputs(n_total: int = 19):
-    """Statistics with many ties (few distinct values), 4 sequences, some invalid positions."""
+    """tied_selection_inputs, and a function giving a part (a slice of them) in the shape select_parts reads."""
     import types
 
-    g = torch.Generator().manual_seed(5)
-    ent = torch.randint(0, 4, (n_total,), generator=g).float() / 3
-    dis = torch.randint(0, 3, (n_total,), generator=g).float()
-    mass = torch.randint(0, 3, (n_total,), generator=g).float() / 2
-    valid = torch.rand(n_total, generator=g) > 0.2
-    seq = torch.tensor([0] * 5 + [1] * 4 + [2] * 6 + [3] * 4)
+    ent, dis, mass, valid, seq = tied_selection_inputs(n_total)
     part = lambda sl: types.SimpleNamespace(entropy_student=ent[sl], disagreement=dis[sl],  # noqa: E731
                                             teacher_mass=mass[sl], valid=valid[sl])
     return ent, dis, mass, valid, seq, part
