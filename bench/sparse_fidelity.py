@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import HERE, add_smoke_option, metadata, smoke_dir  # noqa: E402
+from _meta import HERE, add_smoke_option, metadata, smoke_dir
 
-from taopd_kernels import select_positions, teachability_from_topk, teachability_stats  # noqa: E402
-from taopd_kernels.selection import score_and_select  # noqa: E402
-from taopd_kernels.stats import TeachabilityStats  # noqa: E402
+from taopd_kernels import select_positions, teachability_from_topk, teachability_stats
+from taopd_kernels.selection import score_and_select
+from taopd_kernels.stats import TeachabilityStats
 
 K_TS = (16, 20, 32, 64)
 

@@ -25,14 +25,13 @@ import os
 import resource
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _meta import add_smoke_option, metadata, smoke_dir
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _meta import add_smoke_option, metadata, smoke_dir  # noqa: E402
 
 DEFAULTS = dict(positions=2048, d_student=512, d_teacher=768, vocab=32768, top_k=16, keep_ratio=0.05, repeats=3,
                 tp=[1, 2, 4])
