@@ -19,6 +19,8 @@ import yaml
 
 from taopd_kernels import BACKENDS, DEFAULTS, ESTIMATORS, STRATEGIES
 
+from .task import BUILTIN_TASKS
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # The one dtype table: config values are its keys, models.py and run.py look the dtypes up in it.
@@ -135,6 +137,9 @@ class EvalConfig:
     batch_size: int = 256
     max_new_tokens: int = 40
     at_start: bool = True
+    # which prompts the student is scored on: "heldout" (the reported figures) or "validation" (the built-in
+    # tasks' preparation prompts, never trained on: what an lr sweep may choose on without seeing heldout)
+    prompts: str = "heldout"
 
 
 @dataclass
@@ -371,6 +376,9 @@ def student_dtypes(cfg: "Config") -> Tuple[str, str]:
 # ------------------------------------------------------------------ value checks
 
 
+EVAL_PROMPTS = ("heldout", "validation")
+
+
 def _check(cond: bool, key: str, msg: str, value: Any):
     if not cond:
         raise ConfigError(f"{key}={value!r}: {msg}")
@@ -483,6 +491,10 @@ def _check_eval_and_logging(cfg: Config) -> None:
     _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
     _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", e.max_new_tokens)
+    _check(e.prompts in EVAL_PROMPTS, "eval.prompts", f"must be one of {', '.join(EVAL_PROMPTS)}", e.prompts)
+    _check(e.prompts == "heldout" or cfg.data.source in BUILTIN_TASKS, "eval.prompts",
+           f"'validation' needs a built-in task ({', '.join(BUILTIN_TASKS)}), not data.source={cfg.data.source!r}",
+           e.prompts)
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1", cfg.logging.every)
     lg = cfg.logging
     _check(lg.wandb_mode in (None, "online", "offline", "disabled"), "logging.wandb_mode",

@@ -470,8 +470,10 @@ def _step_totals(loss, ro: Rollout, allstats: TeachabilityStats) -> List[float]:
 
 @torch.no_grad()
 def evaluate(cfg: Config, model, models: Models, limit: Optional[int] = None) -> Dict[str, object]:
-    """Greedy decoding on the held-out prompts; the task's answer check. Returns accuracy and a few samples."""
-    examples = models.task.eval_examples()[:limit]
+    """Greedy decoding on the held-out prompts (``eval.prompts``: or the validation prompts); the task's answer
+    check. Returns accuracy and a few samples."""
+    prompts = models.task.eval_examples() if cfg.eval.prompts == "heldout" else models.task.validation_examples()
+    examples = prompts[:limit]
     correct, samples, nonfinite, pairs = 0, [], 0, []
     for s in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[s:s + cfg.eval.batch_size]
