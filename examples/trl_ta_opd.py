@@ -7,6 +7,12 @@ the teachable positions (taopd_kernels.integrations.trl.TAOPDTrainer).
     python examples/trl_ta_opd.py --tiny
     # the smoke test (tests/test_scripts_smoke.py): --tiny, one step, outputs in a temporary folder
     python examples/trl_ta_opd.py --smoke
+    # the same optimizer step without accumulation: one micro-batch of 4 instead of 2 x 2
+    python examples/trl_ta_opd.py --tiny --batch-size 4 --grad-accum 1
+
+Gradient accumulation: one selection over the generation batch (--batch-size x --grad-accum prompts per
+process), each micro-batch's loss divided by that batch's kept count, so the accumulated gradient and the
+logged loss are those of the one-batch mean over kept positions (tests/test_trl_grad_accum.py).
 """
 
 import argparse
@@ -51,11 +57,16 @@ def main(argv=None):
     p.add_argument("--strategy", default="teachability"), p.add_argument("--keep-ratio", type=float, default=0.05)
     p.add_argument("--top-k", type=int, default=16), p.add_argument("--estimator", default="full")
     p.add_argument("--max-steps", type=int, default=2), p.add_argument("--output-dir", default="ta_opd_out")
+    p.add_argument("--batch-size", type=int, help="per-device micro-batch (default: 2 with --tiny, else 4)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: 2 with --tiny, else 4)")
     p.add_argument("--smoke", action="store_true", help="a CPU smoke run: --tiny, one step, a temporary folder")
     a = p.parse_args(argv)
     if a.smoke:
         a.tiny, a.max_steps, a.output_dir = True, 1, tempfile.mkdtemp(prefix="trl_ta_opd-smoke-")
+    default_size = 2 if a.tiny else 4  # of the micro-batch and of the accumulation
     common = dict(output_dir=a.output_dir, max_steps=a.max_steps, logging_steps=1, report_to="none",
+                  per_device_train_batch_size=default_size if a.batch_size is None else a.batch_size,
+                  gradient_accumulation_steps=default_size if a.grad_accum is None else a.grad_accum,
                   taopd_strategy=a.strategy, taopd_keep_ratio=a.keep_ratio, taopd_top_k=a.top_k,
                   taopd_estimator=a.estimator, save_strategy="no")
     if a.tiny:
@@ -63,22 +74,20 @@ def main(argv=None):
         tok = tiny_tokenizer()
         student, teacher = tiny_models(len(tok))
         train = datasets.Dataset.from_dict({"prompt": [" ".join(WORDS[i:i + 3]) for i in range(16)]})
-        args = TAOPDConfig(**common, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                           max_completion_length=6, use_cpu=True, bf16=False)
+        args = TAOPDConfig(**common, max_completion_length=6, use_cpu=True, bf16=False)
         trainer = TAOPDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
                                processing_class=tok)
     else:
         if not (a.student and a.teacher):
             p.error("give --student and --teacher, or --tiny")
         train = datasets.load_dataset(a.dataset, split="train")
-        args = TAOPDConfig(**common, per_device_train_batch_size=4, gradient_accumulation_steps=4,
-                           max_completion_length=1024, bf16=torch.cuda.is_available())
+        args = TAOPDConfig(**common, max_completion_length=1024, bf16=torch.cuda.is_available())
         trainer = TAOPDTrainer(model=a.student, teacher_model=a.teacher, args=args, train_dataset=train)
     trainer.train()
     for row in trainer.state.log_history:
         if "loss" in row:
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                   if k == "loss" or k.startswith("taopd/")})
+                   if k in ("loss", "grad_norm") or k.startswith("taopd/")})
 
 
 if __name__ == "__main__":

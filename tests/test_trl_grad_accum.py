@@ -206,3 +206,15 @@ def test_a_wrong_divisor_is_caught(runs, tmp_path, patch, caught):
     problems = _disagreements(one, accumulated, reference)
     for what in caught:
         assert any(p.startswith(what) for p in problems), (what, problems)
+
+
+def test_dividing_again_by_the_accumulation_steps_is_caught(runs, tmp_path, monkeypatch):
+    # The adapter's loss is already over the generation batch's kept count; HF Trainer's own division by
+    # gradient_accumulation_steps on top would halve the accumulated run.
+    *_, (reference, _, _) = runs
+    monkeypatch.setattr(TAOPDTrainer, "loss_is_scaled_for_ga", False)
+    one = _train(tmp_path / "ga1", per_device=2 * B, accumulation=1)
+    accumulated = _train(tmp_path / "ga2", per_device=B, accumulation=2)
+    problems = _disagreements(one, accumulated, reference)
+    for what in ("(a) gradient", "(b) logged loss of accumulation 2"):
+        assert any(p.startswith(what) for p in problems), (what, problems)

@@ -28,6 +28,13 @@ Attributes read, not overridden: ``self._metrics`` (what TRL's ``log`` averages)
 Selection in a multi-process run is per process's generation batch (not across ranks); the normaliser
 is the global kept count over all processes divided by the process count, as TRL does with
 ``num_items_in_batch`` to compensate DDP's gradient averaging.
+
+Gradient accumulation: each micro-batch's loss is its kept sum divided by the kept count of the whole
+generation batch, and HF Trainer does not divide it again by the accumulation steps
+(``loss_is_scaled_for_ga``), so the micro-batch gradients add up to those of one batch's mean over kept
+positions, and the logged loss is that mean. HF Trainer's ``num_items_in_batch`` is not used: it passes
+None here (it counts ``labels`` of the dataloader batch; TRL's are prompts), and a label-token count is the
+wrong divisor for a batch-wide selection (tests/test_trl_grad_accum.py, docs/integrations.md).
 """
 
 from __future__ import annotations
@@ -96,6 +103,10 @@ class TAOPDTrainer(DistillationTrainer):
     Logs (besides TRL's metrics): ``taopd/kept_fraction``, and ``taopd/<stat>/all`` and ``/kept`` for
     ``teacher_mass`` (C), ``disagreement`` (D), ``kl_reverse``, ``kl_forward``, ``entropy_student``.
     """
+
+    # The loss already divides by the generation batch's kept count: HF Trainer must not divide by the
+    # accumulation steps (DistillationTrainer says the same; restated because the loss relies on it).
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -171,6 +182,9 @@ class TAOPDTrainer(DistillationTrainer):
     # ------------------------------------------------------------------------------------- the loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The TA-OPD loss of one micro-batch: its kept sum over the generation batch's kept count (training),
+        or its own selection's mean over kept positions (eval). ``num_items_in_batch`` (HF Trainer's label
+        count, None under TRL) is ignored: the kept count is the divisor that sums to the batch mean."""
         p_len, c_len = inputs["prompt_ids"].size(1), inputs["completion_ids"].size(1)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
