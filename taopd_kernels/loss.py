@@ -317,6 +317,8 @@ class TeachabilityKLLoss(torch.nn.Module):
                 mean becomes ``sum_kept l_t * (N_valid / N_kept) / num_items_in_batch`` (each kept row stands
                 for N_valid / N_kept label tokens), so one micro-batch gives exactly the mean over kept
                 positions, and accumulated micro-batches a label-token-weighted average of their means.
+                With a ``keep_mask`` from one selection across micro-batches (``select_across``), which
+                keeps unequal shares of them, pass ``normalizer=`` instead: that weighting is not its mean.
             normalizer: the total kept count of a selection made elsewhere (``select_across``); the mean
                 becomes ``sum_kept l_t / normalizer``, so the micro-batch losses sum to the one-batch mean.
             keep_mask / stats: a selection / statistics made elsewhere (``select_across``, ``statistics``).
