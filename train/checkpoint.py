@@ -24,7 +24,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -84,8 +84,48 @@ def check_writable(folder: Path, key: str) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise StorageError(f"{folder} is not writable ({e.strerror or e}); the run writes there ({key}): "
-                           f"make it writable or set {key}= to a writable folder") from e
+        raise StorageError(_not_writable(folder, key, e.strerror or str(e))) from e
+
+
+def _not_writable(folder: Path, key: str, why: str) -> str:
+    return f"{key}: {folder} is not writable ({why}); make it writable or set {key}= to a writable folder"
+
+
+def storage_problems(folders) -> List[Tuple[str, str]]:
+    """(key, message) for each (folder, key) of ``folders`` that cannot be created or written, judged
+    without creating anything: its nearest existing ancestor is a file or not writable (``check_writable``
+    then confirms with a write, once the run starts)."""
+    out = []
+    for folder, key in folders:
+        existing = Path(folder).expanduser().absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            out.append((key, _not_writable(folder, key, f"{existing} is a file")))
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            out.append((key, _not_writable(folder, key, f"no permission to write in {existing}")))
+    return out
+
+
+def missing_folders(folders) -> List[Path]:
+    """The folders that creating ``folders`` would create (absolute; those that exist already are not
+    among them), deepest first."""
+    out = set()
+    for folder in folders:
+        f = Path(folder).expanduser().absolute()
+        while not f.exists() and f != f.parent:
+            out.add(f)
+            f = f.parent
+    return sorted(out, key=lambda f: len(f.parts), reverse=True)
+
+
+def remove_empty_folders(folders) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; a folder that holds anything stays."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:  # not empty, or gone
+            pass
 
 
 def _sha256(path: Path) -> str:
@@ -396,6 +436,7 @@ class RunLock:
         self.path = self.folder / ".run.lock"
         self.info = self.folder / ".run.lock.json"
         self._lock = None
+        self._made_file = False  # this lock created the lock file (``release(remove_file=True)`` removes it)
 
     def _holder(self) -> dict:
         try:
@@ -407,6 +448,7 @@ class RunLock:
         from filelock import FileLock, Timeout
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._made_file = not self.path.exists()
         lock = FileLock(str(self.path), timeout=0, thread_local=False)
         try:
             lock.acquire()
@@ -432,13 +474,17 @@ class RunLock:
         self._lock = lock
         return self
 
-    def release(self) -> None:
+    def release(self, remove_file: bool = False) -> None:
+        """``remove_file``: also delete the lock file if this lock created it, while still holding it (a
+        run that failed leaves no folder behind that only holds its lock file)."""
         if self._lock is not None:
-            try:
-                if self._holder().get("pid") == os.getpid():
-                    self.info.unlink()
-            except OSError:
-                pass
+            mine = self._holder().get("pid") == os.getpid()
+            for path, remove in ((self.info, mine), (self.path, remove_file and self._made_file)):
+                try:
+                    if remove:
+                        path.unlink()
+                except OSError:
+                    pass
             self._lock.release()
             self._lock = None
 

@@ -7,8 +7,13 @@ long-response task ``long_arithmetic``, CPU-friendly); ``configs/*.yaml`` overri
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import yaml
 
-from taopd_kernels import BACKENDS, DEFAULTS, ESTIMATORS, STRATEGIES
+from taopd_kernels import BACKENDS, DEFAULTS, ESTIMATORS, STRATEGIES, LossHeadOptions
 
 from .task import BUILTIN_TASKS
 
@@ -28,7 +33,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class ConfigError(ValueError):
-    """A bad configuration: the message names the dotted key."""
+    """A bad configuration: the message names the dotted key. ``problems``: (dotted key, message) of each
+    problem (one, or all that were found at once: ``Problems``)."""
+
+    def __init__(self, message: str, problems: Optional[List[Tuple[str, str]]] = None):
+        super().__init__(message)
+        self.problems = problems or [("", message)]
+
+
+class Problems:
+    """Configuration problems collected, each (dotted key, message naming the key and what to do), so that
+    a start reports every one it can find in one ``ConfigError`` rather than one per run."""
+
+    def __init__(self):
+        self.items: List[Tuple[str, str]] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append((key, message))
+
+    def check(self, cond: bool, key: str, msg: str, value: Any) -> None:
+        if not cond:
+            self.add(key, f"{key}={value!r}: {msg}")
+
+    def keys(self) -> set:
+        return {k for k, _ in self.items}
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if len(self.items) == 1:
+            raise ConfigError(self.items[0][1], self.items)
+        if self.items:
+            listed = "\n".join(f"  - {m}" for _, m in self.items)
+            raise ConfigError(f"{len(self.items)} problems, all to fix before the run can start:\n{listed}", self.items)
 
 
 @dataclass
@@ -218,22 +256,22 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp, key: str):
+def _coerce(value: Any, tp, key: str, problems: "Problems"):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce(value, inner[0], key, problems)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, problems)
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{key}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -260,13 +298,16 @@ def _coerce(value: Any, tp, key: str):
     return value
 
 
-def _build(cls, data: Dict[str, Any], prefix: str = ""):
+def _build(cls, data: Dict[str, Any], prefix: str = "", problems: Optional[Problems] = None):
+    """``cls`` from a nested dict. Unknown keys and values of the wrong type are added to ``problems`` (the
+    field keeps its default); without ``problems``, the first one raises ``ConfigError``."""
+    found = Problems() if problems is None else problems
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
+            found.add(where, f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
     base = cls()
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -279,7 +320,12 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
             merged = dataclasses.asdict(getattr(base, f.name))
             _deep_update(merged, value)
             value = merged
-        kwargs[f.name] = _coerce(value, hints[f.name], key)
+        try:
+            kwargs[f.name] = _coerce(value, hints[f.name], key, found)
+        except ConfigError as e:
+            found.add(key, str(e))
+    if problems is None:
+        found.raise_if_any()
     return dataclasses.replace(base, **kwargs)
 
 
@@ -324,11 +370,13 @@ def resolve_config_path(name: str) -> Path:
     for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"{name}.yml"):
         if cand.is_file():
             return cand
-    bundled = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    bundled = [name for name, _ in bundled_configs()]
     raise ConfigError(f"config {name!r} is neither a file nor a bundled config (bundled: {', '.join(bundled)})")
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+def read_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Tuple[Config, Problems]:
+    """The config and every problem found in it (unknown keys, wrong types: the default is kept; values out of
+    range). A missing config file or a malformed override raises ``ConfigError`` at once."""
     data: Dict[str, Any] = {}
     if path:
         p = resolve_config_path(path)
@@ -338,8 +386,16 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         data = loaded
     if overrides:
         _deep_update(data, parse_overrides(overrides))
-    cfg = _build(Config, data)
-    validate(cfg)
+    problems = Problems()
+    cfg = _build(Config, data, problems=problems)
+    check_values(cfg, problems)
+    return cfg, problems
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """``read_config``; its problems, all of them, in one ``ConfigError``."""
+    cfg, problems = read_config(path, overrides)
+    problems.raise_if_any()
     return cfg
 
 
@@ -347,6 +403,100 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["optim"]["betas"] = list(d["optim"]["betas"])
     return d
+
+
+# ------------------------------------------------------------------ the settings, described (--help)
+
+
+def bundled_configs() -> List[Tuple[str, str]]:
+    """(name for ``--config``, the file's first comment line) of every YAML config in train/configs/; a
+    line that ends mid-sentence ends in "..."."""
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.y*ml")):
+        first = next((ln.lstrip("#").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        out.append((path.stem, first if not first or first[-1] in ".:!?)" else first.rstrip(",;") + " ..."))
+    return out
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """The comment of each field of dataclass ``cls``, read from its source: the comment lines right above
+    the field and the one on its line, joined (the source is the one place they are written)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a frozen build): no comments to show
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    docs = {}
+    for node in _ast_fields(source):
+        above, row = [], node.lineno - 1
+        while row >= 1 and row in comments and lines[row - 1].lstrip().startswith("#"):
+            above.insert(0, comments[row])
+            row -= 1
+        own = [comments[r] for r in range(node.lineno, node.end_lineno + 1) if r in comments]
+        text = " ".join(above + own).replace("``", "")
+        if text:
+            docs[node.target.id] = text
+    return docs
+
+
+def _ast_fields(class_source: str):
+    """The annotated assignments (dataclass fields) of the one class in ``class_source``."""
+    cls_node = ast.parse(class_source).body[0]
+    return [n for n in cls_node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+
+
+def _yaml_scalar(value: Any) -> str:
+    value = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip().removesuffix("...").strip()
+
+
+def _settings_rows(obj, prefix: str, nested: bool = True) -> List[Tuple[str, str]]:
+    """(``key = default``, meaning) of the leaf settings of the dataclass instance ``obj``, in field order
+    (``nested=False``: only its own, not those of its sections)."""
+    docs = field_docs(type(obj))
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += _settings_rows(value, f"{prefix}{f.name}.") if nested else []
+            continue
+        doc = docs.get(f.name, "")
+        if not doc and isinstance(obj, LossConfig):  # the loss head's options: the library documents them
+            doc = LossHeadOptions.doc(f.name)
+        rows.append((f"{prefix}{f.name} = {_yaml_scalar(value)}", doc))
+    return rows
+
+
+def describe_settings(width: int = 100) -> str:
+    """Every setting as ``dotted.key = default`` with its meaning, grouped by section: generated from the
+    dataclasses above, their comments and the built-in defaults (e.g. the teacher's own architecture)."""
+    cfg = Config()
+    sections = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    blocks = [(" ".join([f"{name}:", _doc_line(section)]).strip(), _settings_rows(section, f"{name}."))
+              for name, section in sections]
+    blocks.append(("top level:", _settings_rows(cfg, "", nested=False)))
+    out = []
+    for title, rows in blocks:
+        out.append(textwrap.fill(title, width, subsequent_indent="    "))
+        column = min(max(len(k) for k, _ in rows), width // 2 - 4) + 4
+        for setting, doc in rows:
+            if not doc:
+                out.append(f"  {setting}")
+                continue
+            lead = f"  {setting}".ljust(column) if len(setting) + 4 <= column else f"  {setting}\n" + " " * column
+            body = textwrap.wrap(doc, max(20, width - column))
+            out.append(lead + body[0] + "".join("\n" + " " * column + more for more in body[1:]))
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _doc_line(section) -> str:
+    """A section's docstring on one line ("" for dataclass's generated one)."""
+    doc = type(section).__doc__ or ""
+    return "" if doc.startswith(type(section).__name__ + "(") else " ".join(doc.split()).replace("``", "")
 
 
 # ------------------------------------------------------------------ precision
@@ -379,126 +529,129 @@ def student_dtypes(cfg: "Config") -> Tuple[str, str]:
 EVAL_PROMPTS = ("heldout", "validation")
 
 
-def _check(cond: bool, key: str, msg: str, value: Any):
-    if not cond:
-        raise ConfigError(f"{key}={value!r}: {msg}")
-
-
 def validate(cfg: Config) -> None:
-    """Every value in range, each error naming its dotted key (``ConfigError``)."""
-    _check_models(cfg)
-    _check_data_and_rollout(cfg)
-    _check_distributed(cfg)
-    _check_loss(cfg)
-    _check_optim(cfg)
-    _check_eval_and_logging(cfg)
-    _check_checkpoint_and_precision(cfg)
-    _check_sft(cfg)
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
-           "must be auto, cpu, cuda or cuda:N", cfg.device)
-    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
+    """Every value in range: all problems at once in one ``ConfigError``, each naming its dotted key."""
+    problems = Problems()
+    check_values(cfg, problems)
+    problems.raise_if_any()
 
 
-def _check_models(cfg: Config) -> None:
+def check_values(cfg: Config, p: Problems) -> None:
+    """Add every value out of range to ``p``."""
+    _check_models(cfg, p)
+    _check_data_and_rollout(cfg, p)
+    _check_distributed(cfg, p)
+    _check_loss(cfg, p)
+    _check_optim(cfg, p)
+    _check_eval_and_logging(cfg, p)
+    _check_checkpoint_and_precision(cfg, p)
+    _check_sft(cfg, p)
+    p.check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+            "must be auto, cpu, cuda or cuda:N", cfg.device)
+    p.check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null", cfg.threads)
+
+
+def _check_models(cfg: Config, p: Problems) -> None:
     """Student and teacher: dtype, path, attention, the built-in architecture."""
     for role in ("student", "teacher"):
         m: ModelConfig = getattr(cfg, role)
-        _check(m.dtype in DTYPES, f"{role}.dtype", f"must be one of {tuple(DTYPES)}", m.dtype)
-        _check(bool(m.path), f"{role}.path", "must name a model directory, a hub id or 'builtin'", m.path)
-        _check(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
-               f"{role}.attn_implementation", "must be sdpa, eager, flash_attention_2/3 or flex_attention",
-               m.attn_implementation)
+        p.check(m.dtype in DTYPES, f"{role}.dtype", f"must be one of {tuple(DTYPES)}", m.dtype)
+        p.check(bool(m.path), f"{role}.path", "must name a model directory, a hub id or 'builtin'", m.path)
+        p.check(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+                f"{role}.attn_implementation", "must be sdpa, eager, flash_attention_2/3 or flex_attention",
+                m.attn_implementation)
         t = m.tiny
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            _check(getattr(t, name) > 0, f"{role}.tiny.{name}", "must be > 0", getattr(t, name))
-        _check(t.hidden_size % t.num_heads == 0, f"{role}.tiny.hidden_size", "must be divisible by num_heads",
-               t.hidden_size)
-        _check(t.num_heads % t.num_kv_heads == 0, f"{role}.tiny.num_kv_heads", "must divide num_heads",
-               t.num_kv_heads)
-        _check(not (m.random_init and m.path == "builtin" and not m.config_file), f"{role}.random_init",
-               "needs a config_file (or a path holding config.json)", m.random_init)
+            p.check(getattr(t, name) > 0, f"{role}.tiny.{name}", "must be > 0", getattr(t, name))
+        if t.num_heads > 0 and t.num_kv_heads > 0:  # (a zero is reported above)
+            p.check(t.hidden_size % t.num_heads == 0, f"{role}.tiny.hidden_size", "must be divisible by num_heads",
+                    t.hidden_size)
+            p.check(t.num_heads % t.num_kv_heads == 0, f"{role}.tiny.num_kv_heads", "must divide num_heads",
+                    t.num_kv_heads)
+        p.check(not (m.random_init and m.path == "builtin" and not m.config_file), f"{role}.random_init",
+                "needs a config_file (or a path holding config.json)", m.random_init)
 
 
-def _check_data_and_rollout(cfg: Config) -> None:
+def _check_data_and_rollout(cfg: Config, p: Problems) -> None:
     """The task's data and the rollouts."""
     d = cfg.data
-    _check(d.max_operand >= 1, "data.max_operand", "must be >= 1", d.max_operand)
-    _check(1 <= d.digits <= 12, "data.digits", "must be in [1, 12]", d.digits)
-    _check(1 <= d.chain <= 64, "data.chain", "must be in [1, 64]", d.chain)
-    _check(d.eval_size >= 1, "data.eval_size", "must be >= 1", d.eval_size)
-    _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", d.max_prompt_tokens)
+    p.check(d.max_operand >= 1, "data.max_operand", "must be >= 1", d.max_operand)
+    p.check(1 <= d.digits <= 12, "data.digits", "must be in [1, 12]", d.digits)
+    p.check(1 <= d.chain <= 64, "data.chain", "must be in [1, 64]", d.chain)
+    p.check(d.eval_size >= 1, "data.eval_size", "must be >= 1", d.eval_size)
+    p.check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", d.max_prompt_tokens)
     r = cfg.rollout
-    _check(r.batch_size >= 1, "rollout.batch_size", "must be >= 1", r.batch_size)
-    _check(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
-    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
-    _check(r.temperature > 0 and math.isfinite(r.temperature), "rollout.temperature", "must be > 0", r.temperature)
-    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
-    _check(r.engine in ("hf", "vllm"), "rollout.engine", "must be hf or vllm", r.engine)
-    _check(0 < r.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization", "must be in (0, 1]",
-           r.vllm_gpu_memory_utilization)
+    p.check(r.batch_size >= 1, "rollout.batch_size", "must be >= 1", r.batch_size)
+    p.check(r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1", r.micro_batch_size)
+    p.check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
+    p.check(r.temperature > 0 and math.isfinite(r.temperature), "rollout.temperature", "must be > 0", r.temperature)
+    p.check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    p.check(r.engine in ("hf", "vllm"), "rollout.engine", "must be hf or vllm", r.engine)
+    p.check(0 < r.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization", "must be in (0, 1]",
+            r.vllm_gpu_memory_utilization)
 
 
-def _check_distributed(cfg: Config) -> None:
+def _check_distributed(cfg: Config, p: Problems) -> None:
     """Settings used under torchrun."""
     dd = cfg.distributed
-    _check(dd.teacher in ("shard", "replicate"), "distributed.teacher", "must be shard or replicate", dd.teacher)
-    _check(dd.param_dtype is None or dd.param_dtype in DTYPES, "distributed.param_dtype",
-           f"must be one of {tuple(DTYPES)} or null", dd.param_dtype)
-    _check(dd.reduce_dtype in DTYPES, "distributed.reduce_dtype", f"must be one of {tuple(DTYPES)}", dd.reduce_dtype)
-    _check(dd.backend in (None, "nccl", "gloo"), "distributed.backend", "must be nccl, gloo or null", dd.backend)
+    p.check(dd.teacher in ("shard", "replicate"), "distributed.teacher", "must be shard or replicate", dd.teacher)
+    p.check(dd.param_dtype is None or dd.param_dtype in DTYPES, "distributed.param_dtype",
+            f"must be one of {tuple(DTYPES)} or null", dd.param_dtype)
+    p.check(dd.reduce_dtype in DTYPES, "distributed.reduce_dtype", f"must be one of {tuple(DTYPES)}", dd.reduce_dtype)
+    p.check(dd.backend in (None, "nccl", "gloo"), "distributed.backend", "must be nccl, gloo or null", dd.backend)
 
 
-def _check_loss(cfg: Config) -> None:
+def _check_loss(cfg: Config, p: Problems) -> None:
     """The loss head: strategy, estimator, selection and kernel options."""
     lo = cfg.loss
-    _check(lo.strategy in STRATEGIES, "loss.strategy", f"must be one of {', '.join(STRATEGIES)}", lo.strategy)
-    _check(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {', '.join(ESTIMATORS)}", lo.estimator)
-    _check(0 < lo.keep_ratio <= 1, "loss.keep_ratio", "must be in (0, 1]", lo.keep_ratio)
-    _check(lo.top_k >= 1, "loss.top_k", "must be >= 1", lo.top_k)
-    _check(lo.temperature > 0 and math.isfinite(lo.temperature), "loss.temperature", "must be > 0", lo.temperature)
-    _check(lo.vocab_size is None or lo.vocab_size >= lo.top_k, "loss.vocab_size", "must be >= loss.top_k",
-           lo.vocab_size)
-    _check(lo.min_per_sequence >= 0, "loss.min_per_sequence", "must be >= 0", lo.min_per_sequence)
-    _check(lo.backend in BACKENDS, "loss.backend", f"must be one of {', '.join(BACKENDS)}", lo.backend)
+    p.check(lo.strategy in STRATEGIES, "loss.strategy", f"must be one of {', '.join(STRATEGIES)}", lo.strategy)
+    p.check(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {', '.join(ESTIMATORS)}", lo.estimator)
+    p.check(0 < lo.keep_ratio <= 1, "loss.keep_ratio", "must be in (0, 1]", lo.keep_ratio)
+    p.check(lo.top_k >= 1, "loss.top_k", "must be >= 1", lo.top_k)
+    p.check(lo.temperature > 0 and math.isfinite(lo.temperature), "loss.temperature", "must be > 0", lo.temperature)
+    p.check(lo.vocab_size is None or lo.vocab_size >= lo.top_k, "loss.vocab_size", "must be >= loss.top_k",
+            lo.vocab_size)
+    p.check(lo.min_per_sequence >= 0, "loss.min_per_sequence", "must be >= 0", lo.min_per_sequence)
+    p.check(lo.backend in BACKENDS, "loss.backend", f"must be one of {', '.join(BACKENDS)}", lo.backend)
     for name in ("chunk_rows", "chunk_vocab"):
         v = getattr(lo, name)
-        _check(v is None or v >= 1, f"loss.{name}", "must be >= 1 or null", v)
+        p.check(v is None or v >= 1, f"loss.{name}", "must be >= 1 or null", v)
 
 
-def _check_optim(cfg: Config) -> None:
+def _check_optim(cfg: Config, p: Problems) -> None:
     """AdamW, the schedule, clipping, the non-finite guard."""
     o = cfg.optim
-    _check(o.steps >= 0, "optim.steps", "must be >= 0", o.steps)
-    _check(math.isfinite(o.lr) and 0 < o.lr <= 10, "optim.lr", "must be a finite number in (0, 10]", o.lr)
-    _check(math.isfinite(o.weight_decay) and 0 <= o.weight_decay <= 1, "optim.weight_decay",
-           "must be a finite number in [0, 1] (AdamW multiplies the weights by 1 - lr * weight_decay)",
-           o.weight_decay)
-    _check(all(math.isfinite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", "both must be in [0, 1)",
-           list(o.betas))
-    _check(math.isfinite(o.eps) and 0 < o.eps <= 1, "optim.eps", "must be a finite number in (0, 1]", o.eps)
-    _check(o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps", "must be >= 1", o.max_nonfinite_steps)
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
-    _check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", "must be constant, cosine or linear",
-           o.schedule)
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
-    _check(o.max_grad_norm is None or (o.max_grad_norm > 0 and math.isfinite(o.max_grad_norm)),
-           "optim.max_grad_norm", "must be a finite number > 0 or null", o.max_grad_norm)
+    p.check(o.steps >= 0, "optim.steps", "must be >= 0", o.steps)
+    p.check(math.isfinite(o.lr) and 0 < o.lr <= 10, "optim.lr", "must be a finite number in (0, 10]", o.lr)
+    p.check(math.isfinite(o.weight_decay) and 0 <= o.weight_decay <= 1, "optim.weight_decay",
+            "must be a finite number in [0, 1] (AdamW multiplies the weights by 1 - lr * weight_decay)",
+            o.weight_decay)
+    p.check(all(math.isfinite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", "both must be in [0, 1)",
+            list(o.betas))
+    p.check(math.isfinite(o.eps) and 0 < o.eps <= 1, "optim.eps", "must be a finite number in (0, 1]", o.eps)
+    p.check(o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps", "must be >= 1", o.max_nonfinite_steps)
+    p.check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
+    p.check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", "must be constant, cosine or linear",
+            o.schedule)
+    p.check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    p.check(o.max_grad_norm is None or (o.max_grad_norm > 0 and math.isfinite(o.max_grad_norm)),
+            "optim.max_grad_norm", "must be a finite number > 0 or null", o.max_grad_norm)
 
 
-def _check_eval_and_logging(cfg: Config) -> None:
+def _check_eval_and_logging(cfg: Config, p: Problems) -> None:
     """Evaluation and logging (wandb must be installed when asked for)."""
     e = cfg.eval
-    _check(e.every >= 0, "eval.every", "must be >= 0", e.every)
-    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
-    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", e.max_new_tokens)
-    _check(e.prompts in EVAL_PROMPTS, "eval.prompts", f"must be one of {', '.join(EVAL_PROMPTS)}", e.prompts)
-    _check(e.prompts == "heldout" or cfg.data.source in BUILTIN_TASKS, "eval.prompts",
-           f"'validation' needs a built-in task ({', '.join(BUILTIN_TASKS)}), not data.source={cfg.data.source!r}",
-           e.prompts)
-    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1", cfg.logging.every)
+    p.check(e.every >= 0, "eval.every", "must be >= 0", e.every)
+    p.check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
+    p.check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", e.max_new_tokens)
+    p.check(e.prompts in EVAL_PROMPTS, "eval.prompts", f"must be one of {', '.join(EVAL_PROMPTS)}", e.prompts)
+    p.check(e.prompts == "heldout" or cfg.data.source in BUILTIN_TASKS, "eval.prompts",
+            f"'validation' needs a built-in task ({', '.join(BUILTIN_TASKS)}), not data.source={cfg.data.source!r}",
+            e.prompts)
+    p.check(cfg.logging.every >= 1, "logging.every", "must be >= 1", cfg.logging.every)
     lg = cfg.logging
-    _check(lg.wandb_mode in (None, "online", "offline", "disabled"), "logging.wandb_mode",
-           "must be online, offline, disabled or null", lg.wandb_mode)
+    p.check(lg.wandb_mode in (None, "online", "offline", "disabled"), "logging.wandb_mode",
+            "must be online, offline, disabled or null", lg.wandb_mode)
     if lg.wandb:
         import importlib.util
 
@@ -506,39 +659,39 @@ def _check_eval_and_logging(cfg: Config) -> None:
             found = importlib.util.find_spec("wandb") is not None
         except ValueError:  # a module object without a spec (e.g. a test's stand-in): it is there
             found = True
-        _check(found, "logging.wandb", "needs the wandb package: `pip install wandb` (or logging.wandb=false); "
-               "logging.wandb_mode=offline logs without a network", lg.wandb)
+        p.check(found, "logging.wandb", "needs the wandb package: `pip install wandb` (or logging.wandb=false); "
+                "logging.wandb_mode=offline logs without a network", lg.wandb)
 
 
-def _check_checkpoint_and_precision(cfg: Config) -> None:
+def _check_checkpoint_and_precision(cfg: Config, p: Problems) -> None:
     """Checkpoints, and a precision that agrees with student.dtype."""
     c = cfg.checkpoint
-    _check(c.every >= 0, "checkpoint.every", "must be >= 0", c.every)
-    _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0", c.keep_last)
-    _check(math.isfinite(c.every_minutes) and c.every_minutes >= 0, "checkpoint.every_minutes",
-           "must be a finite number >= 0 (0: off)", c.every_minutes)
-    _check(cfg.precision is None or cfg.precision in PRECISIONS, "precision",
-           f"must be one of {', '.join(PRECISIONS)} or null", cfg.precision)
-    if cfg.precision is not None:
+    p.check(c.every >= 0, "checkpoint.every", "must be >= 0", c.every)
+    p.check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0", c.keep_last)
+    p.check(math.isfinite(c.every_minutes) and c.every_minutes >= 0, "checkpoint.every_minutes",
+            "must be a finite number >= 0 (0: off)", c.every_minutes)
+    p.check(cfg.precision is None or cfg.precision in PRECISIONS, "precision",
+            f"must be one of {', '.join(PRECISIONS)} or null", cfg.precision)
+    if cfg.precision in PRECISIONS:
         want = _PRECISION_DTYPES[cfg.precision][0]
-        _check(cfg.student.dtype in ("float32", want), "student.dtype",
-               f"conflicts with precision={cfg.precision} (student parameters in {want}); drop student.dtype "
-               "(precision decides the student's dtype) or choose the matching precision", cfg.student.dtype)
+        p.check(cfg.student.dtype in ("float32", want), "student.dtype",
+                f"conflicts with precision={cfg.precision} (student parameters in {want}); drop student.dtype "
+                "(precision decides the student's dtype) or choose the matching precision", cfg.student.dtype)
 
 
-def _check_sft(cfg: Config) -> None:
+def _check_sft(cfg: Config, p: Problems) -> None:
     """Preparation of the built-in models."""
     s = cfg.sft
     for name in ("batch_size", "calib_batch_size"):
-        _check(getattr(s, name) >= 1, f"sft.{name}", "must be >= 1", getattr(s, name))
+        p.check(getattr(s, name) >= 1, f"sft.{name}", "must be >= 1", getattr(s, name))
     for name in ("teacher_steps", "student_steps", "calib_steps"):
-        _check(getattr(s, name) >= 0, f"sft.{name}", "must be >= 0", getattr(s, name))
-    _check(s.lr > 0, "sft.lr", "must be > 0", s.lr)
-    _check(s.eval_every >= 1, "sft.eval_every", "must be >= 1", s.eval_every)
-    _check(0 <= s.teacher_noise < 1, "sft.teacher_noise", "must be in [0, 1)", s.teacher_noise)
+        p.check(getattr(s, name) >= 0, f"sft.{name}", "must be >= 0", getattr(s, name))
+    p.check(s.lr > 0, "sft.lr", "must be > 0", s.lr)
+    p.check(s.eval_every >= 1, "sft.eval_every", "must be >= 1", s.eval_every)
+    p.check(0 <= s.teacher_noise < 1, "sft.teacher_noise", "must be in [0, 1)", s.teacher_noise)
     for name in ("teacher_target", "student_target"):
-        _check(0 < getattr(s, name) <= 1, f"sft.{name}", "must be in (0, 1]", getattr(s, name))
-    _check(s.calib_lr > 0, "sft.calib_lr", "must be > 0", s.calib_lr)
+        p.check(0 < getattr(s, name) <= 1, f"sft.{name}", "must be in (0, 1]", getattr(s, name))
+    p.check(s.calib_lr > 0, "sft.calib_lr", "must be > 0", s.calib_lr)
 
 
 # ------------------------------------------------------------------ resuming with a changed config

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,10 +48,11 @@ from taopd_kernels.selection import select_parts
 
 from . import checkpoint, head, parallel
 from .checkpoint import CheckpointError, LockError, NonFiniteError, StorageError
-from .config import DTYPES, Config, ConfigError, load_config, student_dtypes, student_precision, to_dict
+from .config import (DTYPES, Config, ConfigError, Problems, bundled_configs, describe_settings, read_config,
+                     student_dtypes, student_precision, to_dict)
 from .hooks import HeadClock, Hooks
 from .metrics import Logger, _SilentLogger, class_metrics, peak_memory_mb, plot_curves
-from .models import load_model, load_tokenizer
+from .models import _hub_reachable, _local_or_raise, load_model, load_tokenizer, resolve_config_file
 from .precision import changed_fraction, report_precision
 from .resume import apply_optim_config, check_resume_config
 from .rollout import Rollout, generate, make_rollout_engine, rollout_from_tokens
@@ -65,9 +66,23 @@ from .vocab import check_vocab, check_vocab_config, compare_tokenizers, teacher_
 def pick_device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device!r}: CUDA is not available on this machine")
+    for _, message in _device_problems(cfg):
+        raise ConfigError(message)
     return torch.device(cfg.device)
+
+
+def _device_problems(cfg: Config) -> List[Tuple[str, str]]:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        return [("device", f"device={cfg.device!r}: CUDA is not available on this machine; run on a machine with "
+                 "a GPU, or set device=cpu (or auto)")]
+    return []
+
+
+def _batch_problems(cfg: Config, world_size: int) -> List[Tuple[str, str]]:
+    if cfg.rollout.batch_size % world_size:
+        return [("rollout.batch_size", f"rollout.batch_size={cfg.rollout.batch_size}: must be divisible by the "
+                 f"number of ranks ({world_size}), so that every rank runs the same number of micro-batches")]
+    return []
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -117,6 +132,14 @@ _DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".txt")
 def check_data_files(cfg: Config) -> None:
     """A ``data.source`` / ``data.eval_source`` that names a local file must exist (else it would be
     tried as a Hugging Face dataset name and fail with a download error)."""
+    missing = data_file_problems(cfg)
+    if missing:
+        raise FileNotFoundError("; ".join(msg for _, msg in missing))
+
+
+def data_file_problems(cfg: Config) -> List[Tuple[str, str]]:
+    """(key, message) of each ``data.source`` / ``data.eval_source`` that names a local file that is not there."""
+    out = []
     for key in ("source", "eval_source"):
         src = getattr(cfg.data, key)
         if not src or src == "arithmetic":
@@ -125,8 +148,63 @@ def check_data_files(cfg: Config) -> None:
         looks_local = (p.suffix.lower() in _DATA_SUFFIXES or src.startswith(("/", "./", "../", "~"))
                        or p.parent.is_dir() and p.parent != Path("."))
         if looks_local and not p.exists():
-            raise FileNotFoundError(f"data.{key}={src!r}: no such file ({p.resolve()}); point data.{key} at a local "
-                                    ".jsonl/.json/.parquet file (or name a Hugging Face dataset)")
+            out.append((f"data.{key}", f"data.{key}={src!r}: no such file ({p.resolve()}); point data.{key} at a "
+                        "local .jsonl/.json/.parquet file (or name a Hugging Face dataset)"))
+    return out
+
+
+def _model_problems(cfg: Config, role: str) -> List[Tuple[str, str]]:
+    """Whether ``role``'s model (or the architecture file of a random init) is there, found without
+    downloading or loading it: a local folder, the Hugging Face cache, or a hub that can be reached."""
+    m = getattr(cfg, role)
+    if m.random_init and m.config_file:
+        try:
+            resolve_config_file(m.config_file)
+            return []
+        except FileNotFoundError as e:
+            return [(f"{role}.config_file", f"{role}.config_file={m.config_file!r}: {e}")]
+    if m.path == "builtin" or Path(m.path).expanduser().is_dir() or _in_hf_cache(m.path) or _hub_reachable():
+        return []  # from the hub: downloaded when it is loaded
+    try:
+        _local_or_raise(m.path, role)  # neither here nor reachable: the error that says what to do
+        return []
+    except FileNotFoundError as e:
+        return [(f"{role}.path", f"{role}.path={m.path!r}: {e}")]
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return True
+    except Exception:  # not a hub id, not cached: huggingface_hub raises several kinds
+        return False
+
+
+def startup_problems(cfg: Config, problems: Optional[Problems] = None) -> Problems:
+    """Add to ``problems`` everything that would stop the run and can be known before the heavy work
+    (preparing or loading a model) and before anything is written: CUDA, the batch over the ranks, the data
+    files, both models, the output folders. A check whose keys already have a problem is skipped."""
+    p = Problems() if problems is None else problems
+    known = p.keys()
+    world = int(os.environ.get("WORLD_SIZE", "1")) if parallel.launched_by_torchrun() else 1
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes the run's folders
+    root = checkpoint.checkpoint_root(cfg)
+    checks = [
+        (("device",), lambda: _device_problems(cfg)),
+        (("rollout.batch_size",), lambda: _batch_problems(cfg, world)),
+        (("data.source", "data.eval_source"), lambda: data_file_problems(cfg)),
+        *(((f"{r}.path", f"{r}.random_init", f"{r}.config_file"), lambda r=r: _model_problems(cfg, r))
+          for r in ("student", "teacher")),
+        (("logging.out_dir", "checkpoint.dir"), lambda: checkpoint.storage_problems(
+            [(Path(cfg.logging.out_dir), "logging.out_dir"), (root, "checkpoint.dir")]) if rank0 else []),
+    ]
+    for keys, check in checks:
+        if known.isdisjoint(keys):
+            for key, message in check():
+                p.add(key, message)
+    return p
 
 
 def build_models(cfg: Config, device: torch.device, student_path: Optional[str] = None, log=print) -> Models:
@@ -522,15 +600,13 @@ def train(cfg: Config, log=None, hooks: Optional[Hooks] = None) -> dict:
     ``log``: where messages go (default: print); ``hooks``: callbacks for code that watches the run
     (``hooks.Hooks``)."""
     t_start = time.time()
+    startup_problems(cfg).raise_if_any()  # all of them at once, before anything is written or loaded
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Under torchrun: one process per rank (docs/distributed.md); otherwise no process group.
     ctx = parallel.init_distributed(device=None if cfg.device == "auto" else cfg.device,
                                     backend=cfg.distributed.backend) \
         if parallel.launched_by_torchrun() else parallel.DistContext(device=pick_device(cfg))
-    if cfg.rollout.batch_size % ctx.world_size:
-        raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size}: must be divisible by the number of "
-                          f"ranks ({ctx.world_size}), so that every rank runs the same number of micro-batches")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = Path(cfg.logging.out_dir)
@@ -545,14 +621,19 @@ def train(cfg: Config, log=None, hooks: Optional[Hooks] = None) -> dict:
         if out_dir.resolve() not in root.resolve().parents:
             locks.append(checkpoint.RunLock(root).acquire(say))
 
+    # the folders this run creates: a run that fails leaves none of them behind empty
+    created = checkpoint.missing_folders([out_dir, root]) if ctx.is_main else []
     signals = Signals()
+    summary = None
     try:
         _rank0_first(ctx, claim)
         summary = _train(cfg, ctx, out_dir, say, log, signals, t_start, hooks or Hooks())
     finally:
         signals.restore()
         for lk in locks:
-            lk.release()
+            lk.release(remove_file=summary is None)
+        if summary is None:
+            checkpoint.remove_empty_folders(created)
     if ctx.initialized_here:
         parallel.destroy_distributed(ctx)
     return summary
@@ -847,18 +928,34 @@ def _resume_command(argv: List[str], ckpt: Optional[Path]) -> str:
     return cmd
 
 
+def _help_epilog() -> str:
+    """The overrides, every setting with its default and meaning, and the bundled configs (from config.py)."""
+    import shutil
+    import textwrap
+
+    width = min(max(shutil.get_terminal_size((100, 24)).columns - 2, 60), 120)
+    bundled = [textwrap.fill(first, width, initial_indent=f"  {name:<12}", subsequent_indent=" " * 14)
+               for name, first in bundled_configs()]
+    return "\n".join([
+        "Overrides: dotted key=value after the options, values in YAML (null, true, [0.9, 0.95]), e.g.",
+        "  python train/run.py --config arithmetic loss.strategy=entropy optim.lr=1e-4", "",
+        "Settings (key = default, then what it means; train/config.py):", "", describe_settings(width), "",
+        "Bundled configs (--config NAME; train/configs/NAME.yaml; a path to a YAML file works too):", *bundled])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Overrides: dotted key=value, e.g. loss.strategy=entropy optim.lr=1e-4")
-    ap.add_argument("--config", default=None, help="a YAML file or a bundled config name (train/configs/)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_help_epilog())
+    ap.add_argument("--config", default=None, help="a YAML file or a bundled config's name (listed below)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides (settings listed below)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     err = (lambda m: print(m, file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, problems = read_config(args.config, args.overrides)
+        if problems:  # reported with the start-up's own (which train() checks otherwise)
+            startup_problems(cfg, problems).raise_if_any()
         train(cfg)
     except ConfigError as e:
         err(f"config error: {e}")
