@@ -126,6 +126,15 @@ def test_the_api_raises_every_start_up_problem_in_one_config_error(no_gpu_no_hub
                                                         "student.tiny.num_heads"]
 
 
+def test_under_torchrun_the_batch_over_the_ranks_is_among_the_problems(no_gpu_no_hub, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets them: checked before any process group starts
+    rc = run.main(["rollout.batch_size=6", "device=cuda", f"logging.out_dir={no_gpu_no_hub / 'out'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 problems" in err and "rollout.batch_size=6: must be divisible by the number of ranks (4)" \
+        in err and "device='cuda'" in err, err
+
+
 def test_one_problem_reads_as_before(no_gpu_no_hub, capsys):
     assert run.main(["device=cuda", f"logging.out_dir={no_gpu_no_hub / 'out'}"]) == 2
     err = capsys.readouterr().err

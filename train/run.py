@@ -930,17 +930,20 @@ def _resume_command(argv: List[str], ckpt: Optional[Path]) -> str:
 
 def _help_epilog() -> str:
     """The overrides, every setting with its default and meaning, and the bundled configs (from config.py)."""
+    import functools
     import shutil
     import textwrap
 
     width = min(max(shutil.get_terminal_size((100, 24)).columns - 2, 60), 120)
     bundled = [textwrap.fill(first, width, initial_indent=f"  {name:<12}", subsequent_indent=" " * 14)
                for name, first in bundled_configs()]
+    fill = functools.partial(textwrap.fill, width=width)
     return "\n".join([
-        "Overrides: dotted key=value after the options, values in YAML (null, true, [0.9, 0.95]), e.g.",
+        fill("Overrides: dotted key=value after the options, values in YAML (null, true, [0.9, 0.95]), e.g."),
         "  python train/run.py --config arithmetic loss.strategy=entropy optim.lr=1e-4", "",
-        "Settings (key = default, then what it means; train/config.py):", "", describe_settings(width), "",
-        "Bundled configs (--config NAME; train/configs/NAME.yaml; a path to a YAML file works too):", *bundled])
+        fill("Settings (key = default, then what it means; train/config.py):"), "", describe_settings(width), "",
+        fill("Bundled configs (--config NAME: train/configs/NAME.yaml; a path to a YAML file works too):"),
+        *bundled])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
