@@ -256,7 +256,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp, key: str, problems: "Problems"):
+def _coerce(value: Any, tp, key: str, problems: Problems):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
@@ -370,7 +370,7 @@ def resolve_config_path(name: str) -> Path:
     for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"{name}.yml"):
         if cand.is_file():
             return cand
-    bundled = [name for name, _ in bundled_configs()]
+    bundled = [stem for stem, _ in bundled_configs()]
     raise ConfigError(f"config {name!r} is neither a file nor a bundled config (bundled: {', '.join(bundled)})")
 
 
