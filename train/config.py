@@ -98,7 +98,7 @@ def _default_teacher() -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "long_arithmetic"  # "long_arithmetic" / "arithmetic" (built in), a .jsonl/.parquet file, or an HF dataset name
+    source: str = "long_arithmetic"  # "long_arithmetic" / "arithmetic" / "lookup" (built in), a .jsonl/.parquet file, or an HF dataset name
     max_operand: int = 99  # arithmetic: operands in [0, max_operand]
     digits: int = 4  # long_arithmetic: digits of the start number (each partial result takes digits + 4 tokens)
     chain: int = 4  # long_arithmetic: additions written out (the response has chain + 1 totals)
