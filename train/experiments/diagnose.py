@@ -27,15 +27,27 @@ C within the cell) with its bootstrap CI; the within-prompt matched gap (every p
 the median is matched to the nearest position of the same prompt with ~C below it on (~H, ~D,
 position); the mean difference in G), with its bootstrap CI.
 
+For a task with position classes (``task.position_classes``: lookup's rule / known / brief / wrong /
+separator / eos; "other" past its layout), every bank position gets the class of the token it predicts,
+and per K (``analyze_classes``; docs/math.md, The fixed-context diagnostic): ``class_covariate``,
+baseline and baseline_C over all rows with a dummy per class present but the first (beta_C beyond which
+class a position is; the models without dummies stay under "models"); ``by_class``, per class and per
+group of ``CLASS_GROUPS`` ("lookup" = known + brief + wrong), on its rows alone: n, the mean gain,
+beta_C of baseline_C (skipped, with the reason, when the rows are too few or ~C is constant on them; with
+the VIF of ~C), the Q3 gap (medians and terciles within the rows), each with its bootstrap CI over prompts.
+The statistics stay normalised over the whole bank.
+
 Writes DIR/diagnostic.json (everything, per K under "by_k"), DIR/tokens.csv (one row per position,
-K = 16, or the first K given) and DIR/diagnostic.png (G by C tercile within Q3; the coefficients
-with their CIs for every K).
+K = 16, or the first K given; with a ``class`` column for a task with classes) and DIR/diagnostic.png
+(G by C tercile within Q3; the coefficients with their CIs for every K; with classes, beta_C and the Q3
+gap within each class).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -47,8 +59,11 @@ from taopd_kernels import batch_normalize, teachability_stats
 
 from .. import head, run
 from ..config import DTYPES, cli_exit_code, Config, ConfigError, load_config
+from ..lookup_task import GROUPS as LOOKUP_KEY_GROUPS
+from ..rollout import Rollout
 from .bank import Bank, build_bank, hidden_rows
 from .common import parser, save_figure
+from .theta0 import position_classes
 
 SPLIT = ["H_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
 BASELINE = ["H_norm", "D_norm", "HxD", "pos_norm", "Ht_norm"]
@@ -56,6 +71,10 @@ BASELINE_C = BASELINE + ["C_norm"]
 MODELS = {"split": SPLIT, "baseline": BASELINE, "baseline_C": BASELINE_C}
 CSV_COLUMNS = ["prompt_id", "position", "gain", "gain_rel", "kl_fwd_before", "kl_fwd_after", "H_norm", "D_norm",
                "C_norm", "D_learn", "D_incompat", "pos_norm", "Ht_norm"]
+# classes analysed together beside each class: lookup's key groups are the issue's "lookup class"
+CLASS_GROUPS = {"lookup": LOOKUP_KEY_GROUPS}
+MIN_ROWS_PER_REGRESSOR = 10  # a within-class fit needs at least this many rows per regressor
+NORMALISED, RAW = ("H_norm", "D_norm", "C_norm"), ("H", "D", "C")  # the Q3 gap's (H, D, C)
 
 
 # ================================================================== statistics (pure numpy / statsmodels)
@@ -79,10 +98,12 @@ def standardized_ols(y: np.ndarray, X: np.ndarray, names: Sequence[str]) -> dict
 
 
 def _beta_lstsq(y: np.ndarray, X: np.ndarray) -> tuple:
-    """The same standardised fit for the bootstrap's many refits (numpy least squares): (betas, R^2)."""
+    """The same standardised fit for the bootstrap's many refits: (betas, R^2). Least squares on the normal
+    equations (the minimum-norm solution where a resample leaves a column constant): a (p x p) solve, not an
+    (n x p) LAPACK call, which multi-threaded on a loaded 2-core machine took ~30 ms per refit instead of 0.1."""
     yz, Xz = zscore(y), zscore(X)
     A = np.column_stack([np.ones(len(yz)), Xz])
-    coef, *_ = np.linalg.lstsq(A, yz, rcond=None)
+    coef, *_ = np.linalg.lstsq(A.T @ A, A.T @ yz, rcond=None)
     resid = yz - A @ coef
     tss = float(yz @ yz)
     return coef[1:], (1.0 - float(resid @ resid) / tss) if tss > 0 else float("nan")
@@ -110,11 +131,15 @@ def percentile_ci(samples: Sequence[float], level: float = 0.95) -> List[float]:
     return [float(lo), float(hi)]
 
 
-def regression(table: Dict[str, np.ndarray], names: Sequence[str], resamples: List[np.ndarray], y: str = "gain") -> dict:
-    """Standardised OLS of ``y`` on ``names`` with cluster-bootstrap 95% CIs (``resamples``: row indices)."""
+def regression(table: Dict[str, np.ndarray], names: Sequence[str], resamples: List[np.ndarray], y: str = "gain",
+               rows: Optional[np.ndarray] = None) -> dict:
+    """Standardised OLS of ``y`` on ``names`` with cluster-bootstrap 95% CIs (``resamples``: row indices);
+    ``rows``: a boolean mask, the fit (and each resample) restricted to those rows."""
     Y = np.asarray(table[y], dtype=np.float64)
     X = np.column_stack([np.asarray(table[n], dtype=np.float64) for n in names])
     ok = np.isfinite(Y) & np.isfinite(X).all(axis=1)
+    if rows is not None:
+        ok &= rows
     point = standardized_ols(Y[ok], X[ok], names)
     boots, r2s = [], []
     for idx in resamples:
@@ -129,11 +154,15 @@ def regression(table: Dict[str, np.ndarray], names: Sequence[str], resamples: Li
             "_r2_boot": r2s}
 
 
-def q3_gap(table: Dict[str, np.ndarray], idx: Optional[np.ndarray] = None, y: str = "gain") -> dict:
+def q3_gap(table: Dict[str, np.ndarray], idx: Optional[np.ndarray] = None, y: str = "gain",
+           stats: Sequence[str] = NORMALISED) -> dict:
     """Q3 = {~H <= median, ~D >= median} (medians over the rows given); terciles of C within Q3; mean y of
-    the top tercile minus the bottom tercile."""
+    the top tercile minus the bottom tercile. ``stats``: the (H, D, C) columns, the normalised ones or
+    ``RAW`` (the same order, without the ties the normalisation's clip makes)."""
     idx = np.arange(len(table[y])) if idx is None else idx
-    H, D, C, G = (np.asarray(table[k], dtype=np.float64)[idx] for k in ("H_norm", "D_norm", "C_norm", y))
+    if idx.size == 0:  # a class that a bootstrap resample does not hold
+        return {"gap": float("nan"), "n_q3": 0, "tercile_means": [float("nan")] * 3}
+    H, D, C, G = (np.asarray(table[k], dtype=np.float64)[idx] for k in (*stats, y))
     cell = (H <= np.median(H)) & (D >= np.median(D)) & np.isfinite(G)
     c, g = C[cell], G[cell]
     if c.size < 3:
@@ -190,8 +219,93 @@ def matched_gap(table: Dict[str, np.ndarray], resample_prompts: List[np.ndarray]
     return {"gap": float(diff.mean()), "ci": percentile_ci(boots), "n_pairs": int(diff.size)}
 
 
-def analyze(table: Dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Every number of the diagnostic for one K (see the module docstring)."""
+def class_beta_c(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: List[np.ndarray],
+                 extra: Sequence[str] = ()) -> dict:
+    """beta_C of ``baseline_C`` (+ ``extra`` regressors) fit on ``rows`` alone, with its bootstrap CI; regressors
+    constant on those rows are dropped (named); skipped, with the reason, where the rows are too few for the
+    regressors or C is constant on them."""
+    names = BASELINE_C + list(extra)
+    ok = rows & np.isfinite(np.asarray(table["gain"], dtype=np.float64))
+    n = int(ok.sum())
+    if n < MIN_ROWS_PER_REGRESSOR * len(names):
+        return {"skipped": f"n={n} rows < {MIN_ROWS_PER_REGRESSOR} per regressor x {len(names)} regressors"}
+    constant = [c for c in names if np.ptp(np.asarray(table[c], dtype=np.float64)[ok]) == 0]
+    if "C_norm" in constant:
+        return {"skipped": "C_norm has no variance on these rows"}
+    used = [c for c in names if c not in constant]
+    fit = regression(table, used, resamples, rows=ok)
+    fit.pop("_r2_boot")
+    col = {c: np.asarray(table[c], dtype=np.float64)[ok] for c in used}
+    # how far C is told apart from the other regressors on these rows: beta_C means little where the VIF is large
+    others = [col[c] for c in used if c != "C_norm"]
+    r2_c = _beta_lstsq(col["C_norm"], np.column_stack(others))[1] if others else 0.0
+    corr_cd = float(np.corrcoef(col["C_norm"], col["D_norm"])[0, 1]) if "D_norm" in col else None
+    coef = fit["coefficients"]["C_norm"]
+    return {"beta": coef["beta"], "ci": coef["ci"], "se": coef["se"], "corr_C_D": corr_cd,
+            "vif_C": 1.0 / max(1.0 - r2_c, 1e-12), "regressors": used, "dropped_constant": constant, **fit}
+
+
+def class_summary(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: List[np.ndarray],
+                  dummies: Sequence[str] = ()) -> dict:
+    """One class (or group of classes), on its rows alone: n, the mean gain with its bootstrap CI, beta_C
+    (``class_beta_c``; for a group also with its members' dummies), the Q3 gap with medians and terciles
+    computed within the rows, with its bootstrap CI. ``resamples``: the whole bank's prompt draws, each
+    restricted to ``rows``."""
+    G = np.asarray(table["gain"], dtype=np.float64)
+    within = [idx[rows[idx]] for idx in resamples]
+
+    def mean_gain(idx):
+        g = G[idx][np.isfinite(G[idx])]
+        return float(g.mean()) if g.size else float("nan")
+
+    where = np.flatnonzero(rows)
+    out = {"n": int(rows.sum()), "n_contexts": int(np.unique(np.asarray(table["prompt_id"])[rows]).size),
+           "gain_mean": mean_gain(where), "gain_mean_ci": percentile_ci([mean_gain(i) for i in within]),
+           "kl_fwd_before_mean": float(np.nanmean(np.asarray(table["kl_fwd_before"])[rows])),
+           "C_mean": float(np.nanmean(np.asarray(table["C"])[rows])),
+           "beta_C": class_beta_c(table, rows, resamples)}
+    if dummies:
+        out["beta_C_with_class_dummies"] = class_beta_c(table, rows, resamples, extra=dummies)
+    # the normalisation over the bank clips many of a class's rows to the same ~C (0 or 1): terciles of C
+    # itself, and medians of H and D, which the normalisation orders the same way, without those ties
+    q = q3_gap(table, where, stats=RAW)
+    q["ci"] = percentile_ci([q3_gap(table, i, stats=RAW)["gap"] for i in within])
+    out["q3_gap"] = {"stats": list(RAW), **q}
+    return out
+
+
+def analyze_classes(table: Dict[str, np.ndarray], resamples: List[np.ndarray], classes: Sequence[str],
+                    groups: Dict[str, Sequence[str]]) -> dict:
+    """The class analysis of one K: ``class_covariate`` (baseline and baseline_C over all rows, with a dummy
+    for every class present but the first: C's effect beyond which class a position is) and ``by_class``
+    (``class_summary`` of every class present and of every group of ``groups`` whose members are present)."""
+    labels = np.asarray(table["class"])
+    present = [c for c in classes if (labels == c).any()]
+    dummy = {c: f"class={c}" for c in present[1:]}
+    table = dict(table, **{name: (labels == c).astype(np.float64) for c, name in dummy.items()})
+    cov = {"note": "baseline / baseline_C with class dummies; by_k.<K>.models holds the same models without them",
+           "reference_class": present[0], "dummies": list(dummy.values()), "models": {}}
+    for name, cols in (("baseline", BASELINE), ("baseline_C", BASELINE_C)):
+        cov["models"][name] = regression(table, cols + list(dummy.values()), resamples)
+    base_boot = cov["models"]["baseline"].pop("_r2_boot")
+    fit = cov["models"]["baseline_C"]
+    fit["incremental_r2"] = fit["r2"] - cov["models"]["baseline"]["r2"]
+    fit["incremental_r2_ci"] = percentile_ci(np.asarray(fit.pop("_r2_boot")) - np.asarray(base_boot))
+    cov["beta_C"] = fit["coefficients"]["C_norm"]
+    by_class = {c: class_summary(table, labels == c, resamples) for c in present}
+    for name, members in groups.items():
+        inside = [c for c in members if c in present]
+        if inside:
+            summary = class_summary(table, np.isin(labels, inside), resamples, [dummy[c] for c in inside[1:]])
+            by_class[name] = {"members": inside, **summary}
+    return {"class_covariate": cov, "by_class": by_class}
+
+
+def analyze(table: Dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0, classes: Optional[Sequence[str]] = None,
+            groups: Optional[Dict[str, Sequence[str]]] = None) -> dict:
+    """Every number of the diagnostic for one K (see the module docstring). ``classes``: the task's position
+    classes in order, when ``table`` has a "class" column (then ``analyze_classes`` too, with ``groups``,
+    default ``CLASS_GROUPS``)."""
     table = dict(table)
     table["HxD"] = np.asarray(table["H_norm"]) * np.asarray(table["D_norm"])
     pid = np.asarray(table["prompt_id"])
@@ -216,6 +330,8 @@ def analyze(table: Dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> 
         point["ci"] = percentile_ci([q3_gap(table, idx, y=y)["gap"] for idx in resamples])
         out[key] = point
         out["matched_gap" if y == "gain" else "matched_gap_rel"] = matched_gap(table, prompt_draws, y=y)
+    if classes is not None:
+        out.update(analyze_classes(table, resamples, classes, CLASS_GROUPS if groups is None else groups))
     return out
 
 
@@ -292,7 +408,8 @@ def diagnose(cfg: Config, *, contexts: int = 256, checkpoint: Optional[str] = No
     models.student.eval().requires_grad_(False)
     vocab = run.vocab_limit(cfg, models)
     tau = cfg.loss.temperature
-    bank = build_bank(cfg, models, contexts, seed=run.step_seed(cfg.seed, 10 ** 6, 11))
+    bank_seed = run.step_seed(cfg.seed, 10 ** 6, 11)
+    bank = build_bank(cfg, models, contexts, seed=bank_seed)
     chunk = cfg.rollout.micro_batch_size
     h_t = hidden_rows(models.teacher, bank, chunk)
     h_0 = hidden_rows(models.student, bank, chunk)
@@ -308,18 +425,23 @@ def diagnose(cfg: Config, *, contexts: int = 256, checkpoint: Optional[str] = No
         f"({time.time() - t_ref:.0f}s)")
 
     base = position_table(bank, kl_before, kl_after, ent_t)
+    classes = list(models.task.classes) + ["other"] if hasattr(models.task, "position_classes") else None
     result = {"config": {"contexts": contexts, "top_k": list(top_k), "bootstrap": n_boot, "seed": cfg.seed,
                          "temperature": tau, "vocab_size": vocab, "data_source": cfg.data.source,
                          "student": cfg.student.path, "teacher": cfg.teacher.path, **trained},
               "n_contexts": contexts, "n_positions": int(h_t.shape[0]),
               "kl_fwd_before_mean": float(kl_before.mean()), "kl_fwd_after_mean": float(kl_after.mean()),
               "gain_mean": float((kl_before - kl_after).mean()), "by_k": {}}
+    if classes:
+        base["class"] = bank_classes(models.task, bank, bank_seed)
+        result["position_classes"] = {"classes": classes, "groups": {g: list(m) for g, m in CLASS_GROUPS.items()},
+                                      "counts": {c: int((base["class"] == c).sum()) for c in classes}}
     csv_k = 16 if 16 in top_k else top_k[0]
     for k in top_k:
         st = teachability_stats(h_0, w_0, h_t, w_t, top_k=k, strategy=None, temperature=tau, vocab_size=vocab,
                                 backend=cfg.loss.backend, check_finite=False)
         table = score_table(base, st)
-        kres = analyze(table, n_boot=n_boot, seed=cfg.seed + k)
+        kres = analyze(table, n_boot=n_boot, seed=cfg.seed + k, classes=classes)
         kres["kernel_vs_reference_kl_fwd_max_abs"] = float((st.kl_forward.double() - kl_before).abs().max())
         result["by_k"][str(k)] = kres
         if k == csv_k:
@@ -343,6 +465,23 @@ def theta_tau(cfg: Config, checkpoint: Optional[str], train_steps: int, out: Pat
     student_tau, where = load_student(summary["checkpoint"], cfg, device)
     return student_tau, {"train_steps": train_steps, "strategy": "all", "checkpoint": where,
                          "student_after_accuracy": summary.get("student_after"), "train_s": summary.get("train_s")}
+
+
+def bank_classes(task, bank: Bank, seed: int) -> np.ndarray:
+    """The class of every bank position (``task.position_classes`` of the token it predicts, "other" past the
+    task's layout; theta0.position_classes, as the driver's per-class metrics), in the flat order of the
+    bank's positions. The examples are drawn again as ``build_bank`` drew them (``seed``), and checked
+    against the bank's prompts."""
+    rng = random.Random(seed)
+    examples = [task.train_example(rng) for _ in bank.prompts]
+    if [e.prompt for e in examples] != list(bank.prompts):
+        raise RuntimeError("diagnose: the bank's examples could not be drawn again (build_bank changed its draw)")
+    # the bank's rollout: responses start at the padded prompt width P, and the first valid position is P - 1
+    response_mask = torch.zeros_like(bank.attention_mask)
+    response_mask[:, 1:] = bank.valid
+    prompt_len = int(bank.valid.int().argmax(-1).min()) + 1
+    ro = Rollout(bank.input_ids, bank.attention_mask, response_mask, prompt_len)
+    return np.asarray(position_classes(task, examples, ro))
 
 
 def position_table(bank: Bank, kl_before: torch.Tensor, kl_after: torch.Tensor, ent_t: torch.Tensor) -> dict:
@@ -371,21 +510,33 @@ def _log_k(log, k: int, kres: dict) -> None:
     log(f"[diagnose] K={k}: beta D_learn {c['D_learn']['beta']:+.3f} {_ci(c['D_learn']['ci'])} | D_incompat "
         f"{c['D_incompat']['beta']:+.3f} {_ci(c['D_incompat']['ci'])} | Q3 gap {kres['q3_gap']['gap']:+.4f} "
         f"{_ci(kres['q3_gap']['ci'])} | matched {kres['matched_gap']['gap']:+.4f}")
+    if "by_class" not in kres:
+        return
+    plain, cov = kres["models"]["baseline_C"]["coefficients"]["C_norm"], kres["class_covariate"]["beta_C"]
+    log(f"[diagnose] K={k}: beta_C {plain['beta']:+.3f} {_ci(plain['ci'])}, with class dummies "
+        f"{cov['beta']:+.3f} {_ci(cov['ci'])}")
+    for name, row in kres["by_class"].items():
+        b, q = row["beta_C"], row["q3_gap"]
+        beta = f"{b['beta']:+.3f} {_ci(b['ci'])}" if "beta" in b else f"skipped ({b['skipped']})"
+        log(f"[diagnose] K={k} {name:>9} n={row['n']:5d} mean G {row['gain_mean']:+.4f} {_ci(row['gain_mean_ci'], 4)} "
+            f"| beta_C {beta} | Q3 gap {q['gap']:+.4f} {_ci(q['ci'], 4)}")
 
 
-def _ci(ci) -> str:
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+def _ci(ci, digits: int = 3) -> str:
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
 def _write_csv(path: Path, table: dict) -> None:
     import csv
 
-    cols = [np.asarray(table[c]) for c in CSV_COLUMNS]
+    names = CSV_COLUMNS + (["class"] if "class" in table else [])
+    cols = [np.asarray(table[c]) for c in names]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(names)
         for row in zip(*cols):
-            w.writerow([int(v) if i < 2 else f"{float(v):.6g}" for i, v in enumerate(row)])
+            w.writerow([int(v) if i < 2 else f"{float(v):.6g}" for i, v in enumerate(row[:len(CSV_COLUMNS)])]
+                       + list(row[len(CSV_COLUMNS):]))
 
 
 def plot_diagnostic(result: dict, table: dict, path: Path, k: int) -> None:
@@ -394,8 +545,13 @@ def plot_diagnostic(result: dict, table: dict, path: Path, k: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    q3 = result["by_k"][str(k)]["q3_gap"]
+    kres = result["by_k"][str(k)]
+    by_class = "by_class" in kres
+    fig, axes = plt.subplots(2 if by_class else 1, 2, figsize=(11, 8 if by_class else 4), squeeze=False)
+    (a1, a2) = axes[0]
+    if by_class:
+        _plot_classes(kres, k, *axes[1])
+    q3 = kres["q3_gap"]
     a1.bar(["low C", "mid C", "high C"], q3["tercile_means"], color=["#bbb", "#888", "#2a7"])
     a1.set_title(f"Q3 (~H <= med, ~D >= med), K={k}: gain by C tercile\n"
                  f"gap {q3['gap']:+.4f} [{q3['ci'][0]:+.4f}, {q3['ci'][1]:+.4f}], n={q3['n_q3']}")
@@ -415,6 +571,35 @@ def plot_diagnostic(result: dict, table: dict, path: Path, k: int) -> None:
     a2.set_title("G ~ ~H + D_learn + D_incompat + position + ~H_t")
     a2.legend()
     save_figure(fig, path)
+
+
+def _plot_classes(kres: dict, k: int, a_beta, a_q3) -> None:
+    """beta_C within each class (and group) with its CI, beside the all-rows fit with class dummies; the Q3
+    gap within each class with its CI. A skipped fit is drawn as no point."""
+    rows = kres["by_class"]
+    names = list(rows)
+    nan2 = [float("nan")] * 2
+    beta = [(r["beta_C"].get("beta", float("nan")), r["beta_C"].get("ci", nan2)) for r in rows.values()]
+    gap = [(r["q3_gap"]["gap"], r["q3_gap"]["ci"]) for r in rows.values()]
+    labels = [f"{n}\nn={r['n']}\nG={r['gain_mean']:.3g}" for n, r in rows.items()]
+    for ax, values, what in ((a_beta, beta, "beta_C, baseline_C fit within the class"),
+                             (a_q3, gap, "Q3 gap within the class")):
+        for x, (name, (v, ci)) in enumerate(zip(names, values)):
+            ax.errorbar([x], [v], yerr=[[v - ci[0]], [ci[1] - v]], fmt="o", capsize=3,
+                        color="#2a7" if name in CLASS_GROUPS else "#36c")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(names)), labels, fontsize=7)
+        ax.set_ylabel("95% prompt-cluster bootstrap CI")
+        title = f"K={k}: {what}"
+        for group in CLASS_GROUPS:
+            if group in rows:
+                v, ci = values[names.index(group)]
+                title += f"\n{group}: {v:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+        ax.set_title(title, fontsize=9)
+    cov = kres["class_covariate"]["beta_C"]
+    a_beta.axhline(cov["beta"], color="#c63", ls="--", lw=1,
+                   label=f"all rows, with class dummies: {cov['beta']:+.3f} {_ci(cov['ci'])}")
+    a_beta.legend(fontsize=7)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
