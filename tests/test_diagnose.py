@@ -175,6 +175,9 @@ def test_beta_c_and_the_q3_gap_within_a_class_find_an_effect_only_where_it_is():
     # the Q3 gap within the class: medians and terciles computed on the class's rows (of H, D, C themselves)
     assert brief["q3_gap"]["gap"] == pytest.approx(dg.q3_gap(table, np.flatnonzero(rows), stats=dg.RAW)["gap"])
     assert brief["beta_C"]["vif_C"] < 1.5  # the regressors were drawn independently
+    # beside it, the fit on ~C alone: the correlation of G with ~C on the class's rows
+    assert by["rule"]["beta_C_alone"]["beta"] == pytest.approx(
+        np.corrcoef(table["gain"][table["class"] == "rule"], table["C_norm"][table["class"] == "rule"])[0, 1])
     # the group's fit with its members' dummies is also reported
     assert by["lookup"]["beta_C_with_class_dummies"]["regressors"][-1] == "class=wrong"
 

@@ -219,12 +219,21 @@ def matched_gap(table: Dict[str, np.ndarray], resample_prompts: List[np.ndarray]
     return {"gap": float(diff.mean()), "ci": percentile_ci(boots), "n_pairs": int(diff.size)}
 
 
+def c_collinearity(table: Dict[str, np.ndarray], rows: np.ndarray, names: Sequence[str]) -> dict:
+    """How far ~C is told apart from the other regressors ``names`` on ``rows``: its correlation with ~D and its
+    variance inflation factor 1 / (1 - R^2 of ~C on the others). A beta_C with a large VIF is not identified."""
+    col = {c: np.asarray(table[c], dtype=np.float64)[rows] for c in names}
+    others = [col[c] for c in names if c != "C_norm"]
+    r2 = _beta_lstsq(col["C_norm"], np.column_stack(others))[1] if others else 0.0
+    corr = float(np.corrcoef(col["C_norm"], col["D_norm"])[0, 1]) if "D_norm" in col else None
+    return {"corr_C_D": corr, "vif_C": 1.0 / max(1.0 - r2, 1e-12)}
+
+
 def class_beta_c(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: List[np.ndarray],
-                 extra: Sequence[str] = ()) -> dict:
-    """beta_C of ``baseline_C`` (+ ``extra`` regressors) fit on ``rows`` alone, with its bootstrap CI; regressors
-    constant on those rows are dropped (named); skipped, with the reason, where the rows are too few for the
-    regressors or C is constant on them."""
-    names = BASELINE_C + list(extra)
+                 names: Sequence[str] = BASELINE_C) -> dict:
+    """beta_C of the standardised fit of G on ``names`` (``baseline_C``) on ``rows`` alone, with its bootstrap CI
+    and ``c_collinearity``; regressors constant on those rows are dropped (named); skipped, with the reason,
+    where the rows are too few for the regressors or ~C is constant on them."""
     ok = rows & np.isfinite(np.asarray(table["gain"], dtype=np.float64))
     n = int(ok.sum())
     if n < MIN_ROWS_PER_REGRESSOR * len(names):
@@ -235,20 +244,16 @@ def class_beta_c(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: List
     used = [c for c in names if c not in constant]
     fit = regression(table, used, resamples, rows=ok)
     fit.pop("_r2_boot")
-    col = {c: np.asarray(table[c], dtype=np.float64)[ok] for c in used}
-    # how far C is told apart from the other regressors on these rows: beta_C means little where the VIF is large
-    others = [col[c] for c in used if c != "C_norm"]
-    r2_c = _beta_lstsq(col["C_norm"], np.column_stack(others))[1] if others else 0.0
-    corr_cd = float(np.corrcoef(col["C_norm"], col["D_norm"])[0, 1]) if "D_norm" in col else None
     coef = fit["coefficients"]["C_norm"]
-    return {"beta": coef["beta"], "ci": coef["ci"], "se": coef["se"], "corr_C_D": corr_cd,
-            "vif_C": 1.0 / max(1.0 - r2_c, 1e-12), "regressors": used, "dropped_constant": constant, **fit}
+    return {"beta": coef["beta"], "ci": coef["ci"], "se": coef["se"], **c_collinearity(table, ok, used),
+            "regressors": used, "dropped_constant": constant, **fit}
 
 
 def class_summary(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: List[np.ndarray],
                   dummies: Sequence[str] = ()) -> dict:
     """One class (or group of classes), on its rows alone: n, the mean gain with its bootstrap CI, beta_C
-    (``class_beta_c``; for a group also with its members' dummies), the Q3 gap with medians and terciles
+    (``class_beta_c``; for a group also with its members' dummies; beside it ``beta_C_alone``, the fit on ~C
+    alone, i.e. the correlation of G with ~C), the Q3 gap with medians and terciles
     computed within the rows, with its bootstrap CI. ``resamples``: the whole bank's prompt draws, each
     restricted to ``rows``."""
     G = np.asarray(table["gain"], dtype=np.float64)
@@ -263,9 +268,10 @@ def class_summary(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: Lis
            "gain_mean": mean_gain(where), "gain_mean_ci": percentile_ci([mean_gain(i) for i in within]),
            "kl_fwd_before_mean": float(np.nanmean(np.asarray(table["kl_fwd_before"])[rows])),
            "C_mean": float(np.nanmean(np.asarray(table["C"])[rows])),
-           "beta_C": class_beta_c(table, rows, resamples)}
+           "beta_C": class_beta_c(table, rows, resamples),
+           "beta_C_alone": class_beta_c(table, rows, resamples, ["C_norm"])}
     if dummies:
-        out["beta_C_with_class_dummies"] = class_beta_c(table, rows, resamples, extra=dummies)
+        out["beta_C_with_class_dummies"] = class_beta_c(table, rows, resamples, BASELINE_C + list(dummies))
     # the normalisation over the bank clips many of a class's rows to the same ~C (0 or 1): terciles of C
     # itself, and medians of H and D, which the normalisation orders the same way, without those ties
     q = q3_gap(table, where, stats=RAW)
@@ -291,7 +297,8 @@ def analyze_classes(table: Dict[str, np.ndarray], resamples: List[np.ndarray], c
     fit = cov["models"]["baseline_C"]
     fit["incremental_r2"] = fit["r2"] - cov["models"]["baseline"]["r2"]
     fit["incremental_r2_ci"] = percentile_ci(np.asarray(fit.pop("_r2_boot")) - np.asarray(base_boot))
-    cov["beta_C"] = fit["coefficients"]["C_norm"]
+    cov["beta_C"] = {**fit["coefficients"]["C_norm"],
+                     **c_collinearity(table, np.isfinite(np.asarray(table["gain"], dtype=np.float64)), BASELINE_C + list(dummy.values()))}
     by_class = {c: class_summary(table, labels == c, resamples) for c in present}
     for name, members in groups.items():
         inside = [c for c in members if c in present]
@@ -517,7 +524,7 @@ def _log_k(log, k: int, kres: dict) -> None:
         f"{cov['beta']:+.3f} {_ci(cov['ci'])}")
     for name, row in kres["by_class"].items():
         b, q = row["beta_C"], row["q3_gap"]
-        beta = f"{b['beta']:+.3f} {_ci(b['ci'])}" if "beta" in b else f"skipped ({b['skipped']})"
+        beta = f"{b['beta']:+.3f} {_ci(b['ci'])} VIF {b['vif_C']:.3g}" if "beta" in b else f"skipped ({b['skipped']})"
         log(f"[diagnose] K={k} {name:>9} n={row['n']:5d} mean G {row['gain_mean']:+.4f} {_ci(row['gain_mean_ci'], 4)} "
             f"| beta_C {beta} | Q3 gap {q['gap']:+.4f} {_ci(q['ci'], 4)}")
 
@@ -596,6 +603,12 @@ def _plot_classes(kres: dict, k: int, a_beta, a_q3) -> None:
                 v, ci = values[names.index(group)]
                 title += f"\n{group}: {v:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
         ax.set_title(title, fontsize=9)
+    vif = [f"VIF {r['beta_C']['vif_C']:.3g}" if "vif_C" in r["beta_C"] else "skipped" for r in rows.values()]
+    a_beta.set_xticks(range(len(names)), [f"{lab}\n{v}" for lab, v in zip(labels, vif)], fontsize=7)
+    lo, hi = a_beta.get_ylim()
+    if hi - lo > 6:  # an unidentified beta_C (large VIF) would flatten the others
+        a_beta.set_ylim(max(lo, -3), min(hi, 3))
+        a_beta.set_ylabel("95% prompt-cluster bootstrap CI (axis cut at +-3)")
     cov = kres["class_covariate"]["beta_C"]
     a_beta.axhline(cov["beta"], color="#c63", ls="--", lw=1,
                    label=f"all rows, with class dummies: {cov['beta']:+.3f} {_ci(cov['ci'])}")
