@@ -292,13 +292,13 @@ def analyze_classes(table: Dict[str, np.ndarray], resamples: List[np.ndarray], c
     cov = {"note": "baseline / baseline_C with class dummies; by_k.<K>.models holds the same models without them",
            "reference_class": present[0], "dummies": list(dummy.values()), "models": {}}
     for name, cols in (("baseline", BASELINE), ("baseline_C", BASELINE_C)):
-        cov["models"][name] = regression(table, cols + list(dummy.values()), resamples)
+        cov["models"][name] = regression(table, cols + cov["dummies"], resamples)
     base_boot = cov["models"]["baseline"].pop("_r2_boot")
     fit = cov["models"]["baseline_C"]
     fit["incremental_r2"] = fit["r2"] - cov["models"]["baseline"]["r2"]
     fit["incremental_r2_ci"] = percentile_ci(np.asarray(fit.pop("_r2_boot")) - np.asarray(base_boot))
-    cov["beta_C"] = {**fit["coefficients"]["C_norm"],
-                     **c_collinearity(table, np.isfinite(np.asarray(table["gain"], dtype=np.float64)), BASELINE_C + list(dummy.values()))}
+    finite = np.isfinite(np.asarray(table["gain"], dtype=np.float64))
+    cov["beta_C"] = {**fit["coefficients"]["C_norm"], **c_collinearity(table, finite, BASELINE_C + cov["dummies"])}
     by_class = {c: class_summary(table, labels == c, resamples) for c in present}
     for name, members in groups.items():
         inside = [c for c in members if c in present]
@@ -589,13 +589,15 @@ def _plot_classes(kres: dict, k: int, a_beta, a_q3) -> None:
     beta = [(r["beta_C"].get("beta", float("nan")), r["beta_C"].get("ci", nan2)) for r in rows.values()]
     gap = [(r["q3_gap"]["gap"], r["q3_gap"]["ci"]) for r in rows.values()]
     labels = [f"{n}\nn={r['n']}\nG={r['gain_mean']:.3g}" for n, r in rows.items()]
-    for ax, values, what in ((a_beta, beta, "beta_C, baseline_C fit within the class"),
-                             (a_q3, gap, "Q3 gap within the class")):
+    vif = [f"VIF {r['beta_C']['vif_C']:.3g}" if "vif_C" in r["beta_C"] else "skipped" for r in rows.values()]
+    for ax, values, what, ticks in (
+            (a_beta, beta, "beta_C, baseline_C fit within the class", [f"{a}\n{v}" for a, v in zip(labels, vif)]),
+            (a_q3, gap, "Q3 gap within the class", labels)):
         for x, (name, (v, ci)) in enumerate(zip(names, values)):
             ax.errorbar([x], [v], yerr=[[v - ci[0]], [ci[1] - v]], fmt="o", capsize=3,
                         color="#2a7" if name in CLASS_GROUPS else "#36c")
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_xticks(range(len(names)), labels, fontsize=7)
+        ax.set_xticks(range(len(names)), ticks, fontsize=7)
         ax.set_ylabel("95% prompt-cluster bootstrap CI")
         title = f"K={k}: {what}"
         for group in CLASS_GROUPS:
@@ -603,8 +605,6 @@ def _plot_classes(kres: dict, k: int, a_beta, a_q3) -> None:
                 v, ci = values[names.index(group)]
                 title += f"\n{group}: {v:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
         ax.set_title(title, fontsize=9)
-    vif = [f"VIF {r['beta_C']['vif_C']:.3g}" if "vif_C" in r["beta_C"] else "skipped" for r in rows.values()]
-    a_beta.set_xticks(range(len(names)), [f"{lab}\n{v}" for lab, v in zip(labels, vif)], fontsize=7)
     lo, hi = a_beta.get_ylim()
     if hi - lo > 6:  # an unidentified beta_C (large VIF) would flatten the others
         a_beta.set_ylim(max(lo, -3), min(hi, 3))
