@@ -174,6 +174,8 @@ def test_beta_c_and_the_q3_gap_within_a_class_find_an_effect_only_where_it_is():
     assert brief["gain_mean_ci"][0] < brief["gain_mean"] < brief["gain_mean_ci"][1]
     # the Q3 gap within the class: medians and terciles computed on the class's rows (of H, D, C themselves)
     assert brief["q3_gap"]["gap"] == pytest.approx(dg.q3_gap(table, np.flatnonzero(rows), stats=dg.RAW)["gap"])
+    assert brief["q3_gap_rel"]["gap"] == pytest.approx(
+        dg.q3_gap(table, np.flatnonzero(rows), y="gain_rel", stats=dg.RAW)["gap"])
     assert brief["beta_C"]["vif_C"] < 1.5  # the regressors were drawn independently
     # beside it, the fit on ~C alone: the correlation of G with ~C on the class's rows
     assert by["rule"]["beta_C_alone"]["beta"] == pytest.approx(

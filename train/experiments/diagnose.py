@@ -253,7 +253,7 @@ def class_summary(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: Lis
                   dummies: Sequence[str] = ()) -> dict:
     """One class (or group of classes), on its rows alone: n, the mean gain with its bootstrap CI, beta_C
     (``class_beta_c``; for a group also with its members' dummies; beside it ``beta_C_alone``, the fit on ~C
-    alone, i.e. the correlation of G with ~C), the Q3 gap with medians and terciles
+    alone, i.e. the correlation of G with ~C), the Q3 gap of G and of G_rel with medians and terciles
     computed within the rows, with its bootstrap CI. ``resamples``: the whole bank's prompt draws, each
     restricted to ``rows``."""
     G = np.asarray(table["gain"], dtype=np.float64)
@@ -274,9 +274,10 @@ def class_summary(table: Dict[str, np.ndarray], rows: np.ndarray, resamples: Lis
         out["beta_C_with_class_dummies"] = class_beta_c(table, rows, resamples, BASELINE_C + list(dummies))
     # the normalisation over the bank clips many of a class's rows to the same ~C (0 or 1): terciles of C
     # itself, and medians of H and D, which the normalisation orders the same way, without those ties
-    q = q3_gap(table, where, stats=RAW)
-    q["ci"] = percentile_ci([q3_gap(table, i, stats=RAW)["gap"] for i in within])
-    out["q3_gap"] = {"stats": list(RAW), **q}
+    for y in ("gain", "gain_rel"):
+        q = q3_gap(table, where, y=y, stats=RAW)
+        q["ci"] = percentile_ci([q3_gap(table, i, y=y, stats=RAW)["gap"] for i in within])
+        out["q3_gap" if y == "gain" else "q3_gap_rel"] = {"stats": list(RAW), **q}
     return out
 
 
