@@ -507,19 +507,25 @@ def train_step(cfg: Config, models: Models, opt, sched, step: int, engine=None) 
     }
 
 
-def _class_metrics(task, examples, ro: Rollout, allstats: TeachabilityStats) -> Dict[str, float]:
-    """What the step kept, per position class, for a task that says what each response position is
-    (``task.position_classes``, from the names ``task.classes``; e.g. lookup's rule / key group / separator):
-    metrics.class_metrics. The loss
-    position t predicts token t + 1, so response token j is scored at t = prompt_len + j - 1; positions
-    past the task's layout are "other"."""
-    if not hasattr(task, "position_classes"):
-        return {}
+def position_class_grid(task, examples, ro: Rollout) -> Tuple[List[str], torch.Tensor]:
+    """For a task that says what each response position is (``task.position_classes``, from the names
+    ``task.classes``; e.g. lookup's rule / key group / separator): the names (``task.classes`` + "other")
+    and the class index of every loss position, int64 [B, T - 1]. Position t predicts token t + 1, so
+    response token j is scored at t = prompt_len + j - 1; positions past the task's layout (and the
+    prompt's) are "other"."""
     names = list(task.classes) + ["other"]
     classes = torch.full((ro.input_ids.shape[0], ro.input_ids.shape[1] - 1), len(names) - 1, dtype=torch.long)
     for b, ex in enumerate(examples):
         for j, name in enumerate(task.position_classes(ex)[:classes.shape[1] - ro.prompt_len + 1]):
             classes[b, ro.prompt_len + j - 1] = names.index(name)
+    return names, classes
+
+
+def _class_metrics(task, examples, ro: Rollout, allstats: TeachabilityStats) -> Dict[str, float]:
+    """What the step kept, per position class (``position_class_grid``): metrics.class_metrics."""
+    if not hasattr(task, "position_classes"):
+        return {}
+    names, classes = position_class_grid(task, examples, ro)
     kept = allstats.kept if allstats.kept is not None else allstats.valid
     return class_metrics(names, classes, allstats.valid, kept, allstats.teacher_mass,
                          all_reduce=parallel.all_reduce_sum)

@@ -53,15 +53,10 @@ def validation_rollout(cfg: Config, models, prompts: Optional[int], samples: int
 
 def position_classes(task, examples, ro) -> List[str]:
     """The class of every loss position of ``ro`` (the token it predicts), in row-major order of the
-    valid positions: response token j is predicted at t = prompt_len + j - 1 (as run._class_metrics)."""
+    valid positions (``run.position_class_grid``, as the driver's per-class metrics)."""
     valid, _ = head.loss_positions(ro.input_ids, ro.response_mask)
-    out = []
-    for b, ex in enumerate(examples):
-        classes = task.position_classes(ex)
-        for t in valid[b].nonzero().flatten().tolist():
-            j = t - ro.prompt_len + 1
-            out.append(classes[j] if j < len(classes) else "other")
-    return out
+    names, classes = run.position_class_grid(task, examples, ro)
+    return [names[i] for i in classes[valid].tolist()]
 
 
 @torch.no_grad()
