@@ -97,6 +97,30 @@ def test_a_run_entry_averages_the_per_class_kept_metrics_over_steps():
     assert rec.class_means("C_kept/") == {"rule": 0.625, "wrong": None}
 
 
+def test_a_run_entry_records_the_mean_C_at_kept_positions():
+    rec = cmp.RunRecord(None, {})
+    for c in (0.5, float("nan"), 1.0):  # the middle step kept nothing
+        rec.on_step_end(1, {"kept_fraction": 0.1, "loss_head_s": 0.0, "C/kept": c})
+    assert cmp.mean_defined(rec.c_kept) == 0.75 and cmp.mean_defined([float("nan")]) is None
+
+
+def test_compare_md_names_the_best_rival_and_the_incompatible_control():
+    """The issue's two headline comparisons, read off compare.md: teachability minus the best (by seed mean)
+    of divergence / entropy / tip, and incompatible minus random, each paired over seeds."""
+    accs = {"teachability": [0.50, 0.60, 0.70], "divergence": [0.40, 0.45, 0.50], "entropy": [0.45, 0.50, 0.65],
+            "tip": [0.10, 0.20, 0.30], "incompatible": [0.20, 0.30, 0.30], "random": [0.30, 0.30, 0.30]}
+    runs = [{"strategy": s, "seed": seed, "lr": 2e-4, "final_accuracy": a, "C_kept": 0.9}
+            for s, xs in accs.items() for seed, a in enumerate(xs)]
+    result = {"config": {"strategies": list(accs), "steps": 1, "keep_ratio": 0.05, "kl_contexts": 0,
+                         "driver": {"optim": {"lr": 2e-4}, "data": {"source": "lookup"}, "eval": {}}}, "runs": runs}
+    md = cmp.markdown_table(result)
+    # entropy has the best seed mean (0.533); teachability - entropy = [0.05, 0.10, 0.05]: mean 0.067
+    assert "teachability minus the best of divergence, entropy, tip by seed mean (entropy): +0.067" in md
+    # incompatible - random = [-0.1, 0, 0]: mean -0.033
+    assert "incompatible minus random: -0.033" in md
+    assert "| teachability | 0.0002 | 3 | 0.600 ± 0.100 | n/a | n/a | 0.900 ± 0.000 |" in md
+
+
 def test_an_lr_sweep_on_validation_prompts_then_each_strategy_at_its_best_lr(tmp_path):
     """--lrs runs every strategy at each lr; --best-lr-from adds each strategy's best lr beside the config's;
     every run records its lr, its commit and which prompts scored it; compare.md holds the sweep table and

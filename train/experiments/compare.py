@@ -59,16 +59,23 @@ NOT_RUN_DEFINING = ("logging.", "checkpoint.", "sft.cache_dir")
 # ================================================================== what one driver run shows
 
 
+def mean_defined(values: Sequence[float]) -> Optional[float]:
+    """Mean over the values that are not NaN (a step that kept nothing of a kind); None where none is."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(defined)) if defined else None
+
+
 class RunRecord(Hooks):
-    """The loop's callbacks for one run: per-step kept fraction, the loss head's time (the driver's
-    ``loss_head_s``), the per-class kept metrics of a task with position classes (``kept_mix/<class>``,
-    ``C_kept/<class>``), and at every student evaluation the held-out KLs on the bank ([step, accuracy,
+    """The loop's callbacks for one run: per-step kept fraction, mean C at the kept positions (``C/kept``),
+    the loss head's time (the driver's ``loss_head_s``), the per-class kept metrics of a task with position
+    classes (``kept_mix/<class>``, ``C_kept/<class>``), and at every student evaluation the held-out KLs on the bank ([step, accuracy,
     KL_rev, KL_fwd] in ``curve``). Teacher and theta_0 evaluations are the same for every run (greedy
     decoding, same models): they are computed once and kept in ``cache``, shared across runs."""
 
     def __init__(self, kl_bank: Optional[KLBank], cache: dict):
         self.kl_bank, self.cache = kl_bank, cache
         self.kept: List[float] = []
+        self.c_kept: List[float] = []
         self.curve: List[list] = []
         self.head_s = 0.0
         self.by_class: Dict[str, List[float]] = {}
@@ -76,6 +83,8 @@ class RunRecord(Hooks):
 
     def on_step_end(self, step: int, metrics: dict) -> None:
         self.kept.append(metrics["kept_fraction"])
+        if "C/kept" in metrics:
+            self.c_kept.append(metrics["C/kept"])
         self.head_s += metrics["loss_head_s"]
         for key, value in metrics.items():
             if key.startswith(CLASS_METRICS):
@@ -84,12 +93,8 @@ class RunRecord(Hooks):
     def class_means(self, prefix: str) -> Dict[str, Optional[float]]:
         """Per class: the mean over steps of ``prefix<class>``, steps where it is undefined (NaN: nothing
         of the class kept) left out; None where it is never defined."""
-        out = {}
-        for key, values in self.by_class.items():
-            if key.startswith(prefix):
-                defined = [v for v in values if not math.isnan(v)]
-                out[key[len(prefix):]] = float(np.mean(defined)) if defined else None
-        return out
+        return {key[len(prefix):]: mean_defined(values) for key, values in self.by_class.items()
+                if key.startswith(prefix)}
 
     def _key(self, step: int, which: str) -> Optional[str]:
         return "teacher" if which == "teacher" else ("theta_0" if step == 0 and not self.curve else None)
@@ -282,6 +287,7 @@ def one_run(cfg: Config, strategy: str, seed: int, out: Path, kl_bank: Optional[
         "teacher_accuracy": summary["teacher_accuracy"], "student_before": summary["student_before"],
         "gap_closed": summary.get("gap_closed"), "steps": summary["steps"],
         "loss_head_s": rec.head_s, "total_s": time.time() - t,
+        "C_kept": mean_defined(rec.c_kept),
         "kept_class_mix": rec.class_means("kept_mix/"), "C_kept_by_class": rec.class_means("C_kept/"),
     }
 
@@ -290,7 +296,9 @@ def one_run(cfg: Config, strategy: str, seed: int, out: Path, kl_bank: Optional[
 
 
 HEADLINE, REFERENCE = "teachability", "all"  # the method the comparison is about; full-token OPD
-RUN_FIGURES = ("final_accuracy", "gap_closed", "kept_fraction", "heldout_kl_reverse", "heldout_kl_forward",
+RIVALS = ("divergence", "entropy", "tip")  # the informed selectors the method must beat (issue 25's headline)
+CONTROL = ("incompatible", "random")  # the anti-teachability selector should do no better than chance
+RUN_FIGURES = ("final_accuracy", "gap_closed", "kept_fraction", "C_kept", "heldout_kl_reverse", "heldout_kl_forward",
                "loss_head_s", "total_s")
 
 
@@ -380,12 +388,12 @@ def markdown_table(result: dict) -> str:
              f"data.source={cfg['driver']['data']['source']}, evaluated on the {cfg['driver']['eval'].get('prompts', 'heldout')} "
              f"prompts; teacher accuracy {t}, student before {b}. Mean ± sample standard deviation over seeds "
              f"(n per row); {kl}. Commit at the first run: {result.get('commit_at_start', 'not recorded')}.", "",
-             "| strategy | lr | n | final accuracy | gap closed | kept fraction | held-out KL_rev | held-out KL_fwd | "
-             "loss head s | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| strategy | lr | n | final accuracy | gap closed | kept fraction | C kept | held-out KL_rev | "
+             "held-out KL_fwd | loss head s | total s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (s, lr), g in per_arm(result).items():
         f = {k: _figure(g, k) for k in RUN_FIGURES}
         lines.append(f"| {s} | {lr:g} | {len(g)} | {_ms(f['final_accuracy'])} | {_ms(f['gap_closed'], '{:.2f}')} "
-                     f"| {_ms(f['kept_fraction'])} | {_ms(f['heldout_kl_reverse'], '{:.4f}')} | "
+                     f"| {_ms(f['kept_fraction'])} | {_ms(f['C_kept'])} | {_ms(f['heldout_kl_reverse'], '{:.4f}')} | "
                      f"{_ms(f['heldout_kl_forward'], '{:.4f}')} | {_ms(f['loss_head_s'], '{:.1f}')} | "
                      f"{_ms(f['total_s'], '{:.0f}')} |")
     lines += _sweep_lines(result) + _class_lines(result)
@@ -446,6 +454,17 @@ def _difference_lines(result: dict, tuned: bool) -> List[str]:
     for s, d in diffs.items():
         lines.append(f"| {s} | {by[s][0].get('lr', result['config']['driver']['optim']['lr']):g} | {d['n']} | "
                      f"{d['mean']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['p']:.3f} |")
+    rivals = [s for s in RIVALS if s in diffs]
+    if rivals:
+        best = max(rivals, key=lambda s: np.mean(_figure(by[s], "final_accuracy")))
+        d = diffs[best]
+        lines += ["", f"{HEADLINE} minus the best of {', '.join(rivals)} by seed mean ({best}): {d['mean']:+.3f}, "
+                  f"95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (n = {d['n']})."]
+    if all(s in by for s in CONTROL):
+        d = paired_difference(*({r["seed"]: r["final_accuracy"] for r in by[s]} for s in CONTROL))
+        if d is not None:
+            lines += ["", f"{CONTROL[0]} minus {CONTROL[1]}: {d['mean']:+.3f}, 95% CI [{d['ci95'][0]:+.3f}, "
+                      f"{d['ci95'][1]:+.3f}] (n = {d['n']})."]
     reach = head_seconds_to_reach(by)
     if reach is not None:
         got = (f"reached at step {reach['step']} after {reach['head_s']:.1f} s of loss head" if reach["step"] is not None
