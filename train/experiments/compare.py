@@ -482,8 +482,12 @@ def plot_compare(result: dict, path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     several_lrs = len({lr for (_, lr) in per_arm(result)}) > 1
+    default = result["config"]["driver"]["optim"]["lr"]
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(dict.fromkeys(s for s, _ in per_arm(result)))}
     for (s, lr), rs in per_arm(result).items():
         label = f"{s} lr {lr:g}" if several_lrs else s
+        # one colour per strategy; dashed: an lr other than the config's (e.g. the strategy's tuned one)
+        style = dict(color=colours[s], ls="-" if lr == default else "--")
         for ax, key in ((a1, "accuracy_curve"), (a2, "kl_curve")):  # [step, accuracy] / [step, KL_rev, KL_fwd]
             steps = sorted({p[0] for r in rs for p in r[key]})
             vals = np.full((len(rs), len(steps)), np.nan)
@@ -493,9 +497,9 @@ def plot_compare(result: dict, path: Path) -> None:
             if np.isnan(vals).all():  # no KL bank (--kl-contexts 0)
                 continue
             mean = np.nanmean(vals, 0)
-            line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={len(rs)})")
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={len(rs)})", **style)
             if len(rs) > 1:
-                ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=line.get_color(), alpha=0.15)
+                ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=style["color"], alpha=0.1)
     t = next((r["teacher_accuracy"] for r in result["runs"] if r.get("teacher_accuracy") is not None), None)
     if t is not None:
         a1.axhline(t, color="k", ls="--", lw=0.8, label="teacher")
