@@ -68,9 +68,10 @@ def mean_defined(values: Sequence[float]) -> Optional[float]:
 class RunRecord(Hooks):
     """The loop's callbacks for one run: per-step kept fraction, mean C at the kept positions (``C/kept``),
     the loss head's time (the driver's ``loss_head_s``), the per-class kept metrics of a task with position
-    classes (``kept_mix/<class>``, ``C_kept/<class>``), and at every student evaluation the held-out KLs on the bank ([step, accuracy,
-    KL_rev, KL_fwd] in ``curve``). Teacher and theta_0 evaluations are the same for every run (greedy
-    decoding, same models): they are computed once and kept in ``cache``, shared across runs."""
+    classes (``kept_mix/<class>``, ``C_kept/<class>``), and at every student evaluation the held-out KLs
+    on the bank ([step, accuracy, KL_rev, KL_fwd] in ``curve``). Teacher and theta_0 evaluations are the
+    same for every run (greedy decoding, same models): they are computed once and kept in ``cache``,
+    shared across runs."""
 
     def __init__(self, kl_bank: Optional[KLBank], cache: dict):
         self.kl_bank, self.cache = kl_bank, cache
